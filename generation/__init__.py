@@ -1,0 +1,8 @@
+"""ConceptCaps generation pipeline: one module per stage, and the `conceptcaps` CLI.
+
+Stages read and write one run directory (see `generation.run_dir`):
+distill -> vae train -> vae sample -> captioner train -> captions generate
+-> audio generate -> build -> evaluate -> push.
+"""
+
+__version__ = "0.1.0"
