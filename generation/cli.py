@@ -27,6 +27,23 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                        "Train the beta-VAE on the distilled multi-hot attribute vectors."),
     ("vae", "sample"): ("generation.vae_sample", "sample_attributes", ("VaeSampleArguments",),
                         "Sample plausible attribute sets from the trained VAE."),
+    ("captioner", "train"): ("generation.captioner_train", "train_captioner",
+                             ("CaptionerArguments", "SFTConfig", "ModelConfig"),
+                             "Fine-tune an LLM (LoRA/QLoRA via TRL SFTTrainer) to caption attribute sets."),
+    ("captions", "generate"): ("generation.captions_generate", "generate_captions", ("CaptionsArguments",),
+                               "Write one caption per sampled attribute set, resumably."),
+    ("audio", "generate"): ("generation.audio_generate", "generate_audio", ("AudioArguments",),
+                            "Synthesize one MusicGen clip per caption (accelerate launch for many GPUs)."),
+    ("audio", "verify"): ("generation.audio_verify", "verify_audio", ("VerifyArguments",),
+                          "Check every caption has exactly one sound, decodable, non-silent clip."),
+    ("build",): ("generation.build", "build_release", ("BuildArguments",),
+                 "Write RUN/release/: Parquet shards per config and split, and the dataset card."),
+    ("evaluate",): ("generation.evaluate_run", "evaluate_run", ("EvaluateArguments",),
+                    "Score the run with the eval/ metric modules; write RUN/eval/."),
+    ("push",): ("generation.push", "push_release", ("PushArguments",),
+                "Upload RUN/release/ to the Hub as a new revision (branch, tag or PR)."),
+    ("run",): ("generation.run_all", "run_pipeline", ("RunArguments",),
+               "Run every stage in order from a preset (smoke, paper), resumably."),
 }
 
 
