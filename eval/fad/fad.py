@@ -1,0 +1,289 @@
+"""Fréchet Audio Distance (FAD) between two sets of embeddings, CLAP audio embeddings by default.
+
+    import evaluate
+    fad = evaluate.load("eval/fad")                    # path from the repository root
+    generated = fad.embed_audio(generated_clips)       # CLAP (laion/larger_clap_music) embeddings
+    reference = fad.embed_audio(reference_clips)
+    fad.compute(predictions=generated, references=reference)
+
+`frechet_distance(mu1, sigma1, mu2, sigma2)` is the pure formula, usable on its own.
+"""
+
+import logging
+from collections.abc import Mapping
+
+import datasets
+import evaluate
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "laion/larger_clap_music"
+
+_CITATION = """\
+@inproceedings{kilgour2019fad,
+  title={Fr{\\'e}chet Audio Distance: A Reference-Free Metric for Evaluating Music Enhancement Algorithms},
+  author={Kilgour, Kevin and Zuluaga, Mauricio and Roblek, Dominik and Sharifi, Matthew},
+  booktitle={Interspeech},
+  year={2019}
+}
+@article{sienkiewicz2026conceptcaps,
+  title={ConceptCaps -- a Distilled Concept Dataset for Interpretability in Music Models},
+  author={Sienkiewicz, Bruno and Neumann, {\\L}ukasz and Modrzejewski, Mateusz},
+  journal={arXiv preprint arXiv:2601.14157},
+  year={2026}
+}
+"""
+
+_DESCRIPTION = """\
+Fréchet Audio Distance: fit a Gaussian (mean, covariance) to each of two sets of
+embeddings and report the Fréchet distance between the Gaussians,
+
+    FAD = |mu_p - mu_r|^2 + Tr(S_p + S_r - 2 (S_p S_r)^(1/2)).
+
+Lower is better; 0 means the two sets have the same mean and covariance. The sets may
+have different sizes. ConceptCaps uses CLAP audio embeddings (`embed_audio`, the same
+windowing as `eval/clap_score`: consecutive model-length windows from the start, weighted
+mean of the unit window embeddings); any precomputed embeddings work.
+
+The trace of the matrix square root is computed as Tr((S_p^(1/2) S_r S_p^(1/2))^(1/2)),
+the same value since the two products are similar matrices, from the eigenvalues of a
+symmetric positive semi-definite matrix: always real, no iterative `sqrtm`, no complex
+round-off, and defined for singular covariances.
+
+A set needs at least 2 embeddings for a covariance (fewer is refused). With fewer
+embeddings than dimensions (n <= d) the covariance is rank-deficient: the value is still
+defined but biased upward and noisy, and a warning is logged; use well over d embeddings
+(d = 512 for the LAION CLAPs) for numbers comparable across papers, and compare FADs only
+between sets of similar sizes.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (2-D array or `list` of `list` of `float`): embeddings of the evaluated set, one row each.
+    references (2-D array or `list` of `list` of `float`): embeddings of the reference set
+        (same dimension; any number of rows).
+    min_samples (`int`): refuse a set with fewer rows than this (never below 2). Defaults to 2.
+Returns:
+    fad (`float`): the Fréchet distance, >= 0.
+    n_predictions (`int`), n_references (`int`): the set sizes.
+Examples:
+    >>> import evaluate
+    >>> import numpy as np
+    >>> fad = evaluate.load("eval/fad")
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.normal(size=(500, 4))
+    >>> round(fad.compute(predictions=a, references=a)["fad"], 4)
+    0.0
+    >>> shifted = fad.compute(predictions=a + 1.0, references=a)   # mean moved by 1 in each of 4 dims
+    >>> round(shifted["fad"], 4)
+    4.0
+    >>> fad.compute(predictions=a[:50], references=a)["n_predictions"]
+    50
+"""
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), for PSD covariances (>= 0)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(
+            f"shapes do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}."
+        )
+    sqrt_sigma1 = _psd_sqrt(sigma1)
+    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    # eigvalsh needs exact symmetry; round-off may leave tiny negative eigenvalues, which are 0.
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+    return float(max(value, 0.0))  # >= 0 in exact arithmetic; clip round-off below 0
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ vectors.T
+
+
+def gaussian_stats(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased, ddof=1) covariance of the rows."""
+    embeddings = np.asarray(embeddings, np.float64)
+    return embeddings.mean(axis=0), np.cov(embeddings, rowvar=False, ddof=1).reshape(embeddings.shape[1], -1)
+
+
+def _as_matrix(values, name: str) -> np.ndarray:
+    matrix = np.asarray(values, dtype=np.float64)
+    if matrix.ndim == 1 and matrix.size == 0:
+        matrix = matrix.reshape(0, 0)
+    if matrix.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of embeddings (one row each), got shape {matrix.shape}.")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{name} holds NaN or infinite values; check the embedding model's output.")
+    return matrix
+
+
+# ---- CLAP audio embeddings (the same procedure as eval/clap_score; modules stay standalone) ----
+
+def _mono(array) -> np.ndarray:
+    wave = np.asarray(array, dtype=np.float32)
+    if wave.ndim == 2:
+        wave = wave.mean(axis=int(np.argmin(wave.shape)))
+    if wave.ndim != 1:
+        raise ValueError(f"audio must be a 1-D (mono) or 2-D (multi-channel) array, got shape {wave.shape}.")
+    return wave
+
+
+def _load_clip(item, sampling_rate, target_rate: int, where: str) -> np.ndarray:
+    """Mono float32 samples at `target_rate` from a path, {"bytes"|"path"}, {"array", "sampling_rate"},
+    a decoded datasets `Audio` item, or a bare array (with `sampling_rate`)."""
+    import io
+    from math import gcd
+
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    if isinstance(item, str) or (isinstance(item, Mapping) and item.get("array") is None):
+        source = item if isinstance(item, str) else (io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path"))
+        try:
+            wave, rate = sf.read(source, dtype="float32", always_2d=True)
+        except Exception as err:  # soundfile raises LibsndfileError, OSError, TypeError...
+            raise ValueError(f"{where} cannot be decoded as audio: {err}") from err
+        wave = wave.mean(axis=1)
+    elif isinstance(item, Mapping) or hasattr(item, "get_all_samples"):
+        wave, rate = _mono(item["array"]), item["sampling_rate"]
+    else:
+        wave, rate = _mono(item), sampling_rate
+    if rate is None:
+        raise ValueError(f"{where} is a bare array: pass `sampling_rate=` (its samples per second).")
+    if wave.size == 0:
+        raise ValueError(f"{where} has no samples; every clip needs audio.")
+    rate = int(rate)
+    if rate != target_rate:
+        g = gcd(rate, target_rate)
+        wave = resample_poly(wave, target_rate // g, rate // g)
+    return np.asarray(wave, dtype=np.float32)
+
+
+def load_clap(model: str = DEFAULT_MODEL, device: str | None = None):
+    """(ClapModel in eval mode on `device`, ClapProcessor, device); a clear error when it cannot be loaded."""
+    import torch
+    from transformers import ClapModel, ClapProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return ClapModel.from_pretrained(model).eval().to(device), ClapProcessor.from_pretrained(model), device
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load the CLAP model {model!r} ({err}). Pass `model=` a Hub id or a local folder holding a "
+            f"ClapModel and its ClapProcessor; the default {DEFAULT_MODEL!r} needs the Hub or a local copy."
+        ) from err
+
+
+def embed_audio_with_clap(audio, clap, processor, sampling_rate=None, batch_size=8, device="cpu") -> np.ndarray:
+    """Unit CLAP audio embeddings (n, d) from a loaded `ClapModel` and `ClapProcessor`: consecutive
+    model-length windows from sample 0, length-weighted mean of the unit window embeddings, renormalised."""
+    import torch
+    from tqdm.auto import tqdm
+
+    extractor = processor.feature_extractor
+    window = extractor.nb_max_samples
+    # Windows never exceed the model length, so no truncation mode crops at random; fused
+    # checkpoints get their 4-mel layout, and is_longer is False for every window.
+    truncation = "fusion" if clap.config.audio_config.enable_fusion else "rand_trunc"
+    audio = list(audio)
+    out = []
+    for start in tqdm(range(0, len(audio), batch_size), desc="CLAP audio", unit="batch", disable=None):
+        pieces, weights, owner = [], [], []
+        for offset, item in enumerate(audio[start : start + batch_size]):
+            wave = _load_clip(item, sampling_rate, extractor.sampling_rate, f"clip {start + offset}")
+            for begin in range(0, len(wave), window):
+                pieces.append(wave[begin : begin + window])
+                weights.append(len(pieces[-1]) / window)
+                owner.append(offset)
+        embedded = []
+        for i in range(0, len(pieces), batch_size):
+            inputs = extractor(pieces[i : i + batch_size], sampling_rate=extractor.sampling_rate, truncation=truncation,
+                               return_tensors="pt")
+            with torch.no_grad():
+                features = clap.get_audio_features(
+                    input_features=inputs["input_features"].to(device),
+                    is_longer=torch.zeros_like(inputs["is_longer"], dtype=torch.bool).to(device),
+                )
+            embedded.append(features.pooler_output.float().cpu().numpy())
+        embedded, weights, owner = np.concatenate(embedded), np.asarray(weights), np.asarray(owner)
+        clips = np.stack([(embedded[owner == i] * weights[owner == i, None]).sum(axis=0) for i in range(owner.max() + 1)])
+        out.append(clips / np.linalg.norm(clips, axis=1, keepdims=True))
+    return np.concatenate(out) if out else np.zeros((0, clap.config.projection_dim), dtype=np.float32)
+
+
+# ---- the metric --------------------------------------------------------------------------
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class FAD(evaluate.Metric):
+    def _info(self):
+        # One row holds a whole set (a list of embeddings): evaluate stores inputs as table
+        # rows, which would force both sets to the same size; FAD compares sets of any sizes.
+        embedding_set = datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": embedding_set, "references": embedding_set}),
+            codebase_urls=["https://github.com/google-research/google-research/tree/master/frechet_audio_distance"],
+            reference_urls=["https://arxiv.org/abs/1812.08466"],
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of embeddings to each set (the two batches may differ in size).\n"""
+        predictions = None if predictions is None else [_as_matrix(predictions, "predictions").tolist()]
+        references = None if references is None else [_as_matrix(references, "references").tolist()]
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one embedding to each set.\n"""
+        return self.add_batch(
+            predictions=None if prediction is None else [prediction],
+            references=None if reference is None else [reference],
+            **kwargs,
+        )
+
+    def embed_audio(self, audio, model=DEFAULT_MODEL, sampling_rate=None, batch_size=8, device=None) -> np.ndarray:
+        """CLAP audio embeddings (n, d) of clips (paths, encoded or decoded audio dicts, or arrays with
+        `sampling_rate`), to pass as `predictions` / `references`. The model is loaded once per metric object."""
+        cache = self.__dict__.setdefault("_clap_cache", {})
+        if (model, device) not in cache:
+            cache[(model, device)] = load_clap(model, device)
+        clap, processor, loaded_device = cache[(model, device)]
+        return embed_audio_with_clap(audio, clap, processor, sampling_rate, batch_size, loaded_device)
+
+    def _compute(self, predictions, references, min_samples=2):
+        sets = {}
+        for name, rows in (("predictions", predictions), ("references", references)):
+            sets[name] = _as_matrix([vector for batch in rows for vector in batch], name)
+        dims = {name: matrix.shape[1] for name, matrix in sets.items() if matrix.size}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"embedding sizes differ: predictions {dims['predictions']}, references {dims['references']}.")
+        needed = max(2, int(min_samples))
+        for name, matrix in sets.items():
+            n, dim = matrix.shape[0], matrix.shape[1] if matrix.size else 0
+            if n < needed:
+                raise ValueError(
+                    f"FAD: `{name}` has {n} embedding(s), fewer than the {needed} its covariance needs "
+                    f"(min_samples={min_samples}). Pass at least {needed} {name}; FAD is only reliable with well over "
+                    f"one embedding per dimension ({dim} here)."
+                )
+            if n <= dim:
+                logger.warning(
+                    "FAD: `%s` has %d embeddings for %d dimensions: its covariance is rank-deficient, so the "
+                    "distance is biased upward and noisy. Use well over %d embeddings for comparable numbers.",
+                    name, n, dim, dim,
+                )
+        mu_p, sigma_p = gaussian_stats(sets["predictions"])
+        mu_r, sigma_r = gaussian_stats(sets["references"])
+        return {
+            "fad": frechet_distance(mu_p, sigma_p, mu_r, sigma_r),
+            "n_predictions": int(sets["predictions"].shape[0]),
+            "n_references": int(sets["references"].shape[0]),
+        }
