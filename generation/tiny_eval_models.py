@@ -64,19 +64,19 @@ def build_tiny_clap(out_dir: str | Path, texts: list[str], seed: int = 0, projec
         truncation="rand_trunc",
     )
     config = ClapConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64,
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64,
             # RoBERTa-style positions start after the pad id, so leave room beyond the token limit.
-            max_position_embeddings=TINY_MAX_TOKENS + 8,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        ),
-        audio_config=dict(
+            "max_position_embeddings": TINY_MAX_TOKENS + 8,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        },
+        audio_config={
             # spec_size 64 = 4 x 16 mel bins: the HTSAT encoder folds the time axis into a square image.
-            num_mel_bins=16, spec_size=64, window_size=4, patch_size=4, patch_stride=[4, 4],
-            patch_embeds_hidden_size=32, hidden_size=64, depths=[1, 1], num_attention_heads=[2, 4],
-            num_classes=8, enable_fusion=False,
-        ),
+            "num_mel_bins": 16, "spec_size": 64, "window_size": 4, "patch_size": 4, "patch_stride": [4, 4],
+            "patch_embeds_hidden_size": 32, "hidden_size": 64, "depths": [1, 1], "num_attention_heads": [2, 4],
+            "num_classes": 8, "enable_fusion": False,
+        },
         projection_dim=projection_dim,
     )
     with torch.random.fork_rng():

@@ -84,15 +84,15 @@ def test_multiple_references_take_the_best_match(quality, tiny_bert, captions):
 
 
 def test_num_layers_selects_the_bertscore_layer(quality, tiny_bert, captions):
-    kwargs = dict(predictions=captions[:10], references=captions[20:30], metrics=["bertscore"], bertscore_model=tiny_bert)
+    kwargs = {"predictions": captions[:10], "references": captions[20:30], "metrics": ["bertscore"], "bertscore_model": tiny_bert}
     last = quality.compute(**kwargs)  # a model bert-score does not know: its last layer (2)
     assert quality.compute(**kwargs, num_layers=2) == last
     assert quality.compute(**kwargs, num_layers=1)["bertscore_f1"] != pytest.approx(last["bertscore_f1"], abs=1e-6)
 
 
 def test_mauve_pooling_options(quality, tiny_bert, captions):
-    kwargs = dict(predictions=captions[:30], references=captions[200:230], metrics=["mauve"],
-                  mauve_featurize_model=tiny_bert, mauve_num_buckets=3)
+    kwargs = {"predictions": captions[:30], "references": captions[200:230], "metrics": ["mauve"],
+                  "mauve_featurize_model": tiny_bert, "mauve_num_buckets": 3}
     for pooling in ("last", "mean"):
         value = quality.compute(**kwargs, mauve_pooling=pooling)["mauve"]
         assert 0.0 <= value <= 1.0 and np.isfinite(value)
