@@ -258,7 +258,7 @@ class CaptionQuality(evaluate.Metric):
         references = _reference_lists(references)
         if any(not refs for refs in references):
             raise ValueError("every prediction needs at least one reference caption.")
-        if device is None:
+        if device is None and ("bertscore" in metrics or "mauve" in metrics):
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
