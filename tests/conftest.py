@@ -72,3 +72,71 @@ def copy_run(tmp_path):
         return target
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def tiny_musicgen(tmp_path_factory, distilled_run) -> Path:
+    """A tiny random MusicGen checkpoint + processor (T5 tokenizer trained on the distilled captions)."""
+    import pyarrow.parquet as pq
+
+    from generation.tiny_musicgen import build_tiny_musicgen
+
+    captions = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
+    return build_tiny_musicgen(tmp_path_factory.mktemp("tiny_musicgen") / "model", captions)
+
+
+def write_captions_parquet(run: Path, n: int) -> Path:
+    """RUN/captions.parquet in the captions stage's schema, from the first n real distilled captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    strings = pa.list_(pa.string())
+    schema = pa.schema([
+        ("id", pa.string()), ("caption", pa.string()), ("aspect_list", strings), ("genre", strings),
+        ("mood", strings), ("instrument", strings), ("tempo", strings), ("coverage", pa.float64()),
+        ("unrequested_tags", strings), ("seed", pa.int64()), ("attempts", pa.int64()),
+    ])
+    source = pq.read_table(run / "distilled.parquet").to_pylist()[:n]
+    rows = [{"id": f"cc-{i:06d}", **{k: r[k] for k in ("caption", "aspect_list", "genre", "mood", "instrument", "tempo")},
+             "coverage": 1.0, "unrequested_tags": [], "seed": 0, "attempts": 1} for i, r in enumerate(source)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), run / "captions.parquet")
+    return run / "captions.parquet"
+
+
+@pytest.fixture(scope="session")
+def audio_captions_run(tmp_path_factory, distilled_run) -> Path:
+    """distilled_run plus RUN/captions.parquet with 10 real MusicCaps captions (ids cc-000000 ...)."""
+    run = tmp_path_factory.mktemp("audio_captions") / "run"
+    shutil.copytree(distilled_run, run)
+    write_captions_parquet(run, 10)
+    return run
+
+
+def launch_audio_generate(run: Path, model: Path, *options: str, processes: int = 2, **popen):
+    """Start `conceptcaps audio generate` under `accelerate launch` with accelerate_configs/cpu.yaml."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "--num_processes", str(processes), "-m", "generation.cli", "audio", "generate",
+        "--run", str(run), "--model", str(model), *options,
+    ]
+    # One thread per process: the test machine has two cores shared with other jobs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, **popen)
+
+
+@pytest.fixture(scope="session")
+def audio_run(tmp_path_factory, audio_captions_run, tiny_musicgen) -> Path:
+    """audio_captions_run plus RUN/audio/: 0.5 s tiny-MusicGen clips from two CPU processes."""
+    import subprocess
+
+    run = tmp_path_factory.mktemp("audio") / "run"
+    shutil.copytree(audio_captions_run, run)
+    process = launch_audio_generate(run, tiny_musicgen, "--duration", "0.5", "--batch-size", "2",
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = process.communicate(timeout=600)
+    if process.returncode != 0:
+        pytest.fail(f"accelerate launch ... audio generate failed ({process.returncode}):\n{output[-4000:]}")
+    return run

@@ -1,0 +1,195 @@
+"""`conceptcaps audio generate`: tiny MusicGen from a config, two CPU processes under
+`accelerate launch`, FLAC shards that decode, seeding, and resume after `kill -9`."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from conftest import launch_audio_generate
+
+from generation.audio_generate import (
+    AudioArguments,
+    batch_seed,
+    codec_timing,
+    decoding_steps,
+    generate_audio,
+    load_musicgen,
+    synthesize,
+)
+from generation.audio_shards import INDEX_COLUMNS, read_shards, shard_paths
+from generation.audio_verify import VerifyArguments, verify_audio
+from generation.errors import ConceptCapsError
+from generation.run_dir import read_manifest
+
+
+@pytest.fixture
+def single_process_state():
+    """Let a test call the stage in this process; drop the PartialState it created afterwards."""
+    from accelerate import PartialState
+
+    existed = PartialState._shared_state != {}
+    yield
+    if not existed:
+        PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_musicgen):
+    import torch
+
+    return load_musicgen(str(tiny_musicgen), torch.device("cpu"), torch.float32)
+
+
+def caption_ids(run: Path) -> list[str]:
+    return pq.read_table(run / "captions.parquet", columns=["id"]).column("id").to_pylist()
+
+
+def test_tiny_musicgen_has_musicgens_layout(tiny_musicgen, tiny):
+    from transformers import AutoProcessor, MusicgenConfig
+
+    from generation.tiny_musicgen import musicgen_large_config
+
+    config = MusicgenConfig.from_pretrained(tiny_musicgen)
+    decoder, codec = config.decoder, config.audio_encoder
+    # As in facebook/musicgen-*: pad = bos = vocab size = codebook size, one quantizer per codebook.
+    assert decoder.pad_token_id == decoder.bos_token_id == decoder.vocab_size == codec.codebook_size
+    assert codec.num_quantizers == decoder.num_codebooks == 4
+    assert codec.frame_rate == 50
+    model, processor = tiny
+    assert model.generation_config.top_k == 250 and model.generation_config.do_sample
+    assert model.generation_config.decoder_start_token_id == decoder.vocab_size
+    processor = AutoProcessor.from_pretrained(tiny_musicgen)
+    ids = processor(text=["A mellow jazz piano with a slow tempo"]).input_ids[0]
+    assert ids[-1] == processor.tokenizer.eos_token_id
+    assert processor.tokenizer.unk_token_id not in ids  # the vocabulary was learned from the captions
+    large = musicgen_large_config()
+    assert large.decoder.pad_token_id == large.decoder.vocab_size == large.audio_encoder.codebook_size == 2048
+    assert large.audio_encoder.frame_rate == 50 and large.audio_encoder.num_quantizers == 4
+    assert (large.decoder.num_hidden_layers, large.decoder.hidden_size) == (48, 2048)
+
+
+def test_clip_length_seeding_and_stereo(tiny, distilled_run):
+    import torch
+    from transformers import MusicgenForConditionalGeneration
+
+    from generation.tiny_musicgen import make_audible, tiny_musicgen_config
+
+    model, processor = tiny
+    prompts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()[:3]
+    timing = codec_timing(model.config)
+    frames, steps = decoding_steps(0.3, timing)
+    assert (frames, steps) == (15, 18)  # the delay pattern costs codebooks - 1 decoder steps
+    first = synthesize(model, processor, prompts, seed=7, max_new_tokens=steps)
+    assert first.shape == (3, 1, frames * timing["hop_length"])
+    assert np.array_equal(first, synthesize(model, processor, prompts, seed=7, max_new_tokens=steps))
+    assert not np.array_equal(first, synthesize(model, processor, prompts, seed=8, max_new_tokens=steps))
+    assert not np.array_equal(first[0], first[1])  # different prompts, different clips
+
+    torch.manual_seed(0)
+    stereo = MusicgenForConditionalGeneration(tiny_musicgen_config(len(processor.tokenizer), stereo=True)).eval()
+    make_audible(stereo)
+    stereo_timing = codec_timing(stereo.config)
+    frames, steps = decoding_steps(0.3, stereo_timing)
+    audio = synthesize(stereo, processor, prompts[:2], seed=0, max_new_tokens=steps)
+    assert audio.shape == (2, 2, frames * stereo_timing["hop_length"])
+
+    assert batch_seed(0, "cc-000003") == batch_seed(0, "cc-000003") != batch_seed(1, "cc-000003")
+
+
+def test_two_cpu_processes_write_one_decodable_clip_per_caption(audio_run, tiny_musicgen):
+    from datasets import Audio, Dataset
+
+    ids = caption_ids(audio_run)
+    table = read_shards(audio_run / "audio")
+    assert Counter(table.column("id").to_pylist()) == Counter(ids)
+    assert {p.name[:10] for p in shard_paths(audio_run / "audio")} == {"shard-r000", "shard-r001"}
+    manifest = read_manifest(audio_run, "audio")
+    assert manifest["counts"]["per_rank"] == {"0": 5, "1": 5}
+    assert manifest["counts"]["clips"] == len(ids) and manifest["counts"]["audio_seconds_total"] == 5.0
+    assert manifest["sessions"][-1]["processes"] == 2
+
+    for row in table.to_pylist():
+        assert row["model"] == str(tiny_musicgen) and row["sampling_rate"] == 8000 and row["duration_s"] == 0.5
+        audio, rate = sf.read(io.BytesIO(row["audio"]), dtype="float32")
+        assert rate == 8000 and audio.shape == (4000,)
+        assert sf.info(io.BytesIO(row["audio"])).format == "FLAC"
+        assert 0.02 < np.sqrt(np.mean(audio**2)) < 0.5
+    # Every row of a shard is one batch, seeded from its first id (in prompt-length order).
+    for name in {r["shard"] for r in table.to_pylist()}:
+        rows = [r for r in table.to_pylist() if r["shard"] == name]
+        assert len({r["seed"] for r in rows}) == 1
+        assert rows[0]["seed"] in {batch_seed(0, r["id"]) for r in rows}
+
+    dataset = Dataset.from_dict({"audio": [{"bytes": b, "path": None} for b in table.column("audio").to_pylist()]})
+    dataset = dataset.cast_column("audio", Audio())
+    decoded = dataset[0]["audio"].get_all_samples()
+    reference, _ = sf.read(io.BytesIO(table.column("audio")[0].as_py()), dtype="float32")
+    assert decoded.sample_rate == 8000 and tuple(decoded.data.shape) == (1, 4000)
+    assert np.allclose(decoded.data.numpy()[0], reference, atol=1e-4)
+
+    assert verify_audio(VerifyArguments(run=str(audio_run)))["failing_ids"] == 0
+
+
+def test_rerun_with_nothing_missing_generates_nothing(audio_run, copy_run, tiny_musicgen, single_process_state):
+    run = copy_run(audio_run)
+    before = {p.name: p.stat().st_mtime_ns for p in shard_paths(run / "audio")}
+    manifest = generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=0.5))
+    assert manifest == read_manifest(audio_run, "audio")  # the finished run's manifest, untouched
+    assert {p.name: p.stat().st_mtime_ns for p in shard_paths(run / "audio")} == before
+
+
+def test_kill_9_mid_run_then_resume_with_one_process(tmp_path, audio_captions_run, tiny_musicgen,
+                                                   single_process_state):
+    run = tmp_path / "run"
+    shutil.copytree(audio_captions_run, run)
+    ids = caption_ids(run)
+    # One clip per batch, so shards appear one by one and the kill lands mid-run.
+    process = launch_audio_generate(run, tiny_musicgen, "--duration", "1.0", "--batch-size", "1",
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not shard_paths(run / "audio") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher; its workers (own sessions) must die with it
+    process.wait()
+    time.sleep(1.0)
+    done = read_shards(run / "audio", columns=INDEX_COLUMNS).column("id").to_pylist()
+    assert 0 < len(done) < len(ids), "the kill should land after the first shard and before the last"
+    assert read_manifest(run, "audio") is None
+
+    manifest = generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=1.0, batch_size=3))
+    final = read_shards(run / "audio", columns=INDEX_COLUMNS).column("id").to_pylist()
+    assert Counter(final) == Counter(ids)  # every caption exactly once
+    assert manifest["counts"]["already_done"] == len(done)
+    assert manifest["counts"]["generated"] == len(ids) - len(done)
+    assert not list((run / "audio").glob(".*.tmp"))
+    assert verify_audio(VerifyArguments(run=str(run)))["failing_ids"] == 0
+
+
+def test_resume_refuses_another_model(audio_run, copy_run, single_process_state):
+    run = copy_run(audio_run)
+    (run / "audio" / shard_paths(run / "audio")[0].name).unlink()
+    with pytest.raises(ConceptCapsError, match="--force"):
+        generate_audio(AudioArguments(run=str(run), model="facebook/musicgen-small", duration=0.5))
+
+
+def test_offline_hub_id_says_how_to_use_a_local_copy(audio_captions_run, copy_run, single_process_state):
+    run = copy_run(audio_captions_run)
+    with pytest.raises(ConceptCapsError, match="local copy") as err:
+        generate_audio(AudioArguments(run=str(run), model="facebook/musicgen-nonexistent", duration=0.5))
+    assert "hf download facebook/musicgen-nonexistent" in str(err.value)
+
+
+def test_missing_captions_names_the_stage_to_run(distilled_run, single_process_state):
+    with pytest.raises(ConceptCapsError, match="conceptcaps captions generate"):
+        generate_audio(AudioArguments(run=str(distilled_run), model="unused"))

@@ -1,0 +1,111 @@
+"""`conceptcaps audio verify`: passes a generated run, catches planted faults, repairs them."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from generation.audio_shards import Batch, ShardWriter, encode_flac, read_shards, shard_paths
+from generation.audio_verify import VerifyArguments, check_clip, verify_audio
+from generation.cli import main
+from generation.errors import ConceptCapsError
+
+RATE = 8000
+
+
+@pytest.fixture
+def single_process_state():
+    """Let a test run the generate stage in this process; drop the PartialState it created afterwards."""
+    from accelerate import PartialState
+
+    existed = PartialState._shared_state != {}
+    yield
+    if not existed:
+        PartialState._reset_state()
+
+LIMITS = {"target_s": 0.5, "tolerance_s": 0.02, "min_rms": 1e-3, "clip_level": 0.999, "max_clipped_fraction": 1e-3}
+
+
+def tone(seconds: float = 0.5, amplitude: float = 0.3, offset: float = 0.0) -> np.ndarray:
+    t = np.arange(round(seconds * RATE)) / RATE
+    return (offset + amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
+
+
+def test_check_clip_thresholds():
+    assert check_clip(encode_flac(tone(), RATE), RATE, **LIMITS) == []
+    assert check_clip(encode_flac(tone(0.51), RATE), RATE, **LIMITS) == []  # within one 20 ms frame
+    assert check_clip(encode_flac(tone(0.56), RATE), RATE, **LIMITS)[0].startswith("duration")
+    assert check_clip(encode_flac(tone(amplitude=0.0), RATE), RATE, **LIMITS)[0].startswith("silent")
+    # A constant offset is loud by plain RMS but silent to the ear.
+    assert check_clip(encode_flac(tone(amplitude=0.0, offset=0.4), RATE), RATE, **LIMITS)[0].startswith("silent")
+    assert check_clip(encode_flac(tone(amplitude=2.0), RATE), RATE, **LIMITS)[0].startswith("clipped")
+    assert check_clip(b"not a flac file", RATE, **LIMITS)[0].startswith("undecodable")
+    assert check_clip(encode_flac(tone(), RATE), 16000, **LIMITS)[0].startswith("undecodable")
+
+
+def test_writer_refuses_non_finite_audio(tmp_path):
+    audio = np.stack([tone(), tone()])
+    audio[1, 0, 10] = np.nan
+    writer = ShardWriter(tmp_path, rank=3, sampling_rate=RATE, model_id="m")
+    writer.put(Batch(ids=["a", "b"], audio=audio, seed=1))
+    stats = writer.close()
+    assert stats.failed == {"b": "non-finite samples"} and stats.clips == 1
+    assert [p.name for p in shard_paths(tmp_path)] == ["shard-r003-000000.parquet"]
+    assert read_shards(tmp_path).column("id").to_pylist() == ["a"]
+
+
+def test_verify_passes_a_generated_run(audio_run, capsys):
+    summary = verify_audio(VerifyArguments(run=str(audio_run)))
+    assert summary["failing_ids"] == 0 and summary["clips"] == summary["captions"] == 10
+    assert "audio verify" in capsys.readouterr().out
+
+
+def test_verify_catches_silent_duplicate_and_missing_then_repairs(audio_run, copy_run, tiny_musicgen, capsys,
+                                                                  single_process_state):
+    run = copy_run(audio_run)
+    shards = shard_paths(run / "audio")
+    # Plant a silent clip: rewrite the first row of one shard with digital silence.
+    silent_shard = pq.read_table(shards[0])
+    silent_id = silent_shard.column("id")[0].as_py()
+    audio = silent_shard.column("audio").to_pylist()
+    audio[0] = encode_flac(np.zeros((1, 4000), np.float32), RATE)
+    pq.write_table(silent_shard.set_column(1, "audio", pa.array(audio, pa.binary())), shards[0])
+    # Plant duplicates: a second copy of another shard under a new rank's name.
+    duplicate_ids = pq.read_table(shards[1], columns=["id"]).column("id").to_pylist()
+    shutil.copy(shards[1], run / "audio" / "shard-r007-000000.parquet")
+    # Remove an id: drop the last shard.
+    missing_ids = pq.read_table(shards[-1], columns=["id"]).column("id").to_pylist()
+    shards[-1].unlink()
+
+    with pytest.raises(ConceptCapsError) as err:
+        verify_audio(VerifyArguments(run=str(run)))
+    message = str(err.value)
+    assert f"{silent_id}: silent" in message
+    for clip_id in duplicate_ids:
+        assert f"{clip_id}: duplicate (2 clips)" in message
+    for clip_id in missing_ids:
+        assert f"{clip_id}: missing" in message
+    failing = {line.split(":")[0].strip() for line in message.splitlines()[1:] if line.startswith("  ")}
+    assert failing == {silent_id, *duplicate_ids, *missing_ids}  # and nothing else
+    table = capsys.readouterr().out
+    assert "silent                   1" in table and f"duplicate                {len(duplicate_ids)}" in table
+
+    assert main(["audio", "verify", "--run", str(run)]) == 2  # the CLI exits 2 on failure
+
+    # --repair drops the silent clip and the second copies; generate then fills every gap.
+    with pytest.raises(ConceptCapsError, match="were dropped"):
+        verify_audio(VerifyArguments(run=str(run), repair=True))
+    ids = read_shards(run / "audio", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) and silent_id not in ids
+    assert main(["audio", "generate", "--run", str(run), "--model", str(tiny_musicgen), "--duration", "0.5",
+                 "--batch-size", "4"]) == 0
+    assert verify_audio(VerifyArguments(run=str(run)))["failing_ids"] == 0
+
+
+def test_verify_without_audio_says_what_to_run(audio_captions_run):
+    with pytest.raises(ConceptCapsError, match="conceptcaps audio generate"):
+        verify_audio(VerifyArguments(run=str(audio_captions_run)))
