@@ -1,0 +1,132 @@
+"""Attribute coverage of captions: does each caption mention the attributes it was asked
+for, and which other taxonomy tags does it mention?
+
+    import evaluate
+    coverage = evaluate.load("eval/attribute_coverage")
+    coverage.compute(predictions=["A slow jazz tune on piano."], references=[["jazz", "piano", "slow tempo"]])
+
+The stage `conceptcaps captions generate` imports `caption_coverage` from this file, so the
+numbers in RUN/captions.parquet and in this metric come from one implementation.
+"""
+
+import datasets
+import evaluate
+
+_CITATION = """\
+@article{sienkiewicz2026conceptcaps,
+  title={ConceptCaps -- a Distilled Concept Dataset for Interpretability in Music Models},
+  author={Sienkiewicz, Bruno and Neumann, {\\L}ukasz and Modrzejewski, Mateusz},
+  journal={arXiv preprint arXiv:2601.14157},
+  year={2026}
+}
+"""
+
+_DESCRIPTION = """\
+Checks captions against the attribute lists they were written from, using a ConceptCaps
+taxonomy (canonical tags with aliases): a caption mentions a tag when the tag, one of its
+aliases, or their plural occurs in it on word boundaries ("grand piano" mentions `piano`,
+"slow" mentions `slow tempo`).
+
+- `coverage`: mean over captions of the fraction of requested attributes the caption
+  mentions (1.0 for a caption asked for no attribute). Higher is better.
+- `full_coverage_rate`: share of captions that mention every requested attribute.
+- `coverage_<category>`: the same fraction restricted to genre, mood, instrument or tempo
+  attributes (mean over captions that requested at least one of that category; None if
+  no caption did).
+- `unrequested_per_caption`: mean number of taxonomy tags a caption mentions that were not
+  requested (hallucinated or filler concepts). Lower is better.
+- `unrequested_rate`: share of captions that mention at least one unrequested tag.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list` of `str`): captions.
+    references (`list` of `list` of `str`): the canonical taxonomy tags each caption was
+        asked to describe, aligned with predictions.
+    taxonomy (`str`, optional): taxonomy file, a YAML like the repository's
+        generation/data/taxonomy.yaml (the default) or a RUN/taxonomy.json written by distill.
+Returns:
+    coverage (`float`), full_coverage_rate (`float`), coverage_genre, coverage_mood,
+    coverage_instrument, coverage_tempo (`float`, or None when no caption requested that
+    category), unrequested_per_caption (`float`),
+    unrequested_rate (`float`).
+Examples:
+    >>> import evaluate
+    >>> metric = evaluate.load("eval/attribute_coverage")
+    >>> result = metric.compute(
+    ...     predictions=["A slow jazz tune led by a grand piano.", "An energetic rock song with drums."],
+    ...     references=[["jazz", "piano", "slow tempo"], ["rock", "electric guitar"]])
+    >>> print(result["coverage"], result["full_coverage_rate"], result["unrequested_per_caption"])
+    0.75 0.5 1.0
+"""
+
+CATEGORIES = ("genre", "mood", "instrument", "tempo")
+
+
+def load_taxonomy(taxonomy=None):
+    """A `generation.taxonomy.Taxonomy` from a path (default: the repository's YAML) or as given."""
+    from generation.taxonomy import Taxonomy
+
+    return taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.load(taxonomy)
+
+
+def caption_coverage(caption, attributes, taxonomy):
+    """(coverage, missing, unrequested) of one caption against its requested attributes.
+
+    `coverage` is the fraction of `attributes` mentioned (1.0 when `attributes` is empty);
+    `missing` lists the requested tags not mentioned, `unrequested` the mentioned tags that
+    were not requested, both in order.
+    """
+    mentioned = taxonomy.find_mentions(caption or "")
+    requested = list(dict.fromkeys(attributes))
+    missing = [tag for tag in requested if tag not in mentioned]
+    unrequested = [tag for tag in mentioned if tag not in requested]
+    coverage = 1.0 if not requested else (len(requested) - len(missing)) / len(requested)
+    return coverage, missing, unrequested
+
+
+def summarize(predictions, references, taxonomy=None):
+    """The flat dict of `_compute` (see _DESCRIPTION) for captions and their attribute lists."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references: they must align.")
+    taxonomy = load_taxonomy(taxonomy)
+    coverages, unrequested_counts = [], []
+    per_category = {category: [] for category in CATEGORIES}
+    for caption, attributes in zip(predictions, references):
+        coverage, missing, unrequested = caption_coverage(caption, attributes, taxonomy)
+        coverages.append(coverage)
+        unrequested_counts.append(len(unrequested))
+        for category in CATEGORIES:
+            asked = [t for t in attributes if taxonomy.category_of.get(t) == category]
+            if asked:
+                per_category[category].append(sum(t not in missing for t in asked) / len(asked))
+    n = max(len(coverages), 1)
+    result = {
+        "coverage": sum(coverages) / n,
+        "full_coverage_rate": sum(c == 1.0 for c in coverages) / n,
+    }
+    for category, values in per_category.items():
+        result[f"coverage_{category}"] = sum(values) / len(values) if values else None
+    result["unrequested_per_caption"] = sum(unrequested_counts) / n
+    result["unrequested_rate"] = sum(c > 0 for c in unrequested_counts) / n
+    return result
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class AttributeCoverage(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+            reference_urls=["https://arxiv.org/abs/2601.14157"],
+        )
+
+    def _compute(self, predictions, references, taxonomy=None):
+        return summarize(predictions, references, taxonomy)

@@ -1,0 +1,414 @@
+"""Write one caption per sampled attribute set with the fine-tuned captioner, resumably.
+
+    conceptcaps captions generate --run runs/demo
+    conceptcaps captions generate --run runs/demo --adapter runs/demo/captioner --batch_size 32 --seed 1
+    conceptcaps captions generate --run runs/demo --model /models/Llama-3.1-8B-Instruct --adapter none
+
+Reads RUN/attributes.parquet and prompts the model (generation/prompts.py) through its chat
+template. The adapter is RUN/captioner unless --adapter says otherwise (`none`: the base
+model alone); the base model comes from the adapter's config unless --model is given.
+
+Prompts are sorted by length and cut into fixed batches (left padding); each batch is
+generated with a seed derived from --seed and its index, stops at the end of the turn or
+after --max_new_tokens, and is written as one shard RUN/captions/shard-NNNNNN.parquet
+(atomically, by a writer thread). A re-run skips the batches already on disk, so a killed
+run resumes and every id ends up exactly once. Chat artefacts are stripped; an output that
+is empty, repeats an n-gram, never ends its turn or is too short is retried with a new
+seed (sampling) up to --max_attempts; what still fails is listed in the manifest, never
+written as a caption. At the end the good captions, with their attribute coverage
+(eval/attribute_coverage), are gathered into RUN/captions.parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConceptCapsError
+from .prompts import prompt_messages
+from .run_dir import file_sha256, finished, require, write_json, write_manifest, write_parquet
+from .taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
+
+logger = logging.getLogger(__name__)
+
+STAGE = "captions_generate"
+SHARD_DIR = "captions"
+COVERAGE_MODULE = Path(__file__).resolve().parents[1] / "eval" / "attribute_coverage" / "attribute_coverage.py"
+
+
+@dataclass
+class CaptionsArguments:
+    run: str = field(metadata={"help": "Run directory holding attributes.parquet; writes RUN/captions.parquet."})
+    model: str | None = field(
+        default=None, metadata={"help": "Base model (Hub id or folder); default: the base named in the adapter config."}
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "LoRA adapter folder (default RUN/captioner); 'none' uses the base model alone."}
+    )
+    taxonomy: str | None = field(
+        default=None, metadata={"help": "Taxonomy for attribute coverage (default RUN/taxonomy.json, else the repo YAML)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+    max_new_tokens: int = field(default=200, metadata={"help": "Longest caption in tokens; hitting it counts as runaway."})
+    do_sample: bool = field(default=True, metadata={"help": "Sample (seeded); False: greedy first attempt."})
+    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature (Llama 3.1 Instruct's default)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
+    seed: int = field(default=0, metadata={"help": "Base seed; each batch and attempt derives its own from it."})
+    max_attempts: int = field(default=3, metadata={"help": "Tries per id before it is reported as failed."})
+    ngram_size: int = field(default=4, metadata={"help": "Word n-gram length of the repetition check."})
+    max_ngram_repeats: int = field(
+        default=3, metadata={"help": "An n-gram occurring this many times makes a caption degenerate."}
+    )
+    min_words: int = field(default=5, metadata={"help": "Captions with fewer words are degenerate."})
+    require_end_of_turn: bool = field(
+        default=True, metadata={"help": "An output that never ends its turn within max_new_tokens is degenerate."}
+    )
+    max_failure_rate: float = field(
+        default=0.05, metadata={"help": "Refuse to finish when a larger share of ids failed every attempt."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Caption only the first N attribute sets (quick runs)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, ..."})
+    force: bool = field(default=False, metadata={"help": "Discard existing shards and captions and start over."})
+
+
+# -- coverage: the one implementation lives in the evaluate module ---------------------------
+def load_coverage_module():
+    """eval/attribute_coverage/attribute_coverage.py as a module (its `caption_coverage`, `summarize`)."""
+    if not COVERAGE_MODULE.exists():
+        raise ConceptCapsError(
+            f"{COVERAGE_MODULE} not found: the captions stage needs the repository's eval/ folder "
+            "(install ConceptCaps from a checkout: `pip install -e .`)."
+        )
+    spec = importlib.util.spec_from_file_location("conceptcaps_attribute_coverage", COVERAGE_MODULE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- cleaning and degeneracy ------------------------------------------------------------------
+_PREFIX = re.compile(r"^\s*(?:assistant|caption|description)\s*[:\-]?\s*\n*", re.IGNORECASE)
+_WORD = re.compile(r"[\w']+")
+
+
+def clean_caption(text: str) -> str:
+    """Strip chat artefacts: a role or 'Caption:' prefix, markdown emphasis, wrapping quotes, extra space,
+    and the replacement characters that a cut multi-byte character decodes to."""
+    text = _PREFIX.sub("", text.replace("\ufffd", "").strip(), count=1)
+    text = text.replace("**", "").replace("__", "")
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'“”":
+        text = text[1:-1].strip()
+    if len(text) >= 2 and text[0] == "“" and text[-1] == "”":
+        text = text[1:-1].strip()
+    return text
+
+
+def degeneracy(
+    text: str, ended: bool, *, ngram_size: int = 4, max_ngram_repeats: int = 3, min_words: int = 5,
+    require_end_of_turn: bool = True,
+) -> str | None:
+    """Why a cleaned output is not a usable caption ('empty', 'runaway', 'repetition', 'too_short'), or None."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return "empty"
+    if require_end_of_turn and not ended:
+        return "runaway"
+    grams = Counter(tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1))
+    if grams and max(grams.values()) >= max_ngram_repeats:
+        return "repetition"
+    if len(words) < min_words:
+        return "too_short"
+    return None
+
+
+def derived_seed(seed: int, batch: int, attempt: int) -> int:
+    """A seed per (run seed, batch, attempt), independent of which batches already ran."""
+    digest = hashlib.sha256(f"{seed}/{batch}/{attempt}".encode()).hexdigest()
+    return int(digest[:8], 16) % (2**31)
+
+
+# -- model ------------------------------------------------------------------------------------
+def resolve_models(args: CaptionsArguments, run: Path) -> tuple[str, str | None]:
+    """(base model name or path, adapter folder or None), with a clear error when neither exists."""
+    from .captioner_train import resolve_model_name
+
+    adapter = None
+    if args.adapter and args.adapter.lower() != "none":
+        adapter = Path(args.adapter).expanduser()
+        if not (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists():
+            raise ConceptCapsError(
+                f"adapter folder {adapter} not found or holds no adapter_config.json: pass --adapter with the folder "
+                f"written by `conceptcaps captioner train --run {run} --model MODEL` (default {run}/captioner), "
+                f"or --adapter none to caption with the base model alone."
+            )
+    elif args.adapter is None:
+        default = run / "captioner"
+        if (default / "adapter_config.json").exists() or (default / "config.json").exists():
+            adapter = default
+        elif not args.model:
+            raise ConceptCapsError(
+                f"{default} not found: run `conceptcaps captioner train --run {run} --model MODEL` first, "
+                f"or pass --model MODEL --adapter none to caption with a base model that was not fine-tuned."
+            )
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        return str(adapter.resolve()), None  # a full fine-tune: the folder is the model
+    if args.model:
+        return resolve_model_name(args.model), str(adapter.resolve()) if adapter else None
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConceptCapsError(f"{adapter}/adapter_config.json names no base_model_name_or_path: pass --model.")
+    return resolve_model_name(base), str(adapter.resolve())
+
+
+def load_captioner(base: str, adapter: str | None, dtype: str):
+    """(model on the best device, left-padding tokenizer, end-of-turn token ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .captioner_train import from_pretrained, load_tokenizer
+
+    has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(adapter if has_tokenizer else base)
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right end of the prompt
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    model = from_pretrained(AutoModelForCausalLM, base, "model", dtype=getattr(torch, dtype))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device).eval()
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    stop.add(tokenizer.eos_token_id)
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end|>"):  # end-of-turn tokens of common chat templates
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token in tokenizer.get_vocab():
+            stop.add(token_id)
+    return model, tokenizer, sorted(stop)
+
+
+def generate_batch(model, tokenizer, stop_ids, rows, args: CaptionsArguments, seed: int, sample: bool):
+    """Raw (text, ended) per row: tokens up to the first end-of-turn token, decoded without specials."""
+    import torch
+    from transformers import set_seed
+
+    encoded = tokenizer.apply_chat_template(
+        [prompt_messages(r) for r in rows], add_generation_prompt=True, return_dict=True, return_tensors="pt",
+        padding=True,
+    ).to(model.device)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id,
+              "do_sample": sample}
+    if sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    set_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(**encoded, **kwargs)
+    results = []
+    for sequence in output[:, encoded["input_ids"].shape[1] :].tolist():
+        cut = next((i for i, token in enumerate(sequence) if token in stop_ids), None)
+        tokens = sequence if cut is None else sequence[:cut]
+        results.append((tokenizer.decode(tokens, skip_special_tokens=True), cut is not None))
+    return results
+
+
+# -- shards -----------------------------------------------------------------------------------
+def _schema():
+    import pyarrow as pa
+
+    strings = pa.list_(pa.string())
+    return pa.schema([
+        ("id", pa.string()), ("caption", pa.string()), ("aspect_list", strings),
+        *[(c, strings) for c in CATEGORIES],
+        ("coverage", pa.float64()), ("unrequested_tags", strings), ("seed", pa.int64()), ("attempts", pa.int64()),
+        ("failure", pa.string()), ("failed_output", pa.string()),
+    ])
+
+
+def read_shards(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for shard in sorted(folder.glob("shard-*.parquet")):
+        rows.extend(pq.read_table(shard).to_pylist())
+    return rows
+
+
+def _plan(args: CaptionsArguments, attributes: Path, base: str, adapter: str | None) -> dict:
+    """What the shards depend on; a re-run with another plan may not mix its shards with these."""
+    keep = ("batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "max_attempts",
+            "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype")
+    plan = {key: getattr(args, key) for key in keep}
+    weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if adapter and (Path(adapter) / n).exists()), None)
+    plan.update(attributes=file_sha256(attributes), base_model=base, adapter=adapter,
+                adapter_weights=file_sha256(weights) if weights else None)
+    return plan
+
+
+def _check_rows(rows: list[dict], path: Path) -> None:
+    seen = set()
+    for row in rows:
+        if row["id"] in seen:
+            raise ConceptCapsError(f"{path}: id {row['id']!r} occurs twice; re-run `conceptcaps vae sample --force`.")
+        seen.add(row["id"])
+        if not row.get("aspect_list"):
+            raise ConceptCapsError(
+                f"{path}: id {row['id']!r} has an empty aspect_list; re-run `conceptcaps vae sample --force`."
+            )
+
+
+# -- the stage --------------------------------------------------------------------------------
+def generate_captions(args: CaptionsArguments) -> dict:
+    """Run the stage and return its manifest."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    run = Path(args.run)
+    attributes_path = require(run, "attributes.parquet")
+    if args.max_attempts < 1 or args.batch_size < 1:
+        raise ConceptCapsError("--max_attempts and --batch_size must be at least 1.")
+    base, adapter = resolve_models(args, run)
+    taxonomy_path = args.taxonomy or (run / "taxonomy.json" if (run / "taxonomy.json").exists() else DEFAULT_TAXONOMY)
+    inputs = {"attributes": attributes_path, "taxonomy": taxonomy_path}
+    if adapter:
+        weights = [Path(adapter) / n for n in ("adapter_model.safetensors", "model.safetensors")]
+        inputs["adapter"] = next((w for w in weights if w.exists()), adapter)
+    out, shards = run / "captions.parquet", run / SHARD_DIR
+    done = finished(run, STAGE, args, inputs, [out])
+    if done and not args.force:
+        logger.info("captions: %s is up to date (%d captions); --force redoes it", out, done["counts"]["captions"])
+        return done
+
+    plan = _plan(args, attributes_path, base, adapter)
+    if args.force and shards.exists():
+        shutil.rmtree(shards)
+    plan_path = shards / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
+        raise ConceptCapsError(
+            f"{shards} holds shards made with other settings (see {plan_path}): pass --force to discard them, "
+            f"or re-run with the same settings to resume."
+        )
+    write_json(plan_path, plan)
+
+    rows = pq.read_table(attributes_path).to_pylist()[: args.limit]
+    _check_rows(rows, attributes_path)
+    taxonomy = Taxonomy.load(taxonomy_path)
+    coverage = load_coverage_module()
+    model, tokenizer, stop_ids = load_captioner(base, adapter, args.dtype)
+
+    # Fixed batches of length-sorted prompts: the same batches (and so the same seeds) on every re-run.
+    lengths = [len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, return_dict=True)["input_ids"])
+               for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]["id"]))
+    batches = [[rows[i] for i in order[s : s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
+    written = {row["id"] for row in read_shards(shards)}
+    pending = [(b, batch) for b, batch in enumerate(batches) if not all(r["id"] in written for r in batch)]
+    resumed = len(batches) - len(pending)
+    if resumed:
+        logger.info("captions: resuming, %d of %d batches already in %s", resumed, len(batches), shards)
+
+    checks = {k: getattr(args, k) for k in ("ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn")}
+    with ThreadPoolExecutor(max_workers=1) as writer:  # the accelerator never waits on the disk
+        last_write = None
+        for b, batch in tqdm(pending, desc="captions", unit="batch", initial=0, total=len(pending)):
+            results = {}
+            todo = list(batch)
+            for attempt in range(1, args.max_attempts + 1):
+                seed = derived_seed(args.seed, b, attempt)
+                # Greedy output is the same every time, so retries always sample.
+                outputs = generate_batch(model, tokenizer, stop_ids, todo, args, seed, args.do_sample or attempt > 1)
+                retry = []
+                for row, (raw, ended) in zip(todo, outputs):
+                    caption = clean_caption(raw)
+                    reason = degeneracy(caption, ended, **checks)
+                    results[row["id"]] = (caption, reason, seed, attempt, raw)
+                    if reason:
+                        retry.append(row)
+                todo = retry
+                if not todo:
+                    break
+            records = []
+            for row in batch:
+                caption, reason, seed, attempts, raw = results[row["id"]]
+                score, _, unrequested = coverage.caption_coverage(caption, row["aspect_list"], taxonomy)
+                records.append({
+                    "id": row["id"], "caption": None if reason else caption, "aspect_list": row["aspect_list"],
+                    **{c: row.get(c) or [] for c in CATEGORIES},
+                    "coverage": None if reason else score, "unrequested_tags": [] if reason else unrequested,
+                    "seed": seed, "attempts": attempts, "failure": reason, "failed_output": raw[:500] if reason else None,
+                })
+            if last_write is not None:
+                last_write.result()  # surface a write error now, and keep at most one shard in flight
+            last_write = writer.submit(_write_shard, records, shards / f"shard-{b:06d}.parquet")
+        if last_write is not None:
+            last_write.result()
+
+    return _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches))
+
+
+def _write_shard(records: list[dict], path: Path) -> None:
+    import pyarrow as pa
+
+    write_parquet(pa.Table.from_pylist(records, schema=_schema()), path)
+
+
+def _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, n_batches) -> dict:
+    """Gather the shards into RUN/captions.parquet (good captions only) and write the manifest."""
+    import pyarrow as pa
+
+    by_id = {}
+    for record in read_shards(shards):
+        by_id.setdefault(record["id"], record)  # a batch re-run after a crash rewrote the same ids
+    missing = [r["id"] for r in rows if r["id"] not in by_id]
+    if missing:
+        raise ConceptCapsError(f"{len(missing)} ids have no shard in {shards} (first: {missing[:3]}): re-run to resume.")
+    ordered = [by_id[r["id"]] for r in rows]
+    good = [r for r in ordered if r["failure"] is None]
+    failed = [{"id": r["id"], "reason": r["failure"], "attempts": r["attempts"], "output": r["failed_output"]}
+              for r in ordered if r["failure"] is not None]
+    for record in failed:
+        logger.warning("captions: %s failed %d attempts (%s): %r", record["id"], record["attempts"],
+                       record["reason"], (record["output"] or "")[:80])
+    rate = len(failed) / max(len(rows), 1)
+    if rate > args.max_failure_rate:
+        reasons = dict(Counter(f["reason"] for f in failed))
+        raise ConceptCapsError(
+            f"{len(failed)} of {len(rows)} ids ({rate:.0%}) got no usable caption after {args.max_attempts} attempts "
+            f"({reasons}; examples in {shards}). Check the captioner (a tiny or untrained model writes noise), raise "
+            f"--max_attempts or --max_new_tokens, loosen --max_ngram_repeats/--min_words, or accept the loss with "
+            f"--max_failure_rate {rate:.2f}; the shards are kept, so a re-run with the same settings is quick."
+        )
+    columns = [name for name in _schema().names if name not in ("failure", "failed_output")]
+    table = pa.Table.from_pylist([{k: r[k] for k in columns} for r in good], schema=pa.schema([_schema().field(c) for c in columns]))
+    write_parquet(table, out)
+    summary = coverage.summarize([r["caption"] for r in good], [r["aspect_list"] for r in good], taxonomy)
+    unrequested = Counter(tag for r in good for tag in r["unrequested_tags"])
+    counts = {
+        "attributes": len(rows),
+        "captions": len(good),
+        "failed": len(failed),
+        "failure_reasons": dict(Counter(f["reason"] for f in failed)),
+        "retried": sum(r["attempts"] > 1 for r in good),
+        "batches": n_batches,
+        "resumed_batches": resumed,
+        "mean_words": sum(len(r["caption"].split()) for r in good) / max(len(good), 1),
+    }
+    logger.info("captions: %d written, %d failed, coverage %.3f -> %s",
+                len(good), len(failed), summary["coverage"], out)
+    return write_manifest(
+        run, STAGE, args, inputs=inputs, counts=counts, started=started,
+        extra={"coverage": summary, "top_unrequested_tags": dict(unrequested.most_common(20)), "failed": failed,
+               "plan": json.loads((shards / "plan.json").read_text())},
+    )
