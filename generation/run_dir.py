@@ -162,14 +162,17 @@ def write_manifest(
 
 def _comparable(args: Any) -> dict:
     data = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-    data.pop("force", None)
+    # The run's own location and --force do not change what a stage produces: a run
+    # directory that was moved or copied is still finished.
+    for key in ("force", "out", "run"):
+        data.pop(key, None)
     return json.loads(json.dumps(data, default=str))
 
 
 def finished(run: str | os.PathLike, stage: str, args: Any, inputs: dict, outputs: list) -> dict | None:
     """The manifest of an identical finished run of `stage`, or None if it must (re)run.
 
-    Identical means: same arguments (but --force), same input hashes, all outputs present.
+    Identical means: same arguments (but --force and the run path), same input hashes, all outputs present.
     """
     manifest = read_manifest(run, stage)
     if manifest is None or not all(Path(p).exists() for p in outputs):

@@ -1,0 +1,146 @@
+"""Train the beta-VAE on the distilled attribute sets and score it.
+
+    conceptcaps vae train --run runs/demo
+    conceptcaps vae train --run runs/demo --epochs 300 --lr 1e-4 --beta 0.25
+
+Reads RUN/distilled.parquet and RUN/taxonomy.json. Writes RUN/vae/ (model.safetensors +
+config.json via PyTorchModelHubMixin, loss curve and metrics.json) and
+RUN/manifests/vae_train.json. Metrics come from the `eval/vae_metrics` module: Jaccard and
+Hamming loss of reconstructions on the validation and train splits, diversity of 1,000
+prior samples, and the cosine between their tag co-occurrence and the training set's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConceptCapsError
+from .run_dir import atomic_dir, finished, require, write_manifest
+
+logger = logging.getLogger(__name__)
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
+
+PAPER_VAE_METRICS = {"jaccard": 0.716, "hamming_loss": 0.005, "diversity": 96.03, "cooccurrence_cosine": 0.808}
+
+
+@dataclass
+class VaeTrainArguments:
+    run: str = field(metadata={"help": "Run directory holding distilled.parquet and taxonomy.json."})
+    hidden_dim: int = field(default=1024, metadata={"help": "Hidden layer width (paper: 1024)."})
+    latent_dim: int = field(default=256, metadata={"help": "Latent size (paper: 256)."})
+    beta: float = field(default=0.25, metadata={"help": "KL weight; higher collapsed onto popular sets in the paper."})
+    lr: float = field(default=6e-5, metadata={"help": "Adam learning rate (paper: 6e-5)."})
+    epochs: int = field(default=150, metadata={"help": "Passes over the training split (paper: 150)."})
+    batch_size: int = field(default=32, metadata={"help": "Mini-batch size."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and sampling."})
+    threshold: float = field(default=0.5, metadata={"help": "Decoding threshold on tag probabilities."})
+    min_categories: int = field(default=3, metadata={"help": "Decoded sets cover at least this many categories."})
+    diversity_samples: int = field(default=1000, metadata={"help": "Prior samples for diversity/co-occurrence."})
+    num_threads: int = field(
+        default=1,
+        metadata={"help": "Torch CPU threads. The model is small: one thread avoids contention; 0 = torch default."},
+    )
+    force: bool = field(default=False, metadata={"help": "Retrain even if RUN/vae is up to date."})
+
+
+def load_metric(name: str):
+    """An `evaluate` module from this repository's eval/ folder, loaded by path."""
+    import evaluate
+
+    return evaluate.load(str(EVAL_DIR / name))
+
+
+def score_vae(model, taxonomy, splits: dict[str, list[list[str]]], train_sets, args) -> dict:
+    """Reconstruction metrics per split, then diversity/co-occurrence of prior samples."""
+    from .vae_model import reconstruct, sample_sets
+
+    rule = {"threshold": args.threshold, "min_categories": args.min_categories}
+    metric = load_metric("vae_metrics")
+    samples = sample_sets(model, taxonomy, args.diversity_samples, seed=args.seed + 1, **rule)
+    scores = {}
+    for split, sets in splits.items():
+        scores[split] = metric.compute(
+            predictions=reconstruct(model, sets, taxonomy, **rule), references=sets, labels=model.tags,
+        )
+    scores["samples"] = {
+        key: value
+        for key, value in metric.compute(
+            predictions=samples[:1], references=samples[:1], labels=model.tags, samples=samples,
+            reference_sets=train_sets,
+        ).items()
+        if key not in ("jaccard", "hamming_loss")
+    }
+    scores["samples"]["n"] = len(samples)
+    scores["paper"] = PAPER_VAE_METRICS
+    return scores
+
+
+def train_vae(args: VaeTrainArguments) -> dict:
+    """Train, save to RUN/vae, score; returns the stage manifest."""
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from .taxonomy import Taxonomy
+    from .vae_model import BetaVAE, multi_hot
+
+    started = time.time()
+    run = Path(args.run)
+    distilled_path = require(run, "distilled.parquet")
+    taxonomy_path = require(run, "taxonomy.json")
+    inputs = {"distilled": distilled_path, "taxonomy": taxonomy_path}
+    out = run / "vae"
+    done = finished(run, "vae_train", args, inputs, [out / "model.safetensors", out / "metrics.json"])
+    if done and not args.force:
+        logger.info("vae train: %s is up to date; --force retrains", out)
+        return done
+
+    taxonomy = Taxonomy.load(taxonomy_path)
+    frame = pd.read_parquet(distilled_path)
+    sets = {split: [list(x) for x in frame.loc[frame["split"] == split, "aspect_list"]] for split in ("train", "validation")}
+    if not sets["train"]:
+        raise ConceptCapsError(f"{distilled_path} has no train rows: re-run distill with a smaller --validation_fraction.")
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    tags = taxonomy.tags
+    model = BetaVAE(tags, [taxonomy.category_of[t] for t in tags], args.hidden_dim, args.latent_dim, args.beta)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    x_train = multi_hot(sets["train"], tags)
+    x_val = multi_hot(sets["validation"], tags) if sets["validation"] else x_train[:0]
+    generator = torch.Generator().manual_seed(args.seed)
+    history = []
+    bar = tqdm(range(args.epochs), desc="vae train", unit="epoch")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, len(order), args.batch_size):
+            losses = model.loss(x_train[order[start:start + args.batch_size]], generator)
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            optimizer.step()
+            total, batches = total + losses["loss"].item(), batches + 1
+        model.eval()
+        with torch.no_grad():
+            val = model.loss(x_val, torch.Generator().manual_seed(args.seed))["loss"].item() if len(x_val) else None
+        history.append({"epoch": epoch + 1, "train_loss": total / batches, "validation_loss": val})
+        bar.set_postfix(train=f"{total / batches:.3f}", val=f"{val:.3f}" if val is not None else "-")
+
+    scores = score_vae(model, taxonomy, {k: v for k, v in sets.items() if v}, sets["train"], args)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
+        (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    logger.info("vae train: validation %s; samples %s", scores.get("validation"), scores["samples"])
+    counts = {
+        "train_sets": len(sets["train"]), "validation_sets": len(sets["validation"]), "tags": len(tags),
+        "first_train_loss": history[0]["train_loss"] if history else None,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+    }
+    return write_manifest(run, "vae_train", args, inputs=inputs, counts=counts, started=started, extra={"metrics": scores})
