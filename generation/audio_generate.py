@@ -1,4 +1,4 @@
-"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or many.
+r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or many.
 
     conceptcaps audio generate --run runs/demo                                  # one process
     conceptcaps audio generate --run runs/demo --model facebook/musicgen-large --duration 30 \

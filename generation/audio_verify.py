@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_shards import decode_flac, read_shards, shard_paths, shard_schema
+from .audio_shards import INDEX_COLUMNS, decode_flac, read_shards, shard_paths, shard_schema
 from .errors import ConceptCapsError
 from .run_dir import atomic_path, read_manifest, require, write_manifest
 
@@ -99,10 +99,12 @@ def verify_audio(args: VerifyArguments) -> dict:
     wanted = set(caption_ids)
     target_s, tolerance_s = _targets(args, run)
 
-    table = read_shards(run / "audio")
-    ids = table.column("id").to_pylist()
-    shards = table.column("shard").to_pylist()
-    rates = table.column("sampling_rate").to_pylist()
+    # The index (no audio) for the set checks; the audio is then read one shard at a time so
+    # that memory stays at one shard whatever the size of the run.
+    index = read_shards(run / "audio", columns=INDEX_COLUMNS)
+    ids = index.column("id").to_pylist()
+    shards = index.column("shard").to_pylist()
+    rates = index.column("sampling_rate").to_pylist()
     counts = Counter(ids)
     problems: dict[str, list[str]] = defaultdict(list)
     bad_rows: set[int] = set()
@@ -121,31 +123,36 @@ def verify_audio(args: VerifyArguments) -> dict:
         if n > 1 and clip_id in wanted:
             problems[clip_id].append(f"duplicate ({n} clips)")
 
-    audio = table.column("audio")
     seconds = 0.0
-    for row in tqdm(range(table.num_rows), desc="verify", unit="clip", disable=table.num_rows < 100):
-        failures = check_clip(audio[row].as_py(), rates[row], target_s=target_s, tolerance_s=tolerance_s,
-                              min_rms=args.min_rms, clip_level=args.clip_level,
-                              max_clipped_fraction=args.max_clipped_fraction)
-        if failures:
-            problems[ids[row]].extend(f"{f} in {shards[row]}" for f in failures)
-            bad_rows.add(row)
-        else:
-            seconds += target_s
+    progress = tqdm(total=index.num_rows, desc="verify", unit="clip", disable=index.num_rows < 100)
+    row = 0
+    for path in shard_paths(run / "audio"):
+        for data in pq.read_table(path, columns=["audio"]).column("audio").to_pylist():
+            failures = check_clip(data, rates[row], target_s=target_s, tolerance_s=tolerance_s,
+                                  min_rms=args.min_rms, clip_level=args.clip_level,
+                                  max_clipped_fraction=args.max_clipped_fraction)
+            if failures:
+                problems[ids[row]].extend(f"{f} in {shards[row]}" for f in failures)
+                bad_rows.add(row)
+            else:
+                seconds += target_s
+            row += 1
+            progress.update()
+    progress.close()
 
     by_check = Counter()
     for reasons in problems.values():
         for check in {r.split(" ")[0] for r in reasons}:
             by_check[check] += 1
     summary = {
-        "captions": len(wanted), "clips": table.num_rows, "ids_with_clip": len(wanted & set(ids)),
+        "captions": len(wanted), "clips": index.num_rows, "ids_with_clip": len(wanted & set(ids)),
         "shards": len(shard_paths(run / "audio")), "target_s": round(target_s, 4), "tolerance_s": round(tolerance_s, 4),
         "good_audio_seconds": round(seconds, 3), "failing_ids": len(problems),
         **{check: by_check[check] for check in CHECKS},
     }
     print(_table(run, summary))
     if args.repair and bad_rows:
-        _repair(run / "audio", table, bad_rows)
+        _repair(run / "audio", shards, bad_rows)
         summary["repaired_rows_dropped"] = len(bad_rows)
     write_manifest(run, "audio verify", args, inputs={"captions": captions_path}, counts=summary,
                    started=started, extra={"failing": {k: v for k, v in sorted(problems.items())[:1000]}})
@@ -173,22 +180,26 @@ def _table(run: Path, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _repair(audio_dir: Path, table, bad_rows: set[int]) -> None:
-    """Rewrite every shard that holds a bad row without it (atomically); delete emptied shards."""
+def _repair(audio_dir: Path, shards: list[str], bad_rows: set[int]) -> None:
+    """Rewrite every shard that holds a bad row without it (atomically); delete emptied shards.
+
+    `shards[row]` names the file of each index row; rows of a file are contiguous and in file order.
+    """
     import pyarrow.parquet as pq
 
     by_shard: dict[str, list[int]] = defaultdict(list)
-    for row, name in enumerate(table.column("shard").to_pylist()):
+    for row, name in enumerate(shards):
         by_shard[name].append(row)
     for name, rows in by_shard.items():
-        drop = [r for r in rows if r in bad_rows]
+        drop = {local for local, row in enumerate(rows) if row in bad_rows}
         if not drop:
             continue
-        keep = [r for r in rows if r not in bad_rows]
         path = audio_dir / name
+        table = pq.read_table(path)
+        keep = [local for local in range(table.num_rows) if local not in drop]
         if keep:
             with atomic_path(path) as tmp:
-                pq.write_table(table.take(keep).drop_columns(["shard"]).cast(shard_schema()), tmp)
+                pq.write_table(table.take(keep).cast(shard_schema()), tmp)
         else:
             path.unlink()
         logger.info("audio verify: dropped %d row(s) from %s", len(drop), path)
