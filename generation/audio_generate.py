@@ -320,7 +320,8 @@ def generate_audio(args: AudioArguments) -> dict:
             "generated": session["generated"], "failed": len(failed), "clips": len(set(clip_ids) & set(prompts)),
             "missing": len(set(prompts) - set(clip_ids)), "shards": len(shard_paths(audio_dir)),
             "audio_seconds_total": round(float(np.sum(index.column("duration_s").to_numpy())), 3),
-            "audio_seconds_generated": session["audio_seconds"], "per_rank": {r["rank"]: r["clips"] for r in per_rank},
+            "audio_seconds_generated": session["audio_seconds"],
+            "per_rank": {str(r["rank"]): r["clips"] for r in per_rank},  # str: the same keys as in the JSON file
         }
         sessions = (previous or {}).get("sessions", []) if not args.force else []
         extra = {"sessions": sessions + [session], "failed_ids": failed}
