@@ -1,0 +1,180 @@
+"""Run every stage in order from a preset: distill, VAE, sampling, captioner, captions,
+audio, build, evaluate. Each stage skips what is already done, so re-running the same
+command after a crash resumes where it stopped.
+
+    conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --out runs/smoke
+    conceptcaps run --preset paper --source google/MusicCaps --out runs/paper \\
+        --audio_launcher "accelerate launch --config_file accelerate_configs/multi_gpu.yaml"
+    conceptcaps run --preset my_preset.yaml --out runs/x --stages distill vae_train vae_sample
+
+A preset (generation/presets/<name>.yaml, or any YAML path) has one section per stage
+with that stage's options. "@tiny/<name>" in a preset stands for a tiny model (llm,
+musicgen, clap, bert) that is built from a config into RUN/models/<name>, with
+tokenizers trained on the distilled captions: the real loading and generation code runs,
+but the output is noise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConceptCapsError
+from .run_dir import atomic_dir, write_json, write_manifest
+from .source import HUB_DEFAULT
+
+logger = logging.getLogger(__name__)
+PRESETS = Path(__file__).parent / "presets"
+TINY = "@tiny/"
+
+# stage -> (module, function, [(preset sub-section or None, dataclass name)])
+STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
+    "distill": ("generation.distill", "distill", [(None, "DistillArguments")]),
+    "vae_train": ("generation.vae_train", "train_vae", [(None, "VaeTrainArguments")]),
+    "vae_sample": ("generation.vae_sample", "sample_attributes", [(None, "VaeSampleArguments")]),
+    "captioner_train": ("generation.captioner_train", "train_captioner",
+                        [("captioner", "CaptionerArguments"), ("sft", "SFTConfig"), ("model", "ModelConfig")]),
+    "captions_generate": ("generation.captions_generate", "generate_captions", [(None, "CaptionsArguments")]),
+    "audio_generate": ("generation.audio_generate", "generate_audio", [(None, "AudioArguments")]),
+    "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
+    "evaluate": ("generation.evaluate_run", "evaluate_run", [(None, "EvaluateArguments")]),
+}
+
+
+@dataclass
+class RunArguments:
+    out: str = field(metadata={"help": "Run directory (created if missing; an existing one is resumed)."})
+    preset: str = field(default="smoke", metadata={"help": "smoke, paper, or the path of a preset YAML file."})
+    source: str = field(default=HUB_DEFAULT, metadata={"help": "MusicCaps-style source: a local CSV or a Hub dataset id."})
+    stages: list[str] = field(default_factory=list, metadata={"help": f"Run only these stages (default: all of {list(STAGES)})."})
+    audio_launcher: str | None = field(
+        default=None,
+        metadata={"help": "Run the audio stage through this launcher, e.g. "
+                          "'accelerate launch --config_file accelerate_configs/multi_gpu.yaml'."},
+    )
+    force: bool = field(default=False, metadata={"help": "Redo every selected stage even if its outputs are up to date."})
+
+
+def load_preset(preset: str) -> dict:
+    import yaml
+
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ConceptCapsError(f"preset {preset!r} not found ({path}): use one of {known} or the path of a YAML file.")
+    config = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(config) - set(STAGES))
+    if unknown:
+        raise ConceptCapsError(f"preset {path} has unknown section(s) {unknown}; sections are stage names: {list(STAGES)}.")
+    return config
+
+
+def build_tiny_model(name: str, run: Path) -> Path:
+    """RUN/models/<name>, built once from a config (skipped when already there)."""
+    import pandas as pd
+
+    target = run / "models" / name
+    if (target / "config.json").exists():
+        return target
+    texts = pd.read_parquet(run / "distilled.parquet")["caption"].tolist()
+    logger.info("run: building tiny %s model into %s", name, target)
+    with atomic_dir(target) as tmp:
+        if name == "llm":
+            from .tiny_llm import TinyLlmConfig, build_tiny_llm
+
+            build_tiny_llm(tmp, texts, TinyLlmConfig(vocab_size=1024))
+        elif name == "musicgen":
+            from .tiny_musicgen import build_tiny_musicgen
+
+            build_tiny_musicgen(tmp, texts)
+        elif name == "clap":
+            from .tiny_eval_models import build_tiny_clap
+
+            build_tiny_clap(tmp, texts)
+        elif name == "bert":
+            from .tiny_eval_models import build_tiny_bert
+
+            build_tiny_bert(tmp, texts)
+        else:
+            raise ConceptCapsError(f"unknown tiny model {TINY}{name}: use llm, musicgen, clap or bert.")
+    return target
+
+
+def resolve_tiny(options: dict, run: Path) -> dict:
+    """Replace "@tiny/<name>" values by the folder of that tiny model, building it if needed."""
+    return {
+        key: str(build_tiny_model(value[len(TINY):], run)) if isinstance(value, str) and value.startswith(TINY) else value
+        for key, value in options.items()
+    }
+
+
+def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
+    """The dataclass instances of one stage, from its preset section plus the run's options."""
+    module_name, _, parts = STAGES[stage]
+    module = importlib.import_module(module_name)
+    run = Path(args.out)
+    instances = []
+    for sub, class_name in parts:
+        options = dict(section.get(sub) or {}) if sub else dict(section)
+        options = resolve_tiny(options, run)
+        if class_name == "DistillArguments":
+            options.update(out=args.out, source=args.source)
+        elif class_name in ("SFTConfig", "ModelConfig"):
+            pass  # TRL's own dataclasses; the run directory goes through CaptionerArguments
+        else:
+            options["run"] = args.out
+        if args.force and "force" in getattr(module, class_name).__dataclass_fields__:
+            options["force"] = True
+        try:
+            instances.append(getattr(module, class_name)(**options))
+        except TypeError as err:
+            raise ConceptCapsError(f"preset section {stage!r}: {err}. `conceptcaps --help` lists each stage's options.") from err
+    return instances
+
+
+def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
+    """The audio stage as `LAUNCHER -m generation.cli audio generate --config ...`."""
+    import yaml
+
+    run = Path(args.out)
+    options = resolve_tiny(dict(section), run)
+    config = run / "manifests" / "audio_generate.preset.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({**options, "run": args.out, "force": args.force}))
+    command = [*shlex.split(launcher), "-m", "generation.cli", "audio", "generate", "--config", str(config)]
+    logger.info("run: %s", shlex.join(command))
+    if subprocess.run(command).returncode != 0:
+        raise ConceptCapsError(f"audio stage failed under `{launcher}`; fix the error above and re-run the same command to resume.")
+
+
+def run_pipeline(args: RunArguments) -> dict:
+    """Run the selected stages in order; returns the run manifest with each stage's wall time."""
+    started = time.time()
+    preset = load_preset(args.preset)
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        raise ConceptCapsError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}.")
+    selected = [s for s in STAGES if s in preset and (not args.stages or s in args.stages)]
+    timings = {}
+    for stage in selected:
+        stage_started = time.time()
+        logger.info("run: stage %s", stage)
+        if stage == "audio_generate" and args.audio_launcher:
+            launch_audio(args.audio_launcher, preset[stage] or {}, args)
+        else:
+            module_name, function_name, _ = STAGES[stage]
+            instances = stage_arguments(stage, preset[stage] or {}, args)
+            getattr(importlib.import_module(module_name), function_name)(*instances)
+        timings[stage] = round(time.time() - stage_started, 2)
+        logger.info("run: stage %s done in %.1f s", stage, timings[stage])
+    write_json(Path(args.out) / "manifests" / "run.preset.json", preset)
+    return write_manifest(
+        args.out, "run", args, counts={"stages": selected, "stage_wall_time_s": timings}, started=started,
+        extra={"command": shlex.join(["conceptcaps", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] else None},
+    )
