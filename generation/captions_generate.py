@@ -291,22 +291,22 @@ def generate_captions(args: CaptionsArguments) -> dict:
         logger.info("captions: %s is up to date (%d captions); --force redoes it", out, done["counts"]["captions"])
         return done
 
-    plan = _plan(args, attributes_path, base, adapter)
+    plan = json.loads(json.dumps(_plan(args, attributes_path, base, adapter)))
     if args.force and shards.exists():
         shutil.rmtree(shards)
     plan_path = shards / "plan.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
+    if list(shards.glob("shard-*.parquet")) and json.loads(plan_path.read_text()) != plan:
         raise ConceptCapsError(
             f"{shards} holds shards made with other settings (see {plan_path}): pass --force to discard them, "
             f"or re-run with the same settings to resume."
         )
-    write_json(plan_path, plan)
 
     rows = pq.read_table(attributes_path).to_pylist()[: args.limit]
     _check_rows(rows, attributes_path)
     taxonomy = Taxonomy.load(taxonomy_path)
     coverage = load_coverage_module()
     model, tokenizer, stop_ids = load_captioner(base, adapter, args.dtype)
+    write_json(plan_path, plan)  # written before the first shard, so every shard has its plan
 
     # Fixed batches of length-sorted prompts: the same batches (and so the same seeds) on every re-run.
     lengths = [len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, return_dict=True)["input_ids"])

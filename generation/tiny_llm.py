@@ -111,7 +111,7 @@ def _warm_up(model, tokenizer, texts: list[str], config: TinyLlmConfig) -> float
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_tiny_llm(out_dir: str | Path, texts: list[str], config: TinyLlmConfig | None = None) -> Path:

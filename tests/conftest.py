@@ -140,3 +140,32 @@ def audio_run(tmp_path_factory, audio_captions_run, tiny_musicgen) -> Path:
     if process.returncode != 0:
         pytest.fail(f"accelerate launch ... audio generate failed ({process.returncode}):\n{output[-4000:]}")
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory, musiccaps_csv) -> Path:
+    """A random-weight tiny Llama whose BPE tokenizer is trained on the MusicCaps captions (output is noise)."""
+    from generation.tiny_llm import TinyLlmConfig, build_tiny_llm, captions_from_source
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm") / "model", captions_from_source(musiccaps_csv),
+                          TinyLlmConfig(vocab_size=1024))
+
+
+def tiny_captioner_configs(run: Path, model: Path, **sft_overrides):
+    """(CaptionerArguments, SFTConfig, ModelConfig) for a few-step LoRA fine-tune of a tiny model on CPU."""
+    from generation.captioner_train import CaptionerArguments, ModelConfig, SFTConfig
+
+    sft = {"num_train_epochs": 1, "learning_rate": 5e-3, "logging_steps": 1, "disable_tqdm": True, **sft_overrides}
+    return (CaptionerArguments(run=str(run), model=str(model), max_train_samples=16, max_eval_samples=8),
+            SFTConfig(**sft), ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def captioner_run(tmp_path_factory, sampled_run, tiny_llm) -> Path:
+    """sampled_run plus RUN/captioner: a LoRA adapter (paper settings) on tiny_llm after 4 SFT steps."""
+    from generation.captioner_train import train_captioner
+
+    run = tmp_path_factory.mktemp("captioner") / "run"
+    shutil.copytree(sampled_run, run)
+    train_captioner(*tiny_captioner_configs(run, tiny_llm))
+    return run

@@ -1,0 +1,175 @@
+"""Caption generation: real attributes.parquet from the VAE stage, a tiny LoRA captioner, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from generation.captions_generate import CaptionsArguments, clean_caption, degeneracy, generate_captions
+from generation.errors import ConceptCapsError
+
+# A tiny model trained for 4 steps never learns to end its turn: accept unfinished outputs,
+# keep them short. The other degeneracy checks stay on.
+QUICK = {"max_new_tokens": 24, "require_end_of_turn": False, "batch_size": 16}
+
+
+def _captions(run):
+    return pq.read_table(run / "captions.parquet").to_pylist()
+
+
+def test_clean_caption_strips_chat_artefacts():
+    assert clean_caption("assistant\n\nA calm piano piece.") == "A calm piano piece."
+    assert clean_caption('Caption: "A calm   piano\npiece."') == "A calm piano piece."
+    assert clean_caption("**A loud** rock song\ufffd.") == "A loud rock song."
+    assert clean_caption("   ") == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "ended", "expected"),
+    [
+        ("", True, "empty"),
+        ("  ... !! ", True, "empty"),
+        ("A slow jazz song with a soft piano melody and brushed drums.", False, "runaway"),
+        ("the drums play the beat and the drums play the beat and the drums play the beat", True, "repetition"),
+        ("A slow jazz song.", True, "too_short"),
+        ("A slow jazz song with a soft piano melody and brushed drums.", True, None),
+        # two occurrences of a 4-gram are fine; three are not
+        ("a soft piano melody over strings, then a soft piano melody over drums", True, None),
+    ],
+)
+def test_degeneracy_on_hand_made_outputs(text, ended, expected):
+    assert degeneracy(text, ended) == expected
+
+
+def test_degeneracy_thresholds_are_arguments():
+    text = "a b c a b c"
+    assert degeneracy(text, True, ngram_size=3, max_ngram_repeats=2, min_words=1) == "repetition"
+    assert degeneracy(text, True, ngram_size=3, max_ngram_repeats=3, min_words=1) is None
+    assert degeneracy("no end yet but fine", False, require_end_of_turn=False) is None
+
+
+def test_generate_from_sampled_attributes(captioner_run, copy_run):
+    run = copy_run(captioner_run)
+    manifest = generate_captions(CaptionsArguments(run=str(run), seed=1, **QUICK))
+    attributes = pq.read_table(run / "attributes.parquet").to_pylist()
+    table = pq.read_table(run / "captions.parquet")
+    assert table.schema.field("aspect_list").type == table.schema.field("unrequested_tags").type  # real lists
+    rows = table.to_pylist()
+    failed = {f["id"] for f in manifest["failed"]}
+    assert len(attributes) == 48 and len(rows) + len(failed) == 48
+    assert len(rows) >= 40  # noise, but non-empty, unrepetitive noise
+    assert sorted(r["id"] for r in rows) == sorted(a["id"] for a in attributes if a["id"] not in failed)
+    by_id = {a["id"]: a for a in attributes}
+    coverage = _load_coverage()
+    from generation.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+    for row in rows:
+        source = by_id[row["id"]]
+        assert row["aspect_list"] == source["aspect_list"] and row["instrument"] == source["instrument"]
+        assert row["caption"] and "<|" not in row["caption"] and 1 <= row["attempts"] <= 3
+        assert degeneracy(row["caption"], True) is None
+        score, _, unrequested = coverage.caption_coverage(row["caption"], row["aspect_list"], taxonomy)
+        assert row["coverage"] == score and row["unrequested_tags"] == unrequested
+    assert manifest["counts"]["captions"] == len(rows) and manifest["counts"]["batches"] == 3
+    assert 0 <= manifest["coverage"]["coverage"] <= 1 and "unrequested_per_caption" in manifest["coverage"]
+    assert manifest["inputs"]["adapter"]  # the adapter from RUN/captioner was used
+    # A finished run is skipped.
+    again = generate_captions(CaptionsArguments(run=str(run), seed=1, **QUICK))
+    assert again["finished_at"] == manifest["finished_at"]
+
+
+def _load_coverage():
+    from generation.captions_generate import load_coverage_module
+
+    return load_coverage_module()
+
+
+def _launch(run, *options):
+    command = [sys.executable, "-m", "generation.cli", "captions", "generate", "--run", str(run), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_gives_each_id_once_and_the_same_captions(captioner_run, tmp_path):
+    import shutil
+
+    options = ["--batch_size", "4", "--limit", "24", "--max_new_tokens", "24", "--require_end_of_turn", "false",
+               "--seed", "7"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    shutil.copytree(captioner_run, killed)
+    shutil.copytree(captioner_run, whole)
+
+    process = _launch(killed, *options)
+    shards = killed / "captions"
+    deadline = time.time() + 300
+    while not list(shards.glob("shard-*.parquet")):
+        assert process.poll() is None, f"captions generate exited early: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "no shard after 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    written = len(list(shards.glob("shard-*.parquet")))
+    assert 1 <= written < 6 and not (killed / "captions.parquet").exists()
+
+    # Settings that do not match the shards on disk are refused rather than mixed in.
+    with pytest.raises(ConceptCapsError, match="other settings.*--force"):
+        generate_captions(CaptionsArguments(run=str(killed), batch_size=8, limit=24, max_new_tokens=24,
+                                            require_end_of_turn=False, seed=7))
+    from generation.cli import main
+
+    assert main(["captions", "generate", "--run", str(killed), *options]) == 0
+    manifest = json.loads((killed / "manifests" / "captions_generate.json").read_text())
+    assert manifest["counts"]["resumed_batches"] >= written and manifest["counts"]["batches"] == 6
+    ids = [r["id"] for r in _captions(killed)] + [f["id"] for f in manifest["failed"]]
+    expected = [r["id"] for r in pq.read_table(killed / "attributes.parquet").to_pylist()[:24]]
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)
+
+    # The same adapter reloaded with the same seed writes the same captions, killed or not.
+    assert main(["captions", "generate", "--run", str(whole), *options]) == 0
+    assert _captions(whole) == _captions(killed)
+    # ... and another seed writes other ones.
+    assert main(["captions", "generate", "--run", str(whole), *options[:-1], "8", "--force"]) == 0
+    assert [r["caption"] for r in _captions(whole)] != [r["caption"] for r in _captions(killed)]
+
+
+def test_degenerate_outputs_are_retried_then_reported(captioner_run, copy_run):
+    run = copy_run(captioner_run)
+    # 6 new tokens can never reach the end of the turn: every output is a runaway.
+    strict = dict(max_new_tokens=6, require_end_of_turn=True, max_attempts=2, limit=8, batch_size=8)
+    with pytest.raises(ConceptCapsError, match="8 of 8 ids .* no usable caption after 2 attempts"):
+        generate_captions(CaptionsArguments(run=str(run), **strict))
+    assert not (run / "captions.parquet").exists()
+    manifest = generate_captions(CaptionsArguments(run=str(run), max_failure_rate=1.0, **strict))
+    assert _captions(run) == []
+    assert manifest["counts"]["failed"] == 8 and manifest["counts"]["captions"] == 0
+    assert {f["attempts"] for f in manifest["failed"]} == {2}
+    assert set(manifest["counts"]["failure_reasons"]) <= {"runaway", "too_short", "empty"}
+    assert all(f["output"] is not None for f in manifest["failed"])  # the rejected text is kept for inspection
+
+
+def test_missing_attributes_or_adapter_are_clear_errors(captioner_run, distilled_run, copy_run, tmp_path, tiny_llm):
+    with pytest.raises(ConceptCapsError, match=r"attributes.parquet.*conceptcaps vae sample"):
+        generate_captions(CaptionsArguments(run=str(distilled_run)))
+    with pytest.raises(ConceptCapsError, match=r"adapter folder .*no_adapter.*captioner train"):
+        generate_captions(CaptionsArguments(run=str(captioner_run), adapter=str(tmp_path / "no_adapter")))
+    run = copy_run(captioner_run)
+    import shutil
+
+    shutil.rmtree(run / "captioner")
+    with pytest.raises(ConceptCapsError, match=r"captioner not found.*--adapter none"):
+        generate_captions(CaptionsArguments(run=str(run)))
+    with pytest.raises(ConceptCapsError, match=r"hf download"):
+        generate_captions(CaptionsArguments(run=str(run), model="nobody/no-such-model", adapter="none"))
+    # The base model alone works when asked for.
+    manifest = generate_captions(CaptionsArguments(run=str(run), model=str(tiny_llm), adapter="none", limit=4, **QUICK))
+    assert "adapter" not in manifest["inputs"] and manifest["counts"]["attributes"] == 4
