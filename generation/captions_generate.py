@@ -244,19 +244,21 @@ def read_shards(folder: Path) -> list[dict]:
     return rows
 
 
-def _plan(args: CaptionsArguments, attributes: Path, base: str, adapter: str | None) -> dict:
+def _plan(args: CaptionsArguments, attributes: Path, taxonomy: Path, base: str, adapter: str | None) -> dict:
     """What the shards depend on; a re-run with another plan may not mix its shards with these."""
     keep = ("batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "max_attempts",
             "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype")
     plan = {key: getattr(args, key) for key in keep}
     weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                     if adapter and (Path(adapter) / n).exists()), None)
-    plan.update(attributes=file_sha256(attributes), base_model=base, adapter=adapter,
+    plan.update(attributes=file_sha256(attributes), taxonomy=file_sha256(taxonomy), base_model=base, adapter=adapter,
                 adapter_weights=file_sha256(weights) if weights else None)
     return plan
 
 
 def _check_rows(rows: list[dict], path: Path) -> None:
+    if not rows:
+        raise ConceptCapsError(f"{path} has no rows: re-run `conceptcaps vae sample --n N --force` with N > 0.")
     seen = set()
     for row in rows:
         if row["id"] in seen:
@@ -281,6 +283,8 @@ def generate_captions(args: CaptionsArguments) -> dict:
         raise ConceptCapsError("--max_attempts and --batch_size must be at least 1.")
     base, adapter = resolve_models(args, run)
     taxonomy_path = args.taxonomy or (run / "taxonomy.json" if (run / "taxonomy.json").exists() else DEFAULT_TAXONOMY)
+    if not Path(taxonomy_path).is_file():
+        raise ConceptCapsError(f"--taxonomy {taxonomy_path} not found: pass a taxonomy YAML or a RUN/taxonomy.json.")
     inputs = {"attributes": attributes_path, "taxonomy": taxonomy_path}
     if adapter:
         weights = [Path(adapter) / n for n in ("adapter_model.safetensors", "model.safetensors")]
@@ -291,11 +295,13 @@ def generate_captions(args: CaptionsArguments) -> dict:
         logger.info("captions: %s is up to date (%d captions); --force redoes it", out, done["counts"]["captions"])
         return done
 
-    plan = json.loads(json.dumps(_plan(args, attributes_path, base, adapter)))
+    plan = json.loads(json.dumps(_plan(args, attributes_path, Path(taxonomy_path), base, adapter)))
     if args.force and shards.exists():
         shutil.rmtree(shards)
+    for stale in shards.glob(".shard-*.tmp"):  # a shard being written when the last run was killed
+        stale.unlink()
     plan_path = shards / "plan.json"
-    if list(shards.glob("shard-*.parquet")) and json.loads(plan_path.read_text()) != plan:
+    if list(shards.glob("shard-*.parquet")) and (not plan_path.exists() or json.loads(plan_path.read_text()) != plan):
         raise ConceptCapsError(
             f"{shards} holds shards made with other settings (see {plan_path}): pass --force to discard them, "
             f"or re-run with the same settings to resume."
