@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_captioner_configs
+
 from generation.errors import ConceptCapsError
 
 PRESET = ROOT / "generation" / "presets" / "captioner.yaml"
@@ -37,11 +37,11 @@ def test_paper_defaults_and_preset_parse():
     parser = make_parser(("captioner", "train"))
     args, sft, model = parser.parse_args_and_config(["--run", "runs/x", "--model", "some/model"])
     assert (model.lora_r, model.lora_alpha, model.lora_dropout, model.lora_target_modules) == (32, 8, 0.26, "all-linear")
-    assert model.use_peft and not model.load_in_4bit
+    assert model.use_peft and not model.load_in_4bit and args.model == "some/model"
     assert (sft.num_train_epochs, sft.per_device_train_batch_size, sft.report_to) == (5, 4, [])
     assert sft.save_strategy == "no" and sft.output_dir == ""  # filled with RUN/captioner
     assert sft.bf16 == torch.cuda.is_available()
-    args, sft, model = parser.parse_args_and_config(["--config", str(PRESET), "--run", "runs/x", "--lora_r", "8"])
+    _args, sft, model = parser.parse_args_and_config(["--config", str(PRESET), "--run", "runs/x", "--lora_r", "8"])
     assert model.load_in_4bit and model.dtype == "bfloat16" and model.lora_alpha == 8
     assert model.lora_r == 8  # the command line overrides the YAML
 

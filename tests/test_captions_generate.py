@@ -11,8 +11,8 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
+
 from generation.captions_generate import CaptionsArguments, clean_caption, degeneracy, generate_captions
 from generation.errors import ConceptCapsError
 
@@ -145,7 +145,7 @@ def test_kill_and_resume_gives_each_id_once_and_the_same_captions(captioner_run,
 def test_degenerate_outputs_are_retried_then_reported(captioner_run, copy_run):
     run = copy_run(captioner_run)
     # 6 new tokens can never reach the end of the turn: every output is a runaway.
-    strict = dict(max_new_tokens=6, require_end_of_turn=True, max_attempts=2, limit=8, batch_size=8)
+    strict = {"max_new_tokens": 6, "require_end_of_turn": True, "max_attempts": 2, "limit": 8, "batch_size": 8}
     with pytest.raises(ConceptCapsError, match="8 of 8 ids .* no usable caption after 2 attempts"):
         generate_captions(CaptionsArguments(run=str(run), **strict))
     assert not (run / "captions.parquet").exists()
