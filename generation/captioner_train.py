@@ -1,6 +1,6 @@
 """Fine-tune a chat LLM to turn an attribute list into a caption (LoRA or QLoRA, via TRL).
 
-    conceptcaps captioner train --run runs/demo --config generation/presets/captioner.yaml
+    conceptcaps captioner train --run runs/demo --config generation/configs/captioner.yaml
     conceptcaps captioner train --run runs/demo --model /models/Llama-3.1-8B-Instruct --load_in_4bit
     conceptcaps captioner train --run runs/demo --model runs/tiny-llm --num_train_epochs 1
 

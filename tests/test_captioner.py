@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_captioner_configs
 
 from generation.errors import ConceptCapsError
 
-PRESET = ROOT / "generation" / "presets" / "captioner.yaml"
+PRESET = ROOT / "generation" / "configs" / "captioner.yaml"
 
 
 def test_tiny_llm_loads_by_path_with_chat_template(tiny_llm):

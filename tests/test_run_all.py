@@ -1,0 +1,63 @@
+"""`conceptcaps run`: the smoke preset end to end on the real CSV, and its errors.
+
+The end-to-end run takes about a minute or two on 2 cores; CI runs it."""
+
+import json
+
+import pytest
+
+from generation.errors import ConceptCapsError
+from generation.run_all import RunArguments, load_preset, run_pipeline
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, musiccaps_csv):
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    manifest = run_pipeline(RunArguments(out=str(run), preset="smoke", source=str(musiccaps_csv)))
+    return run, manifest
+
+
+@pytest.mark.slow
+def test_smoke_run_ends_with_a_loadable_release(smoke_run):
+    import datasets
+
+    run, manifest = smoke_run
+    assert manifest["counts"]["stages"] == list(load_preset("smoke"))
+    for model in ("llm", "musicgen", "clap", "bert"):
+        assert (run / "models" / model / "config.json").exists()
+    attributes = datasets.load_dataset("parquet", data_files=str(run / "attributes.parquet"), split="train")
+    release = datasets.load_dataset(str(run / "release"), "audio")
+    rows = sum(len(split) for split in release.values())
+    captions = json.loads((run / "manifests" / "captions_generate.json").read_text())["counts"]
+    # Every caption that was written has exactly one row in the release; failures are reported.
+    assert rows == captions["captions"] and captions["captions"] + captions["failed"] == len(attributes)
+    first = release["train"][0]
+    assert isinstance(first["aspect_list"], list) and first["audio"]["array"].size > 0
+    assert (run / "eval" / "metrics.json").exists() and (run / "eval" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_rerun_resumes_without_redoing_work(smoke_run, musiccaps_csv):
+    run, first = smoke_run
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "distilled.parquet", run / "captions.parquet", run / "vae" / "model.safetensors")}
+    again = run_pipeline(RunArguments(out=str(run), preset="smoke", source=str(musiccaps_csv)))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert sum(again["counts"]["stage_wall_time_s"].values()) < sum(first["counts"]["stage_wall_time_s"].values())
+
+
+def test_unknown_preset_and_stage(tmp_path):
+    with pytest.raises(ConceptCapsError, match=r"preset 'nope' not found.*\['paper', 'smoke'\]"):
+        run_pipeline(RunArguments(out=str(tmp_path), preset="nope"))
+    with pytest.raises(ConceptCapsError, match=r"unknown stage\(s\) \['dance'\]"):
+        run_pipeline(RunArguments(out=str(tmp_path), preset="smoke", stages=["dance"]))
+
+
+def test_paper_preset_holds_the_paper_settings():
+    paper = load_preset("paper")
+    assert paper["captioner_train"]["model"]["lora_r"] == 32
+    assert paper["captioner_train"]["model"]["lora_alpha"] == 8
+    assert paper["captioner_train"]["model"]["lora_dropout"] == 0.26
+    assert paper["captioner_train"]["model"]["load_in_4bit"] is True
+    assert paper["audio_generate"] == {"model": "facebook/musicgen-large", "duration": 30.0, "guidance_scale": 3.3,
+                                       "top_k": 250, "batch_size": 8}
+    assert paper["vae_sample"]["n"] == 23800
