@@ -477,13 +477,18 @@ def draw_figures(run: Path, out: Path, args: EvaluateArguments, details: dict) -
     else:
         missing["Tag frequency vs MusicCaps"] = missing["Tags per sample"] = \
             "no RUN/captions.parquet or RUN/attributes.parquet"
-    if (run / "vae" / "model.safetensors").exists():
-        points = figures.pca_2d(latent_means(run, reference_sets))
-        drawn["VAE latent space (PCA of posterior means)"] = figures.latent_space(
-            points, [_first_genre(r) for r in distilled], folder / "vae_latent_pca.png",
-            title="VAE posterior means of the distilled sets (PCA), by first genre")
+    latent = "VAE latent space (PCA of posterior means)"
+    if not (run / "vae" / "model.safetensors").exists():
+        missing[latent] = "no RUN/vae/model.safetensors"
     else:
-        missing["VAE latent space (PCA of posterior means)"] = "no RUN/vae"
+        try:
+            means = latent_means(run, reference_sets)
+        except KeyError as err:  # the VAE was trained on another taxonomy than distilled.parquet uses
+            missing[latent] = f"tag {err} of distilled.parquet is not in the VAE's vocabulary: retrain the VAE"
+        else:
+            drawn[latent] = figures.latent_space(
+                figures.pca_2d(means), [_first_genre(r) for r in distilled], folder / "vae_latent_pca.png",
+                title="VAE posterior means of the distilled sets (PCA), by first genre")
     return {k: str(Path(p).relative_to(out)) for k, p in drawn.items()}, missing
 
 
@@ -549,7 +554,8 @@ def evaluate_run(args: EvaluateArguments) -> dict:
     skipped, plan, models = {}, {}, {}
     wanted = {g: g not in args.skip for g in GROUPS}
     reasons = {
-        "vae": None if (run / "vae").is_dir() else "no RUN/vae: run `conceptcaps vae train --run RUN`",
+        "vae": None if any((run / "vae" / n).exists() for n in ("metrics.json", "model.safetensors"))
+        else "no RUN/vae: run `conceptcaps vae train --run RUN`",
         "caption_quality": captioner_missing(args, run),
         "coverage": None if (run / "captions.parquet").exists() else
         "no RUN/captions.parquet: run `conceptcaps captions generate --run RUN`",
