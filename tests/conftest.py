@@ -169,3 +169,14 @@ def captioner_run(tmp_path_factory, sampled_run, tiny_llm) -> Path:
     shutil.copytree(sampled_run, run)
     train_captioner(*tiny_captioner_configs(run, tiny_llm))
     return run
+
+
+@pytest.fixture(scope="session")
+def release_run(tmp_path_factory, audio_run) -> Path:
+    """audio_run plus RUN/release/ from `conceptcaps build`; tiny shards, so the audio config has several."""
+    from generation.build import BuildArguments, build_release
+
+    run = tmp_path_factory.mktemp("release") / "run"
+    shutil.copytree(audio_run, run)
+    build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
+    return run

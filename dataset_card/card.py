@@ -1,0 +1,339 @@
+"""Fill the dataset card template (dataset_card/template.md) from a run and its release.
+
+    from dataset_card.card import write_card
+    write_card("runs/demo", "runs/demo/release", infos=..., stats=...)   # called by `conceptcaps build`
+
+The card is rendered by huggingface_hub: `DatasetCard.from_template(DatasetCardData(...),
+template_path=dataset_card/template.md, **context)`. Its YAML header holds the licence, task
+categories, size category, source datasets, `configs:` (the data files of every config and
+split) and `dataset_info` (typed features and split sizes of every config, as `datasets` writes
+them). Every number and name in the body comes from the run: the stage manifests in
+RUN/manifests/ (models, arguments, package versions; the exact commands are rebuilt from the
+recorded arguments), RUN/taxonomy.json, the written Parquet shards, RUN/eval/metrics.json when it
+exists, and the figures drawn from the release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from .figures import frequency_correlation, write_figures
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("template.md")
+LICENSE = "cc-by-sa-4.0"  # MusicCaps (the source of every caption and tag) is CC BY-SA 4.0: ShareAlike
+TASK_CATEGORIES = ["text-to-audio", "audio-classification"]
+TAGS = ["music", "synthetic", "interpretability", "concept-based explanations", "tcav"]
+PAPER_URL = "https://arxiv.org/abs/2601.14157"
+MUSICCAPS_ID = "google/MusicCaps"
+
+PAPER_BIBTEX = """@article{sienkiewicz2026conceptcaps,
+  title   = {ConceptCaps -- a Distilled Concept Dataset for Interpretability in Music Models},
+  author  = {Sienkiewicz and Neumann and Modrzejewski},
+  journal = {arXiv preprint arXiv:2601.14157},
+  year    = {2026}
+}"""
+MUSICCAPS_BIBTEX = """@article{agostinelli2023musiclm,
+  title   = {MusicLM: Generating Music From Text},
+  author  = {Agostinelli, Andrea and Denk, Timo I. and Borsos, Zal{\\'a}n and Engel, Jesse and Verzetti, Mauro and
+             Caillon, Antoine and Huang, Qingqing and Jansen, Aren and Roberts, Adam and Tagliasacchi, Marco and
+             Sharifi, Matt and Zeghidour, Neil and Frank, Christian},
+  journal = {arXiv preprint arXiv:2301.11325},
+  year    = {2023}
+}"""
+
+# Licences stated only where they are certain; anything else points at the model's own card.
+MODEL_LICENSES = (
+    ("facebook/musicgen", "CC-BY-NC 4.0 (MusicGen weights): non-commercial use only"),
+    ("meta-llama/llama-3.1", "Llama 3.1 Community License"),
+    ("meta-llama/meta-llama-3.1", "Llama 3.1 Community License"),
+)
+
+# Pipeline order of the manifests in RUN/manifests/ and the command each comes from.
+STAGES = ("distill", "vae_train", "vae_sample", "captioner_train", "captions_generate", "audio", "audio_verify",
+          "evaluate", "build")
+STAGE_WORDS = {"audio": ("audio", "generate"), "audio_verify": ("audio", "verify")}
+CAPTIONER_SECTIONS = {"captioner": "CaptionerArguments", "sft": "SFTConfig", "model": "ModelConfig"}
+
+
+def model_license(model: str | None) -> str:
+    """The licence of a model id where it is known for certain, else where to look."""
+    if not model:
+        return "unknown"
+    lowered = model.lower()
+    for prefix, licence in MODEL_LICENSES:
+        if lowered.startswith(prefix):
+            return licence
+    if Path(model).exists() or model.startswith(("/", ".")):
+        return "a local checkpoint: see its own licence"
+    return f"see the model card of `{model}`"
+
+
+def size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def source_datasets(distill: dict | None) -> list[str]:
+    """The Hub id of the distilled source; a local MusicCaps CSV stands for google/MusicCaps."""
+    source = str(((distill or {}).get("arguments") or {}).get("source", ""))
+    if not source:
+        return ["original"]
+    if "/" in source and not Path(source).exists() and not source.endswith(".csv"):
+        return [source]
+    return [MUSICCAPS_ID] if "musiccaps" in Path(source).name.lower() else ["original"]
+
+
+def read_manifests(run: Path) -> dict[str, dict]:
+    """RUN/manifests/*.json by file stem, in pipeline order (unknown stages last, by name)."""
+    found = {p.stem: json.loads(p.read_text()) for p in sorted((run / "manifests").glob("*.json"))}
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def read_metrics(run: Path) -> list[dict] | None:
+    """The rows of RUN/eval/metrics.json ({"rows": [{stage, metric, value, paper, better}, ...]}), if any."""
+    path = run / "eval" / "metrics.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text()).get("rows") or []
+    return [{**row, "value": _number(row.get("value")), "paper": _number(row.get("paper"))} for row in rows]
+
+
+def _number(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# -- commands rebuilt from manifests -----------------------------------------------------------
+def _defaults(module_name: str, class_name: str) -> dict:
+    import importlib
+
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if class_name in ("SFTConfig",):
+        return json.loads(json.dumps(cls(output_dir="trainer_output").to_dict(), default=str))
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults, default=str))
+
+
+def _flag(name: str, value, run_path: str | None) -> list[str]:
+    def text(v):
+        v = str(v)
+        if run_path and (v == run_path or v.startswith(run_path.rstrip("/") + "/")):
+            v = "RUN" + v[len(run_path.rstrip("/")):]
+        return v
+
+    if value is True:
+        return [f"--{name}"]
+    if value is False:
+        return [f"--{name}", "false"]
+    if isinstance(value, list):
+        return [f"--{name}", *(text(v) for v in value)] if value else []
+    if isinstance(value, dict):
+        return [f"--{name}", json.dumps(value)]
+    return [f"--{name}", text(value)]
+
+
+def stage_command(stem: str, manifest: dict) -> str | None:
+    """The command that wrote a manifest, with its non-default arguments; the run directory reads RUN."""
+    from generation.cli import COMMANDS
+
+    words = STAGE_WORDS.get(stem) or tuple(stem.split("_"))
+    if words not in COMMANDS:
+        words = tuple(str(manifest.get("stage", "")).split())
+    if words not in COMMANDS or not isinstance(manifest.get("arguments"), dict):
+        return None
+    module_name, _, class_names, _ = COMMANDS[words]
+    arguments = manifest["arguments"]
+    if stem == "captioner_train":
+        sections = [(arguments.get(k) or {}, CAPTIONER_SECTIONS[k]) for k in CAPTIONER_SECTIONS]
+    else:
+        sections = [(arguments, class_names[0])]
+    run_path = next((str(s.get(k)) for s, _ in sections for k in ("run", "out") if s.get(k)), None)
+    parts = ["conceptcaps", *words]
+    for values, class_name in sections:
+        try:
+            defaults = _defaults(module_name, class_name)
+        except Exception:  # noqa: BLE001 - an older manifest may name a class that moved: show every value
+            defaults = {}
+        for name, value in values.items():
+            if name == "force" or value is None or (name in defaults and defaults[name] == value):
+                continue
+            parts += _flag(name, value, run_path)
+    sessions = manifest.get("sessions") or []
+    processes = max((s.get("processes", 1) for s in sessions), default=1)
+    command = shlex.join(parts)
+    if processes > 1:
+        command = f"accelerate launch --num_processes {processes} -m generation.cli " + shlex.join(parts[1:])
+    return command
+
+
+# -- context ----------------------------------------------------------------------------------
+def _models(manifests: dict) -> list[dict]:
+    """The models the run used, with their settings and licences, from the manifests."""
+    models = []
+    vae = manifests.get("vae_train")
+    if vae:
+        a = vae["arguments"]
+        models.append({"role": "attribute sampler", "name": "beta-VAE trained in this run (RUN/vae)",
+                       "detail": f"hidden {a.get('hidden_dim')}, latent {a.get('latent_dim')}, beta {a.get('beta')}, "
+                                 f"{a.get('epochs')} epochs, lr {a.get('lr')}",
+                       "license": "trained here (part of this dataset's tooling)"})
+    captions = manifests.get("captions_generate")
+    trained = manifests.get("captioner_train")
+    base = ((captions or {}).get("plan") or {}).get("base_model") or \
+        (((trained or {}).get("arguments") or {}).get("model") or {}).get("model_name_or_path")
+    if base:
+        detail = []
+        if trained:
+            m = trained["arguments"].get("model") or {}
+            detail.append(f"LoRA r {m.get('lora_r')}, alpha {m.get('lora_alpha')}, dropout {m.get('lora_dropout')}"
+                          f"{', 4-bit (QLoRA)' if m.get('load_in_4bit') else ''}, "
+                          f"{(trained['arguments'].get('sft') or {}).get('num_train_epochs')} epochs")
+        if captions:
+            a = captions["arguments"]
+            detail.append(f"sampling temperature {a.get('temperature')}, top-p {a.get('top_p')}" if a.get("do_sample")
+                          else "greedy decoding")
+        models.append({"role": "captioner", "name": base, "detail": "; ".join(detail), "license": model_license(base)})
+    audio = manifests.get("audio")
+    if audio:
+        a = audio["arguments"]
+        rate = (audio.get("codec") or {}).get("sampling_rate")
+        models.append({"role": "audio", "name": a.get("model"),
+                       "detail": f"{a.get('duration')} s clips, guidance {a.get('guidance_scale')}, top-k {a.get('top_k')}, "
+                                 f"temperature {a.get('temperature')}" + (f", {rate} Hz" if rate else ""),
+                       "license": model_license(a.get("model"))})
+    return models
+
+
+def _packages(manifests: dict) -> dict[str, str]:
+    """Package versions recorded by the stages (the latest stage wins where they differ)."""
+    versions = {}
+    for manifest in manifests.values():
+        versions.update(manifest.get("packages") or {})
+    return dict(sorted(versions.items()))
+
+
+def _taxonomy_rows(run: Path, stats: dict) -> tuple[dict, list[dict]]:
+    """(taxonomy.json header, one row per tag with its count per split and in the source)."""
+    raw = json.loads((run / "taxonomy.json").read_text())
+    counts = stats["tag_counts"]
+    rows = []
+    for category, tags in raw["categories"].items():
+        for tag, info in tags.items():
+            per_split = {split: counts[split].get(tag, 0) for split in counts}
+            rows.append({"category": category, "tag": tag, **per_split, "total": sum(per_split.values()),
+                         "source": info.get("count", 0)})
+    return raw, rows
+
+
+def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
+    """The YAML header: licence, tasks, sizes, source, configs with their files, dataset_info."""
+    from datasets import DatasetInfo
+    from datasets.info import DatasetInfosDict
+
+    configs = []
+    for name in infos:
+        entry = {"config_name": name,
+                 "data_files": [{"split": split, "path": f"data/{name}/{split}-*.parquet"}
+                                for split, files in stats["files"][name].items() if files]}
+        if name == "default":
+            entry["default"] = True
+        configs.append(entry)
+    data = DatasetCardData(
+        license=LICENSE, language=["en"], pretty_name="ConceptCaps", task_categories=TASK_CATEGORIES, tags=TAGS,
+        size_categories=size_category(sum(stats["rows"]["default"].values())),
+        source_datasets=source_datasets(manifests.get("distill")),
+        annotations_creators=["machine-generated"], language_creators=["machine-generated"],
+        multilinguality="monolingual", configs=configs,
+    )
+    DatasetInfosDict({name: DatasetInfo._from_yaml_dict(info) for name, info in infos.items()}).to_dataset_card_data(data)
+    return data
+
+
+def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
+               build_command: str | None = None) -> Path:
+    """Draw the figures, render the template into RELEASE/README.md and return its path."""
+    from generation.run_dir import atomic_path
+
+    run, release = Path(run), Path(release)
+    manifests = read_manifests(run)
+    taxonomy, tag_rows = _taxonomy_rows(run, stats)
+    release_sets = [tags for split in stats["aspect_lists"].values() for tags in split]
+    source_sets = None
+    if (run / "distilled.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        source_sets = pq.read_table(run / "distilled.parquet", columns=["aspect_list"]).column("aspect_list").to_pylist()
+    figures = write_figures(release / "figures", release_sets, source_sets)
+    tags_per_sample = [len(set(t)) for t in release_sets]
+    commands = [c for stem, m in manifests.items() if stem != "build" and (c := stage_command(stem, m))]
+    if build_command:
+        commands.append(build_command)
+    audio = manifests.get("audio")
+    captions = manifests.get("captions_generate")
+    has_audio = any(name.endswith("audio") for name in infos)
+    context = {
+        "load_path": repo_id or str(release),
+        "repo_id": repo_id,
+        "config_table": [{"name": n, "rows": stats["rows"][n], "audio": n.endswith("audio"),
+                     "size_mb": round(infos[n].get("dataset_size", 0) / 1e6, 1)} for n in infos],
+        "rows": stats["rows"]["default"],
+        "total_rows": sum(stats["rows"]["default"].values()),
+        "has_audio": has_audio,
+        "sampling_rate": next((f["dtype"]["audio"].get("sampling_rate") for n in infos for f in infos[n]["features"]
+                               if isinstance(f.get("dtype"), dict) and "audio" in f["dtype"]), None),
+        "audio_args": (audio or {}).get("arguments"),
+        "audio_seconds": ((audio or {}).get("counts") or {}).get("audio_seconds_total"),
+        "models": _models(manifests),
+        "packages": _packages(manifests),
+        "commands": commands,
+        "taxonomy_version": taxonomy.get("version"),
+        "categories": {c: [r for r in tag_rows if r["category"] == c] for c in taxonomy["categories"]},
+        "tags_in_release": sum(r["total"] > 0 for r in tag_rows),
+        "taxonomy_size": len(tag_rows),
+        "unsatisfiable": stats["unsatisfiable"],
+        "mean_tags": round(sum(tags_per_sample) / max(len(tags_per_sample), 1), 2),
+        "min_tags": min(tags_per_sample, default=0),
+        "max_tags": max(tags_per_sample, default=0),
+        "correlation": (round(c, 3) if (c := frequency_correlation(release_sets, source_sets, [r["tag"] for r in tag_rows]))
+                        is not None else None),
+        "source_rows": len(source_sets) if source_sets is not None else None,
+        "distill": manifests.get("distill"),
+        "sample": manifests.get("vae_sample"),
+        "captioner_model": ((captions or {}).get("plan") or {}).get("base_model"),
+        "captioner_adapter": ((captions or {}).get("plan") or {}).get("adapter"),
+        "caption_coverage": (captions or {}).get("coverage"),
+        "caption_counts": (captions or {}).get("counts"),
+        "verify": (manifests.get("audio_verify") or {}).get("counts"),
+        "figures": figures,
+        "metrics": read_metrics(run),
+        "paper_url": PAPER_URL,
+        "musiccaps_id": MUSICCAPS_ID,
+        "example_tag": max(tag_rows, key=lambda r: (r["total"], r["tag"]))["tag"] if tag_rows else "piano",
+        "citation_bibtex": PAPER_BIBTEX,
+        "musiccaps_bibtex": MUSICCAPS_BIBTEX,
+        "conceptcaps_version": next((m.get("conceptcaps_version") for m in manifests.values()), None),
+    }
+    card = DatasetCard.from_template(card_data(infos, stats, manifests), template_path=str(TEMPLATE), **context)
+    path = release / "README.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(str(card) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,206 @@
+"""Write RUN/release/: Parquet shards per config and split, figures, and the dataset card.
+
+    conceptcaps build --run runs/demo
+    conceptcaps build --run runs/demo --repo_id my-org/conceptcaps --max_shard_size 500MB
+    conceptcaps build --run runs/demo --audio false          # captions and labels only
+
+The rows come from the `datasets` builder in conceptcaps.py, the one place that reads a run:
+each config (`default`, `audio`, `25pct`, `25pct_audio`, `10pct`, `10pct_audio`) is prepared
+with `ConceptCaps(config_name=..., data_dir=RUN).download_and_prepare(file_format="parquet",
+max_shard_size=...)` and its shards are moved to
+`RUN/release/data/<config>/<split>-NNNNN-of-NNNNN.parquet`. Then figures
+(`RUN/release/figures/`) and the card (`RUN/release/README.md`, dataset_card/) are written from
+the release itself and the run's manifests, so `load_dataset("RUN/release", "audio")` gives the
+builder's rows and `conceptcaps push` uploads the folder as it is.
+
+Re-running skips the Parquet shards when the captions, taxonomy, clips and data options are
+unchanged, and always re-renders the card: run `conceptcaps build` again after
+`conceptcaps evaluate` to put RUN/eval/metrics.json into the card. Writes
+RUN/manifests/build.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConceptCapsError
+from .run_dir import atomic_dir, file_sha256, read_manifest, require, write_manifest
+
+logger = logging.getLogger(__name__)
+
+STAGE = "build"
+RELEASE = "release"
+TEXT_CONFIGS = ("default", "25pct", "10pct")
+AUDIO_CONFIGS = ("audio", "25pct_audio", "10pct_audio")
+
+
+@dataclass
+class BuildArguments:
+    run: str = field(metadata={"help": "Run directory with captions.parquet, taxonomy.json and audio/; writes RUN/release/."})
+    audio: bool = field(
+        default=True, metadata={"help": "Write the audio configs (audio, 25pct_audio, 10pct_audio); false: text configs only."}
+    )
+    max_shard_size: str = field(
+        default="500MB", metadata={"help": "Largest Parquet shard, before compression (e.g. 500MB, 1GB)."}
+    )
+    rows_per_group: int = field(
+        default=100, metadata={"help": "Rows per Parquet row group; a shard exceeds max_shard_size by at most one group."}
+    )
+    repo_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id the card's loading examples use (e.g. my-org/conceptcaps); default: the local release folder."},
+    )
+    force: bool = field(default=False, metadata={"help": "Rewrite the Parquet shards even if they are up to date."})
+
+
+def config_names(with_audio: bool) -> list[str]:
+    """The configs a build writes: each text config followed by its audio twin."""
+    if not with_audio:
+        return list(TEXT_CONFIGS)
+    return [name for pair in zip(TEXT_CONFIGS, AUDIO_CONFIGS) for name in pair]
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def _data_key(args: BuildArguments, run: Path) -> dict:
+    """What the Parquet shards depend on: a rebuild with the same key reuses them."""
+    import conceptcaps
+
+    audio = hashlib.sha256()
+    for shard in sorted((run / "audio").glob("shard-r*-*.parquet")):
+        audio.update(f"{shard.name}:{shard.stat().st_size}".encode())
+    builder_code = Path(conceptcaps.__file__)
+    return {
+        "captions": file_sha256(run / "captions.parquet"),
+        "taxonomy": file_sha256(run / "taxonomy.json"),
+        "audio_shards": audio.hexdigest() if args.audio else None,
+        "builder": file_sha256(builder_code),
+        "audio": args.audio,
+        "max_shard_size": args.max_shard_size,
+        "rows_per_group": args.rows_per_group,
+    }
+
+
+def _prepare_config(name: str, run: Path, data_dir: Path, work: Path, args: BuildArguments):
+    """Prepare one config with the builder as Parquet; move its shards to data_dir/<name>/. Returns its DatasetInfo."""
+    from conceptcaps import ConceptCaps
+
+    # Why writer_batch_size: the builder checks the shard size only after each written batch,
+    # so the batch (= the Parquet row group) bounds how far a shard can exceed max_shard_size.
+    builder = ConceptCaps(config_name=name, data_dir=str(run), cache_dir=str(work / "cache"),
+                          writer_batch_size=args.rows_per_group)
+    prepared = work / name
+    builder.download_and_prepare(output_dir=str(prepared), file_format="parquet", max_shard_size=args.max_shard_size)
+    target = data_dir / name
+    target.mkdir(parents=True)
+    for split, info in builder.info.splits.items():
+        # The builder names shards <name>-<split>[-NNNNN-of-NNNNN].parquet; one name scheme here.
+        found = sorted(prepared.glob(f"{builder.dataset_name}-{split}*.parquet"))
+        for index, path in enumerate(found):
+            shutil.move(path, target / shard_name(split, index, len(found)))
+        if not found:
+            raise ConceptCapsError(f"config {name}: the builder wrote no shard for split {split} ({info.num_examples} rows).")
+    return builder.info
+
+
+def write_data(args: BuildArguments, run: Path, release: Path) -> dict:
+    """Write release/data/ with every config, atomically; returns {config: DatasetInfo as YAML dict}."""
+    from tqdm.auto import tqdm
+
+    infos = {}
+    release.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(release / "data") as data_dir, tempfile.TemporaryDirectory(prefix=".build-", dir=run) as work:
+        for name in tqdm(config_names(args.audio), desc="build", unit="config"):
+            info = _prepare_config(name, run, data_dir, Path(work), args)
+            infos[name] = info._to_yaml_dict()
+    return infos
+
+
+def release_files(release: str | Path) -> list[Path]:
+    """Every file of a release folder, relative to it, sorted (what `push` uploads)."""
+    release = Path(release)
+    return sorted(p.relative_to(release) for p in release.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[str, int]) -> dict:
+    """Counts read back from the written shards: rows per config and split, tags per split and per sample."""
+    import pyarrow.parquet as pq
+
+    from conceptcaps import SPLITS
+
+    rows = {c: {s: 0 for s in SPLITS} for c in configs}
+    files = {c: {s: [] for s in SPLITS} for c in configs}
+    for config in configs:
+        for split in SPLITS:
+            for path in sorted((release / "data" / config).glob(f"{split}-*.parquet")):
+                rows[config][split] += pq.ParquetFile(path).metadata.num_rows
+                files[config][split].append(path.relative_to(release).as_posix())
+    tag_counts = {s: Counter() for s in SPLITS}
+    sets = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        for path in files["default"][split]:
+            for tags in pq.read_table(release / path, columns=["aspect_list"]).column("aspect_list").to_pylist():
+                tag_counts[split].update(tags)
+                sets[split].append(tags)
+    return {"rows": rows, "files": files, "tag_counts": tag_counts, "aspect_lists": sets, "unsatisfiable": unsatisfiable}
+
+
+def build_release(args: BuildArguments) -> dict:
+    """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
+    from conceptcaps import assign_splits, load_tags, read_captions
+    from dataset_card.card import stage_command, write_card
+
+    started = time.time()
+    run = Path(args.run)
+    require(run, "captions.parquet")
+    require(run, "taxonomy.json")
+    if args.audio:
+        require(run, "audio")
+    release = run / RELEASE
+    configs = config_names(args.audio)
+
+    # 1. The Parquet shards, unless an identical build already wrote them.
+    key = _data_key(args, run)
+    previous = read_manifest(run, STAGE) or {}
+    up_to_date = (previous.get("data_key") == key and (release / "data").is_dir()
+                  and all((release / "data" / c).is_dir() for c in configs))
+    if up_to_date and not args.force:
+        logger.info("build: the Parquet shards in %s are up to date; re-rendering the card (--force rewrites them)", release)
+        infos = previous["dataset_info"]
+    else:
+        infos = write_data(args, run, release)
+
+    # 2. Statistics from the written release, then figures and the card.
+    tags = load_tags(run)
+    assignment = assign_splits(read_captions(run, tags))
+    if assignment.unsatisfiable:
+        logger.warning("build: %d tag(s) with >= 3 samples are not in every split, because their samples share fewer "
+                       "than 3 attribute sets: %s", len(assignment.unsatisfiable), assignment.unsatisfiable)
+    stats = release_statistics(release, configs, assignment.unsatisfiable)
+    card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id,
+                      build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}))
+
+    files = release_files(release)
+    counts = {
+        "configs": configs,
+        "rows": stats["rows"],
+        "files": len(files),
+        "bytes": sum((release / f).stat().st_size for f in files),
+        "unsatisfiable_tags": assignment.unsatisfiable,
+    }
+    logger.info("build: %s written (%d files, %.1f MB): %s", release, counts["files"], counts["bytes"] / 1e6,
+                {c: stats["rows"][c] for c in ("default",)})
+    return write_manifest(
+        run, STAGE, asdict(args), inputs={"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json"},
+        counts=counts, started=started,
+        extra={"data_key": key, "dataset_info": infos, "card": str(card), "release_files": [str(f) for f in files]},
+    )
