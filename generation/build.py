@@ -126,9 +126,13 @@ def write_data(args: BuildArguments, run: Path, release: Path) -> dict:
 
 
 def release_files(release: str | Path) -> list[Path]:
-    """Every file of a release folder, relative to it, sorted (what `push` uploads)."""
+    """Every file of a release folder, relative to it, sorted (what `push` uploads).
+
+    Hidden paths (the temporary folder of an interrupted build) are not part of the release.
+    """
     release = Path(release)
-    return sorted(p.relative_to(release) for p in release.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = (p.relative_to(release) for p in release.rglob("*") if p.is_file())
+    return sorted(p for p in files if not any(part.startswith(".") for part in p.parts))
 
 
 def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[str, int]) -> dict:
@@ -156,7 +160,7 @@ def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[st
 
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
-    from conceptcaps import assign_splits, load_tags, read_captions
+    from conceptcaps import load_tags, plan_run
     from dataset_card.card import stage_command, write_card
 
     started = time.time()
@@ -167,6 +171,8 @@ def build_release(args: BuildArguments) -> dict:
         require(run, "audio")
     release = run / RELEASE
     configs = config_names(args.audio)
+    # Check the whole run (captions, tags, one clip per caption) before writing anything.
+    assignment = plan_run(run, load_tags(run), with_audio=args.audio).assignment
 
     # 1. The Parquet shards, unless an identical build already wrote them.
     key = _data_key(args, run)
@@ -180,11 +186,9 @@ def build_release(args: BuildArguments) -> dict:
         infos = write_data(args, run, release)
 
     # 2. Statistics from the written release, then figures and the card.
-    tags = load_tags(run)
-    assignment = assign_splits(read_captions(run, tags))
     if assignment.unsatisfiable:
-        logger.warning("build: %d tag(s) with >= 3 samples are not in every split, because their samples share fewer "
-                       "than 3 attribute sets: %s", len(assignment.unsatisfiable), assignment.unsatisfiable)
+        logger.warning("build: %d tag(s) with >= 3 samples are not in every split (tag: its number of attribute sets; "
+                       "fewer than 3 cannot be spread): %s", len(assignment.unsatisfiable), assignment.unsatisfiable)
     stats = release_statistics(release, configs, assignment.unsatisfiable)
     card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id,
                       build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}))

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "push"
 REPLACED = ["data/*", "figures/*"]  # remote paths a release owns: stale ones are deleted on upload
+HIDDEN = [".*", "*/.*"]  # never uploaded: the temporary folder of an interrupted build (see build.release_files)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def execute(plan: PushPlan, api) -> dict:
     stale = []
     if plan.method == "upload_large_folder":
         api.upload_large_folder(repo_id=plan.repo_id, folder_path=str(plan.release), repo_type="dataset",
-                                revision=plan.revision, private=plan.private)
+                                revision=plan.revision, private=plan.private, ignore_patterns=list(HIDDEN))
         # upload_large_folder cannot delete: remove the old release's files in one more commit.
         from huggingface_hub import CommitOperationDelete
 
@@ -190,7 +191,7 @@ def execute(plan: PushPlan, api) -> dict:
         commit = api.upload_folder(
             repo_id=plan.repo_id, folder_path=str(plan.release), repo_type="dataset", revision=plan.revision,
             create_pr=plan.create_pr, commit_message=plan.commit_message, commit_description=plan.commit_description,
-            delete_patterns=REPLACED,
+            delete_patterns=REPLACED, ignore_patterns=list(HIDDEN),
         )
         oid, url = commit.oid, commit.commit_url
     if plan.tag:

@@ -1,0 +1,146 @@
+"""`conceptcaps build`: the Parquet release of a small real run, loaded back with `load_dataset`."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conceptcaps import SPLITS, ConceptCaps
+from generation.audio_shards import decode_flac, read_shards
+from generation.build import BuildArguments, build_release, release_files
+from generation.cli import main
+from generation.errors import ConceptCapsError
+from generation.run_dir import read_manifest
+
+CONFIGS = ["default", "audio", "25pct", "25pct_audio", "10pct", "10pct_audio"]
+SHARD = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.parquet$")
+
+
+@pytest.fixture(scope="module")
+def loaded(release_run, tmp_path_factory):
+    """load_dataset on the release folder, for the default and the audio config."""
+    cache = tmp_path_factory.mktemp("load_cache")
+    release = str(release_run / "release")
+    return {"default": datasets.load_dataset(release, cache_dir=str(cache)),
+            "audio": datasets.load_dataset(release, "audio", cache_dir=str(cache))}
+
+
+def test_release_layout_and_bounded_shards(release_run):
+    release = release_run / "release"
+    files = [p.as_posix() for p in release_files(release)]
+    assert "README.md" in files and "figures/tag_frequency.png" in files and "figures/tags_per_sample.png" in files
+    by_config = defaultdict(list)
+    for name in files:
+        if name.startswith("data/"):
+            _, config, shard = name.split("/")
+            assert SHARD.match(shard), shard
+            by_config[config].append(shard)
+    assert sorted(by_config) == sorted(CONFIGS)
+    for config, shards in by_config.items():
+        for split in SPLITS:
+            mine = sorted(s for s in shards if s.startswith(f"{split}-"))
+            assert mine, (config, split)
+            assert [int(SHARD.match(s).group(2)) for s in mine] == list(range(len(mine)))
+            assert {int(SHARD.match(s).group(3)) for s in mine} == {len(mine)}
+    # --max_shard_size 5KB with 2-row groups: the audio train split is cut into several shards,
+    # each at most one row group past the limit.
+    train = sorted((release / "data" / "audio").glob("train-*.parquet"))
+    assert len(train) > 1
+    for path in train:
+        meta = pq.ParquetFile(path).metadata
+        assert all(meta.row_group(i).num_rows <= 2 for i in range(meta.num_row_groups))
+
+
+def test_load_dataset_matches_the_builder(release_run, loaded, tmp_path):
+    captions = pq.read_table(release_run / "captions.parquet", columns=["id"]).column("id").to_pylist()
+    for config in ("default", "audio"):
+        ds = loaded[config]
+        builder = ConceptCaps(config_name=config, data_dir=str(release_run), cache_dir=str(tmp_path))
+        builder.download_and_prepare()
+        reference = builder.as_dataset()
+        assert set(ds) == set(SPLITS)
+        assert sorted(i for s in SPLITS for i in ds[s]["id"]) == sorted(captions)
+        for split in SPLITS:
+            assert ds[split].features == reference[split].features
+            assert ds[split].num_rows == reference[split].num_rows == read_manifest(release_run, "build")["counts"]["rows"][config][split]
+            if config == "audio":  # compare the stored bytes, not decoder objects
+                ours = ds[split].cast_column("audio", datasets.Audio(decode=False)).to_list()
+                theirs = reference[split].cast_column("audio", datasets.Audio(decode=False)).to_list()
+            else:
+                ours, theirs = ds[split].to_list(), reference[split].to_list()
+            assert ours == theirs
+
+
+def test_loaded_rows_are_typed_and_audio_decodes(release_run, loaded):
+    clips = {r["id"]: r for r in read_shards(release_run / "audio").to_pylist()}
+    ds = loaded["audio"]["validation"]
+    assert isinstance(ds.features["labels"].feature, datasets.ClassLabel)
+    names = ds.features["labels"].feature.names
+    for row in ds:
+        for column in ("aspect_list", "genre", "mood", "instrument", "tempo", "labels"):
+            assert isinstance(row[column], list)
+        assert sorted(names[i] for i in row["labels"]) == sorted(row["aspect_list"])
+        expected, rate = decode_flac(clips[row["id"]]["audio"])
+        assert row["audio"]["sampling_rate"] == rate
+        np.testing.assert_allclose(np.asarray(row["audio"]["array"]).reshape(expected.shape), expected, atol=1e-4)
+
+
+def test_streaming_the_audio_config(release_run):
+    stream = datasets.load_dataset(str(release_run / "release"), "audio", split="train", streaming=True)
+    rows = list(stream)
+    assert len(rows) == read_manifest(release_run, "build")["counts"]["rows"]["audio"]["train"]
+    assert rows[0]["audio"]["array"].size > 0 and isinstance(rows[0]["aspect_list"], list)
+
+
+def test_release_split_invariants(release_run):
+    release = release_run / "release"
+    split_of_set = defaultdict(set)
+    present, samples, seen = defaultdict(set), defaultdict(int), []
+    for split in SPLITS:
+        for path in sorted((release / "data" / "default").glob(f"{split}-*.parquet")):
+            for row in pq.read_table(path, columns=["id", "aspect_list"]).to_pylist():
+                seen.append(row["id"])
+                split_of_set[frozenset(row["aspect_list"])].add(split)
+                for tag in row["aspect_list"]:
+                    present[tag].add(split)
+                    samples[tag] += 1
+    assert len(seen) == len(set(seen))
+    assert all(len(splits) == 1 for splits in split_of_set.values())
+    assert [t for t, n in samples.items() if n >= 3 and present[t] != set(SPLITS)] == []
+
+
+def test_rebuild_reuses_the_shards(release_run, copy_run):
+    run = copy_run(release_run)
+    shard = min((run / "release" / "data" / "audio").glob("*.parquet"))
+    before = shard.stat().st_mtime_ns
+    manifest = build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
+    assert shard.stat().st_mtime_ns == before  # the data was up to date: only the card was rendered
+    assert manifest["counts"]["rows"] == read_manifest(release_run, "build")["counts"]["rows"]
+    build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2, force=True))
+    assert not shard.exists() or shard.stat().st_mtime_ns != before
+
+
+def test_text_only_build_of_a_run_without_audio(audio_captions_run, copy_run, tmp_path):
+    run = copy_run(audio_captions_run)
+    with pytest.raises(ConceptCapsError, match="audio not found.*audio generate"):
+        build_release(BuildArguments(run=str(run)))
+    assert main(["build", "--run", str(run), "--audio", "false"]) == 0
+    configs = sorted(p.name for p in (run / "release" / "data").iterdir())
+    assert configs == ["10pct", "25pct", "default"]
+    ds = datasets.load_dataset(str(run / "release"), cache_dir=str(tmp_path / "cache"))
+    assert sum(ds.num_rows.values()) == 10 and "audio" not in ds["train"].column_names
+    card = (run / "release" / "README.md").read_text()
+    assert "config_name: audio" not in card
+
+
+def test_incomplete_audio_is_refused(audio_run, copy_run):
+    run = copy_run(audio_run)
+    max((run / "audio").glob("shard-*.parquet")).unlink()
+    with pytest.raises(ConceptCapsError, match="have no clip.*audio generate"):
+        build_release(BuildArguments(run=str(run)))
+    assert not (run / "release" / "data").exists()  # nothing half-written
