@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shlex
 from pathlib import Path
 
@@ -334,6 +335,7 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     }
     card = DatasetCard.from_template(card_data(infos, stats, manifests), template_path=str(TEMPLATE), **context)
     path = release / "README.md"
+    text = re.sub(r"\n{3,}", "\n\n", str(card))  # optional sections leave runs of blank lines
     with atomic_path(path) as tmp:
-        tmp.write_text(str(card) + "\n", encoding="utf-8")
+        tmp.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
     return path
