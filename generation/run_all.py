@@ -1,5 +1,5 @@
 """Run every stage in order from a preset: distill, VAE, sampling, captioner, captions,
-audio, build, evaluate. Each stage skips what is already done, so re-running the same
+audio, evaluate, build (last, so that the dataset card shows the metrics). Each stage skips what is already done, so re-running the same
 command after a crash resumes where it stopped.
 
     conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --out runs/smoke
@@ -42,8 +42,9 @@ STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
                         [("captioner", "CaptionerArguments"), ("sft", "SFTConfig"), ("model", "ModelConfig")]),
     "captions_generate": ("generation.captions_generate", "generate_captions", [(None, "CaptionsArguments")]),
     "audio_generate": ("generation.audio_generate", "generate_audio", [(None, "AudioArguments")]),
-    "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
+    # evaluate before build, so that the dataset card carries the metrics table
     "evaluate": ("generation.evaluate_run", "evaluate_run", [(None, "EvaluateArguments")]),
+    "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
 }
 
 
