@@ -269,6 +269,27 @@ def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
     return data
 
 
+def _inside(path: str | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        return Path(path).resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def run_relative(model: str | None, run: Path) -> str | None:
+    """A model folder inside the run as `RUN/...`, so the card names no machine's paths."""
+    if _inside(model, run):
+        return "RUN/" + Path(model).resolve().relative_to(run.resolve()).as_posix()
+    return model
+
+
+def tiny_models(run: Path, models: list[str | None]) -> list[str]:
+    """Models that `conceptcaps run` built from configs into RUN/models/ (random weights)."""
+    return [run_relative(m, run) for m in models if _inside(m, run / "models")]
+
+
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
                build_command: str | None = None) -> Path:
     """Draw the figures, render the template into RELEASE/README.md and return its path."""
@@ -333,6 +354,11 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "musiccaps_bibtex": MUSICCAPS_BIBTEX,
         "conceptcaps_version": next((m.get("conceptcaps_version") for m in manifests.values()), None),
     }
+    context["models"] = [{**m, "name": run_relative(m.get("name"), run)} for m in context["models"]]
+    context["tiny_models"] = tiny_models(run, [context["captioner_model"], (context["audio_args"] or {}).get("model")])
+    context["captioner_model"] = run_relative(context["captioner_model"], run)
+    if context["audio_args"]:
+        context["audio_args"] = {**context["audio_args"], "model": run_relative(context["audio_args"].get("model"), run)}
     card = DatasetCard.from_template(card_data(infos, stats, manifests), template_path=str(TEMPLATE), **context)
     path = release / "README.md"
     text = re.sub(r"\n{3,}", "\n\n", str(card))  # optional sections leave runs of blank lines

@@ -34,6 +34,10 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     first = release["train"][0]
     assert isinstance(first["aspect_list"], list) and first["audio"]["array"].size > 0
     assert (run / "eval" / "metrics.json").exists() and (run / "eval" / "report.md").exists()
+    card = (run / "release" / "README.md").read_text()
+    # The card says what the run was: tiny random models, so noise; and it carries the metrics.
+    assert "pipeline check, not data" in card and "`RUN/models/llm`" in card and str(run / "models") not in card
+    assert "## Evaluation" in card and "CLAP score" in card
 
 
 @pytest.mark.slow
