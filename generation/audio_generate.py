@@ -34,6 +34,7 @@ import numpy as np
 
 from .audio_shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, remove_stale_temporaries, shard_paths
 from .errors import ConceptCapsError
+from .models import load_pretrained, resolve_model
 from .run_dir import read_manifest, require, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -110,22 +111,9 @@ def load_musicgen(model_id: str, device, dtype):
     import torch
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-    try:
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = MusicgenForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-    except (OSError, ValueError) as err:
-        if Path(model_id).exists():
-            raise ConceptCapsError(
-                f"--model {model_id}: the folder is not a MusicGen checkpoint with its processor ({err}). Point "
-                f"--model at a folder written by `save_pretrained` (config.json, weights, tokenizer and "
-                f"preprocessor files), e.g. a download of facebook/musicgen-large."
-            ) from err
-        raise ConceptCapsError(
-            f"--model {model_id}: cannot load it from the Hub ({type(err).__name__}: {err}). Without network "
-            f"access (HF_HUB_OFFLINE=1 here?) point --model at a local copy: where the Hub is reachable run "
-            f"`hf download {model_id} --local-dir models/{model_id.split('/')[-1]}`, copy that folder, and pass "
-            f"--model models/{model_id.split('/')[-1]}."
-        ) from err
+    model_id = resolve_model(model_id, "model")
+    processor = load_pretrained(AutoProcessor, model_id, "model", "MusicGen processor")
+    model = load_pretrained(MusicgenForConditionalGeneration, model_id, "model", "MusicGen model", dtype=dtype)
     # Why: EnCodec's decoder is small but numerically touchy; bf16 there adds audible noise.
     model.audio_encoder.to(torch.float32)
     return model.to(device).eval(), processor

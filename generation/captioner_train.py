@@ -30,6 +30,7 @@ from pathlib import Path
 import trl
 
 from .errors import ConceptCapsError
+from .models import load_pretrained, resolve_model
 from .prompts import training_example
 from .run_dir import atomic_dir, finished, require, write_json, write_manifest
 
@@ -107,39 +108,13 @@ class SFTConfig(trl.SFTConfig):
         super().__post_init__()
 
 
-# -- models by id or path -------------------------------------------------------------------
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
+# -- models by id or path: generation/models.py ------------------------------------------------
 def resolve_model_name(name: str) -> str:
-    """An existing local folder as an absolute path (so adapter configs stay valid anywhere), else `name`."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ConceptCapsError(
-                f"model folder {path} has no config.json: point --model at a folder written by save_pretrained "
-                f"(e.g. by `hf download MODEL_ID --local-dir {path}`)."
-            )
-        return str(path.resolve())
-    if _looks_like_path(name):
-        raise ConceptCapsError(f"model folder {path} not found: pass --model with an existing folder or a Hub id.")
-    return name
+    return resolve_model(name, "model")
 
 
 def from_pretrained(loader, name: str, what: str = "model", **kwargs):
-    """`loader.from_pretrained(name)`, turning the offline failure for a Hub id into a clear error."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except OSError as err:
-        if Path(name).exists():
-            raise ConceptCapsError(f"cannot load the {what} from {name}: {err}") from err
-        raise ConceptCapsError(
-            f"cannot load the {what} {name!r}: it is not a local folder, and the Hub is unreachable or the id is wrong "
-            f"({str(err).splitlines()[0]}). Download it once where the Hub is reachable, "
-            f"`hf download {name} --local-dir DIR` (`huggingface-cli download` with older huggingface_hub; "
-            f"gated models such as Llama need `hf auth login` and accepted terms first), then pass --model DIR."
-        ) from err
+    return load_pretrained(loader, name, "model", what, **kwargs)
 
 
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):

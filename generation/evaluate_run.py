@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConceptCapsError
+from .models import load_pretrained, resolve_model
 from .run_dir import atomic_dir, finished, read_manifest, require, write_manifest
 from .vae_train import PAPER_VAE_METRICS, load_metric
 
@@ -127,23 +128,11 @@ def metrics_table(metrics: dict) -> str:
 
 # -- models -----------------------------------------------------------------------------------
 def check_model(name: str, option: str, what: str) -> str:
-    """A local folder (as an absolute path) or a Hub id that loads; else an error naming --option."""
+    """A local folder (as an absolute path) or a Hub id whose config loads; else an error naming --option."""
     from transformers import AutoConfig
 
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ConceptCapsError(f"--{option} {path} holds no config.json: point it at a folder written by "
-                                   f"save_pretrained (e.g. `hf download MODEL_ID --local-dir {path}`).")
-        return str(path.resolve())
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise ConceptCapsError(
-            f"cannot load the {what} {name!r} (--{option}): it is not a local folder, and the Hub is unreachable or "
-            f"the id is wrong ({str(err).splitlines()[0]}). Download it once where the Hub is reachable, "
-            f"`hf download {name} --local-dir DIR`, then pass --{option} DIR."
-        ) from err
+    name = resolve_model(name, option)
+    load_pretrained(AutoConfig, name, option, what)
     return name
 
 

@@ -150,7 +150,7 @@ def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
     config.write_text(yaml.safe_dump({**options, "run": args.out, "force": args.force}))
     command = [*shlex.split(launcher), "-m", "generation.cli", "audio", "generate", "--config", str(config)]
     logger.info("run: %s", shlex.join(command))
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, check=False).returncode != 0:
         raise ConceptCapsError(f"audio stage failed under `{launcher}`; fix the error above and re-run the same command to resume.")
 
 

@@ -58,7 +58,7 @@ class Taxonomy:
 
     # -- loading ----------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Taxonomy":
+    def load(cls, path: str | Path | None = None) -> Taxonomy:
         """Load the YAML data file, or a `taxonomy.json` written by `distill`."""
         path = Path(path) if path else DEFAULT_TAXONOMY
         if not path.exists():

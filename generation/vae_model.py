@@ -85,38 +85,42 @@ def decode_sets(
 ) -> list[list[str]]:
     """Apply the decoding rule of the module docstring to a batch of probability rows."""
     limits = {**DEFAULT_MAX_PER_CATEGORY, **(max_per_category or {})}
-    excluded = set(exclude)
-    sets = []
-    for row in probabilities.tolist():
-        chosen: list[str] = list(require)
-        per_category = {c: sum(1 for t in chosen if taxonomy.category_of[t] == c) for c in limits}
-        order = sorted(range(len(tags)), key=lambda i: -row[i])
+    return [
+        _decode_row(row, tags, categories, taxonomy, threshold, min_categories, limits, list(require), set(exclude))
+        for row in probabilities.tolist()
+    ]
 
-        def admissible(i: int) -> bool:
-            tag = tags[i]
-            return (
-                tag not in excluded
-                and tag not in chosen
-                and per_category[categories[i]] < limits[categories[i]]
-                and taxonomy.contradiction_in(set(chosen) | {tag}) is None
-            )
 
-        def add(i: int) -> None:
-            chosen.append(tags[i])
-            per_category[categories[i]] += 1
+def _decode_row(row, tags, categories, taxonomy, threshold, min_categories, limits, require, excluded) -> list[str]:
+    """The decoding rule for one row of probabilities (see the module docstring)."""
+    chosen: list[str] = list(require)
+    per_category = {c: sum(1 for t in chosen if taxonomy.category_of[t] == c) for c in limits}
+    order = sorted(range(len(tags)), key=lambda i: -row[i])
 
-        for i in order:
-            if row[i] < threshold:
-                break
-            if admissible(i):
-                add(i)
-        for i in order:
-            if sum(1 for n in per_category.values() if n) >= min_categories:
-                break
-            if per_category[categories[i]] == 0 and admissible(i):
-                add(i)
-        sets.append([t for t in tags if t in chosen])  # taxonomy order, stable
-    return sets
+    def admissible(i: int) -> bool:
+        tag = tags[i]
+        return (
+            tag not in excluded
+            and tag not in chosen
+            and per_category[categories[i]] < limits[categories[i]]
+            and taxonomy.contradiction_in(set(chosen) | {tag}) is None
+        )
+
+    def add(i: int) -> None:
+        chosen.append(tags[i])
+        per_category[categories[i]] += 1
+
+    for i in order:
+        if row[i] < threshold:
+            break
+        if admissible(i):
+            add(i)
+    for i in order:
+        if sum(1 for n in per_category.values() if n) >= min_categories:
+            break
+        if per_category[categories[i]] == 0 and admissible(i):
+            add(i)
+    return [t for t in tags if t in chosen]  # taxonomy order, stable
 
 
 def multi_hot(sets: list[list[str]], tags: list[str]) -> torch.Tensor:

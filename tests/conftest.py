@@ -180,3 +180,23 @@ def release_run(tmp_path_factory, audio_run) -> Path:
     shutil.copytree(audio_run, run)
     build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
     return run
+
+
+@pytest.fixture(scope="session")
+def captions(musiccaps_csv) -> list[str]:
+    """Every caption of the real MusicCaps CSV (tokenizers of tiny models are trained on them)."""
+    from generation.source import read_source
+
+    rows, _ = read_source(str(musiccaps_csv))
+    return [row.caption for row in rows]
+
+
+@pytest.fixture
+def single_process_state():
+    """Let a test run a stage that uses Accelerate in this process; drop the PartialState it created afterwards."""
+    from accelerate import PartialState
+
+    existed = PartialState._shared_state != {}
+    yield
+    if not existed:
+        PartialState._reset_state()

@@ -33,17 +33,6 @@ from generation.errors import ConceptCapsError
 from generation.run_dir import read_manifest
 
 
-@pytest.fixture
-def single_process_state():
-    """Let a test call the stage in this process; drop the PartialState it created afterwards."""
-    from accelerate import PartialState
-
-    existed = PartialState._shared_state != {}
-    yield
-    if not existed:
-        PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_musicgen):
     import torch

@@ -17,16 +17,6 @@ from generation.errors import ConceptCapsError
 RATE = 8000
 
 
-@pytest.fixture
-def single_process_state():
-    """Let a test run the generate stage in this process; drop the PartialState it created afterwards."""
-    from accelerate import PartialState
-
-    existed = PartialState._shared_state != {}
-    yield
-    if not existed:
-        PartialState._reset_state()
-
 LIMITS = {"target_s": 0.5, "tolerance_s": 0.02, "min_rms": 1e-3, "clip_level": 0.999, "max_clipped_fraction": 1e-3}
 
 

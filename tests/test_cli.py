@@ -8,7 +8,7 @@ from generation.cli import COMMANDS
 
 def conceptcaps(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "generation.cli", *args], capture_output=True, text=True, timeout=300, **kwargs
+        [sys.executable, "-m", "generation.cli", *args], capture_output=True, text=True, timeout=300, check=False, **kwargs
     )
 
 

@@ -11,14 +11,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def captions(musiccaps_csv):
-    from generation.source import read_source
-
-    rows, _ = read_source(str(musiccaps_csv))
-    return [row.caption for row in rows]
-
-
-@pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, captions):
     from generation.tiny_eval_models import build_tiny_bert
 

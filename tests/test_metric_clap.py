@@ -15,14 +15,6 @@ RATE = 22_050  # not the tiny CLAP's 16 kHz, so every call resamples
 
 
 @pytest.fixture(scope="module")
-def captions(musiccaps_csv):
-    from generation.source import read_source
-
-    rows, _ = read_source(str(musiccaps_csv))
-    return [row.caption for row in rows]
-
-
-@pytest.fixture(scope="module")
 def tiny_clap(tmp_path_factory, captions):
     from generation.tiny_eval_models import build_tiny_clap
 

@@ -1,0 +1,54 @@
+"""Models by Hub id or local folder: one resolution rule and one offline error for every stage.
+
+A name that is an existing folder must hold a `save_pretrained` checkpoint and is used by
+absolute path (so configs that record it stay valid from any working directory). Anything
+else is a Hub id; when it cannot be loaded (no network, `HF_HUB_OFFLINE=1`, a wrong id)
+the error names the command-line option and says how to use a local copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConceptCapsError
+
+CHECKPOINT_FILES = ("config.json", "adapter_config.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model(name: str, option: str = "model") -> str:
+    """An existing checkpoint folder as an absolute path, else `name` as a Hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not any((path / f).exists() for f in CHECKPOINT_FILES):
+            raise ConceptCapsError(
+                f"--{option} {path} has no config.json: point it at a folder written by save_pretrained "
+                f"(e.g. by `hf download MODEL_ID --local-dir {path}`)."
+            )
+        return str(path.resolve())
+    if _looks_like_path(name):
+        raise ConceptCapsError(f"--{option}: model folder {path} not found: pass an existing folder or a Hub id.")
+    return name
+
+
+def load_pretrained(loader, name: str, option: str = "model", what: str = "model", **kwargs):
+    """`loader.from_pretrained(name, **kwargs)` with one clear error when it cannot load."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if Path(name).exists():
+            raise ConceptCapsError(
+                f"cannot load the {what} from {name} (--{option}): {first_line}. Point --{option} at a folder "
+                f"written by save_pretrained (config, weights and tokenizer or processor files)."
+            ) from err
+        short = name.rstrip("/").split("/")[-1]
+        raise ConceptCapsError(
+            f"cannot load the {what} {name!r} (--{option}): it is not a local folder, and the Hub is unreachable or "
+            f"the id is wrong ({first_line}). To use a local copy, download it once where the Hub is reachable, "
+            f"`hf download {name} --local-dir DIR` (e.g. DIR = models/{short}; gated models such as Llama need "
+            f"`hf auth login` and accepted terms first), then pass --{option} DIR."
+        ) from err
