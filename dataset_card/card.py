@@ -269,30 +269,10 @@ def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
     return data
 
 
-def _inside(path: str | None, folder: Path) -> bool:
-    if not path:
-        return False
-    try:
-        return Path(path).resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
-def run_relative(model: str | None, run: Path) -> str | None:
-    """A model folder inside the run as `RUN/...`, so the card names no machine's paths."""
-    if _inside(model, run):
-        return "RUN/" + Path(model).resolve().relative_to(run.resolve()).as_posix()
-    return model
-
-
-def tiny_models(run: Path, models: list[str | None]) -> list[str]:
-    """Models that `conceptcaps run` built from configs into RUN/models/ (random weights)."""
-    return [run_relative(m, run) for m in models if _inside(m, run / "models")]
-
-
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
                build_command: str | None = None) -> Path:
     """Draw the figures, render the template into RELEASE/README.md and return its path."""
+    from generation.models import run_relative, tiny_models
     from generation.run_dir import atomic_path
 
     run, release = Path(run), Path(release)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConceptCapsError
-from .models import load_pretrained, resolve_model
+from .models import load_pretrained, resolve_model, run_relative, tiny_models
 from .run_dir import atomic_dir, finished, read_manifest, require, write_manifest
 from .vae_train import PAPER_VAE_METRICS, load_metric
 
@@ -501,7 +501,12 @@ def write_report(path: Path, run: Path, metrics: dict) -> None:
              metrics_table(metrics), "", REPORT_NOTES, ""]
     if details.get("caption_quality"):
         lines += [CAPTION_NOTE.format(**details["caption_quality"]), ""]
-    lines += ["## Models", ""] + [f"- {k}: `{v}`" for k, v in details["models"].items()] + [""]
+    tiny = sorted(set(tiny_models(run, list(details["models"].values()))))
+    if tiny:
+        warning = (f"**These models are tiny random-weight models built from configs ({', '.join(tiny)}): "
+                   "the captions and audio are noise and these figures say nothing about the method.**")
+        lines += [warning, ""]
+    lines += ["## Models", ""] + [f"- {k}: `{run_relative(v, run)}`" for k, v in details["models"].items()] + [""]
     lines += ["## Figures", ""]
     for title, relative in details["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({relative})", ""]

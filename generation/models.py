@@ -52,3 +52,19 @@ def load_pretrained(loader, name: str, option: str = "model", what: str = "model
             f"`hf download {name} --local-dir DIR` (e.g. DIR = models/{short}; gated models such as Llama need "
             f"`hf auth login` and accepted terms first), then pass --{option} DIR."
         ) from err
+
+
+def run_relative(model: str | None, run: str | Path) -> str | None:
+    """A model folder inside the run directory as `RUN/...` (reports name no machine's paths)."""
+    if not model:
+        return model
+    run = Path(run).resolve()
+    try:
+        return "RUN/" + Path(model).resolve().relative_to(run).as_posix()
+    except (ValueError, OSError):
+        return model
+
+
+def tiny_models(run: str | Path, models: list[str | None]) -> list[str]:
+    """Those of `models` that `conceptcaps run` built from configs into RUN/models/ (random weights: noise)."""
+    return [m for m in (run_relative(m, run) for m in models if m) if m.startswith("RUN/models/")]

@@ -38,6 +38,8 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     # The card says what the run was: tiny random models, so noise; and it carries the metrics.
     assert "pipeline check, not data" in card and "`RUN/models/llm`" in card and str(run / "models") not in card
     assert "## Evaluation" in card and "CLAP score" in card
+    report = (run / "eval" / "report.md").read_text()
+    assert "tiny random-weight models" in report and str(run / "models") not in report
 
 
 @pytest.mark.slow
