@@ -81,3 +81,18 @@ def test_invalid_taxonomy_is_refused(tmp_path):
     )
     with pytest.raises(ConceptCapsError, match="'rock music' is listed under both 'rock' and 'happy'"):
         Taxonomy.load(bad)
+
+
+def test_propose_lists_counts_and_unmapped_tags(musiccaps_csv, capsys):
+    from generation.cli import main
+
+    assert main(["taxonomy", "propose", "--source", str(musiccaps_csv), "--top", "20", "--min-count", "30"]) == 0
+    out = capsys.readouterr().out
+    for category in CATEGORIES:
+        assert f"## {category} (" in out
+    unmapped = out.split("map to nothing")[1]
+    rows = [line.split(maxsplit=1) for line in unmapped.strip().splitlines()[1:]]
+    assert rows and all(int(count) >= 30 for count, _ in rows)
+    assert "punchy kick" in unmapped  # a frequent tag the taxonomy leaves out on purpose
+    assert "low quality" not in unmapped  # excluded tags are not proposed
+    assert " 5521 rows" in out or "(5521 rows)" in out
