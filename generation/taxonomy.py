@@ -148,6 +148,10 @@ class Taxonomy:
     def _excluded(self) -> set[str]:
         return {normalize(tag) for tag in self.excluded}
 
+    def is_excluded(self, raw: str) -> bool:
+        """Whether a raw tag is listed under `excluded` (after normalisation)."""
+        return normalize(raw) in self._excluded
+
     def match_tag(self, raw: str) -> list[str]:
         """Canonical tags that one raw `aspect_list` tag stands for (see the YAML header)."""
         key = normalize(raw)

@@ -34,7 +34,7 @@ def proposal(args: ProposeArguments) -> dict:
     for row in rows:
         canonical.update(taxonomy.canonicalize(row.aspect_list))
         for raw in row.aspect_list:
-            if not taxonomy.match_tag(raw) and raw.lower() not in taxonomy._excluded:
+            if not taxonomy.match_tag(raw) and not taxonomy.is_excluded(raw):
                 unmapped[raw.lower()] += 1
     return {
         "categories": {c: [(t, canonical[t]) for t in taxonomy.categories[c]] for c in CATEGORIES},
