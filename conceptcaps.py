@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ import datasets
 import pyarrow.parquet as pq
 
 from generation.audio_shards import INDEX_COLUMNS, read_shards
+from generation.concepts import ConceptSets, concept_sets, load_release, tag_mask  # noqa: F401 - the public API
 from generation.errors import ConceptCapsError
+from generation.run_dir import stable_hash
 from generation.taxonomy import CATEGORIES, Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -83,11 +86,6 @@ def _configs() -> list[ConceptCapsConfig]:
 
 
 # -- reading a run: the one place ---------------------------------------------------------------
-def stable_hash(text: str) -> int:
-    """A hash of `text` that is the same on every machine and Python process (unlike hash())."""
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
-
-
 def run_fingerprint(run: str | Path) -> str:
     """A short digest of the run's inputs: the builder's cache folder changes when the run does."""
     run = Path(run)
@@ -103,15 +101,20 @@ def run_fingerprint(run: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_tags(run: str | Path) -> list[str]:
-    """The taxonomy's tags in its order (the ClassLabel names) from RUN/taxonomy.json."""
+def load_taxonomy(run: str | Path) -> Taxonomy:
+    """RUN/taxonomy.json, the run's taxonomy (tag order = ClassLabel order)."""
     path = Path(run) / "taxonomy.json"
     if not path.is_file():
         raise ConceptCapsError(
             f"{path} not found: the builder needs the run's taxonomy. Point data_dir (or --run) at a run "
             f"directory, or run `conceptcaps distill --source SOURCE --out {run}` first."
         )
-    return Taxonomy.load(path).tags
+    return Taxonomy.load(path)
+
+
+def load_tags(run: str | Path) -> list[str]:
+    """The taxonomy's tags in its order (the `labels` ClassLabel names) from RUN/taxonomy.json."""
+    return load_taxonomy(run).tags
 
 
 def read_captions(run: str | Path, tags: list[str]) -> list[dict]:
@@ -192,55 +195,107 @@ class SplitAssignment:
     unsatisfiable: dict[str, int]  # tag -> distinct attribute sets, for tags with >= 3 samples not in every split
 
 
+class _Placement:
+    """Groups placed in splits so far, and how many placed groups of each rare tag every split holds."""
+
+    def __init__(self, tag_groups, rare, splits):
+        self.tag_groups, self.rare, self.splits = tag_groups, set(rare), list(splits)
+        self.split_of: dict[tuple[str, ...], str] = {}
+        self.coverage = {tag: Counter() for tag in self.rare}
+
+    def move(self, key, split) -> None:
+        """Place group `key` in `split` (None: take it out again)."""
+        old = self.split_of.get(key)
+        for tag in (u for u in key if u in self.rare):
+            if old is not None:
+                self.coverage[tag][old] -= 1
+            if split is not None:
+                self.coverage[tag][split] += 1
+        if split is None:
+            self.split_of.pop(key, None)
+        else:
+            self.split_of[key] = split
+
+    def satisfied(self, tag) -> bool:
+        return all(self.coverage[tag][s] > 0 for s in self.splits)
+
+    def lacking(self, tag) -> list[str]:
+        return [s for s in self.splits if not self.coverage[tag][s]]
+
+    def gain(self, key, split) -> int:
+        """How many more of the group's rare tags would be in every split after moving it to `split`."""
+        before = sum(self.satisfied(u) for u in key if u in self.rare)
+        origin = self.split_of.get(key)
+        self.move(key, split)
+        after = sum(self.satisfied(u) for u in key if u in self.rare)
+        self.move(key, origin)
+        return after - before
+
+
 def _seed_splits(groups, tag_groups, rare_first, fractions, salt: int) -> dict:
-    """Steps 2 and 3 of `assign_splits` with one tie-breaking salt: {group: split} for the seeded groups."""
+    """Steps 2 to 4 of `assign_splits` with one tie-breaking salt: {group: split} for the seeded groups."""
     rank = {key: stable_hash(f"{salt}|" + "|".join(key)) for key in groups}
     seed_order = sorted(fractions, key=lambda s: (fractions[s], s))  # the small splits first
-    rare = set(rare_first)
-    split_of_group: dict[tuple[str, ...], str] = {}
-    coverage = {tag: Counter() for tag in rare}  # tag -> split -> seeded groups holding it
-
-    def move(key, split):
-        for tag in (u for u in key if u in rare):
-            if key in split_of_group:
-                coverage[tag][split_of_group[key]] -= 1
-            if split is not None:
-                coverage[tag][split] += 1
-        if split is None:
-            split_of_group.pop(key, None)
-        else:
-            split_of_group[key] = split
-
-    def satisfied(tag):
-        return all(coverage[tag][s] > 0 for s in fractions)
+    placed = _Placement(tag_groups, rare_first, seed_order)
+    coverage = placed.coverage
 
     def waste(key, split, tag):
         # Tags of the group that are already in `split` would spend one of their few groups there.
-        return sum(1 / len(tag_groups[u]) for u in key if u in rare and u != tag and coverage[u][split] > 0)
+        return sum(1 / len(tag_groups[u]) for u in key if u in placed.rare and u != tag and coverage[u][split] > 0)
 
     for tag in rare_first:
-        for split in (s for s in seed_order if not coverage[tag][s]):
-            free = [k for k in tag_groups[tag] if k not in split_of_group]
+        for split in placed.lacking(tag):
+            free = [k for k in tag_groups[tag] if k not in placed.split_of]
             if not free:
                 break
-            move(min(free, key=lambda k: (waste(k, split, tag), len(groups[k]), rank[k])), split)
+            placed.move(min(free, key=lambda k: (waste(k, split, tag), len(groups[k]), rank[k])), split)
 
     # Hill climbing: move a group of a tag that misses a split into it when that raises the number
     # of the group's seeded tags that are in every split (so it ends: the count only grows).
     improved = True
     while improved:
         improved = False
-        for tag in (t for t in rare_first if not satisfied(t)):
-            for split in (s for s in seed_order if not coverage[tag][s]):
+        for tag in (t for t in rare_first if not placed.satisfied(t)):
+            for split in placed.lacking(tag):
                 for key in sorted(tag_groups[tag], key=lambda k: (len(groups[k]), rank[k])):
-                    affected = [u for u in key if u in rare]
-                    before, origin = sum(map(satisfied, affected)), split_of_group.get(key)
-                    move(key, split)
-                    if sum(map(satisfied, affected)) > before:
+                    if placed.gain(key, split) > 0:
+                        placed.move(key, split)
                         improved = True
                         break
-                    move(key, origin)
-    return split_of_group
+    _random_walk(placed, [t for t in rare_first if len(tag_groups[t]) >= len(fractions)], random.Random(salt))
+    return placed.split_of
+
+
+def _random_walk(placed: _Placement, spreadable: list[str], rng: random.Random, steps: int = 20_000) -> None:
+    """Step 4 of `assign_splits`: a WalkSAT-style search for the tags the greedy steps left out.
+
+    Each step takes a tag that misses a split and moves one of its groups there: the move that
+    leaves the fewest tags unsatisfied, or (one step in five) a random one, which gets the search
+    out of local optima. The best placement seen is kept.
+    """
+    def unsatisfied():
+        return [t for t in spreadable if not placed.satisfied(t)]
+
+    best = (len(unsatisfied()), dict(placed.split_of))
+    for _ in range(steps if best[0] else 0):
+        open_tags = unsatisfied()
+        if not open_tags:
+            break
+        tag = rng.choice(open_tags)
+        split = rng.choice(placed.lacking(tag))
+        keys = placed.tag_groups[tag]
+        if rng.random() < 0.2:
+            key = rng.choice(keys)
+        else:
+            key = max(keys, key=lambda k: (placed.gain(k, split), -len(k), rng.random()))
+        placed.move(key, split)
+        left = len(unsatisfied())
+        if left < best[0]:
+            best = (left, dict(placed.split_of))
+    for key in list(placed.split_of):
+        placed.move(key, None)
+    for key, split in best[1].items():
+        placed.move(key, split)
 
 
 def assign_splits(rows: list[dict], fractions: dict[str, float] | None = None,
@@ -255,9 +310,11 @@ def assign_splits(rows: list[dict], fractions: dict[str, float] | None = None,
        that split already (weighted by 1 / their group count), then the smallest, then by hash.
     3. Repair: while a tag misses a split, one of its groups moves there if that raises the number
        of the group's tags that are in every split.
-    4. Filling: every other group, in order of a hash of its attribute set, goes to the split
-       furthest below its share (70/15/15 of the rows).
-    Steps 2-3 run with up to `attempts` fixed hash salts for the ties, stopping at the first that
+    4. Search: if a tag with groups in at least three splits' worth still misses a split, a seeded
+       random walk over group moves (`_random_walk`) looks for a placement that satisfies it.
+    5. Filling: every other group goes where its tags are most wanted, by iterative stratification
+       (`_stratified_fill`), so that each tag's samples, and the rows, end near 70/15/15.
+    Steps 2-4 run with up to `attempts` fixed salts for the ties, stopping at the first that
     satisfies every tag it can; the best one is kept, so the result is deterministic. A tag whose
     samples lie in fewer groups than splits cannot be in every split; such tags, and any the
     search did not satisfy, are returned in `unsatisfiable` with their group count.
@@ -288,30 +345,91 @@ def assign_splits(rows: list[dict], fractions: dict[str, float] | None = None,
             break  # every tag that can be in every split is
     split_of_group = best[1]
 
-    sizes = dict.fromkeys(fractions, 0)
-    for key, split in split_of_group.items():
-        sizes[split] += len(groups[key])
-    total = sum(len(ids) for ids in groups.values())
-    order = list(fractions)
-    key_hash = {key: stable_hash("|".join(key)) for key in groups}
-    for key in sorted((k for k in groups if k not in split_of_group), key=lambda k: (key_hash[k], k)):
-        split = max(order, key=lambda s: (fractions[s] * total - sizes[s], -order.index(s)))
-        split_of_group[key] = split
-        sizes[split] += len(groups[key])
-
+    _stratified_fill(split_of_group, groups, tag_groups, tag_samples, fractions)
     split_of = {clip_id: split_of_group[key] for key, ids in groups.items() for clip_id in ids}
     return SplitAssignment(split_of, {t: len(tag_groups[t]) for t in missing(split_of_group)})
 
 
-def subset_ids(ids: list[str], fraction: float) -> set[str]:
-    """The deterministic `fraction` of `ids` kept by a subset: the ids with the smallest hash.
+def _stratified_fill(split_of_group: dict, groups: dict, tag_groups: dict, tag_samples: dict, fractions: dict) -> None:
+    """Step 5 of `assign_splits`: iterative stratification (Sechidis et al., 2011) over label-set groups.
 
-    At least one id of a non-empty split is kept; a 10% subset lies inside the 25% one.
+    The tag with the fewest unplaced samples goes first; each of its unplaced groups (in hash
+    order) goes to the split that most wants that tag (share of the tag's samples not yet there),
+    then the split furthest below its share of rows. Every tag thus ends near 70/15/15.
+    """
+    order = list(fractions)
+    total = sum(len(ids) for ids in groups.values())
+    want_rows = {s: fractions[s] * total for s in order}
+    want_tag = {t: {s: fractions[s] * n for s in order} for t, n in tag_samples.items()}
+    left = dict(tag_samples)
+
+    def place(key, split):
+        split_of_group[key] = split
+        size = len(groups[key])
+        want_rows[split] -= size
+        for tag in key:
+            want_tag[tag][split] -= size
+            left[tag] -= size
+
+    for key, split in list(split_of_group.items()):
+        del split_of_group[key]
+        place(key, split)
+    key_hash = {key: stable_hash("|".join(key)) for key in groups}
+    while len(split_of_group) < len(groups):
+        tag = min((t for t in left if left[t] > 0), key=lambda t: (left[t], t))
+        for key in sorted((k for k in tag_groups[tag] if k not in split_of_group), key=lambda k: (key_hash[k], k)):
+            split = max(order, key=lambda s: (want_tag[tag][s], want_rows[s], -order.index(s)))
+            place(key, split)
+
+
+def subset_min_positives(fraction: float) -> int:
+    """Positives a tag needs in a split for a `fraction` subset to keep it: those whose expected
+    count in a uniform subset is at least one (4 for 25%, 10 for 10%)."""
+    return math.ceil(1 / fraction - 1e-9)
+
+
+def subset_ids(rows: dict[str, list[str]], fraction: float, within: set[str] = frozenset()) -> set[str]:
+    """The ids of one split that a `fraction` subset keeps, stratified by tag.
+
+    `rows` maps the split's ids to their tags. The subset holds `within` (a smaller subset it must
+    contain), then covers every tag with at least `subset_min_positives(fraction)` positives in the
+    split: rarest uncovered tag first, the row holding it that covers the most uncovered such tags
+    (ties: the smallest hash of the id). Then rows with the smallest hash fill it up to
+    max(1, round(fraction * len(rows))) rows (it is larger only when covering needs more rows).
+    Deterministic: the result does not depend on the order of `rows`.
     """
     if fraction >= 1.0:
-        return set(ids)
-    keep = max(1, round(fraction * len(ids))) if ids else 0
-    return set(sorted(ids, key=lambda i: (stable_hash(i), i))[:keep])
+        return set(rows)
+    if not rows:
+        return set()
+    keep = set(within)
+    need = subset_min_positives(fraction)
+    by_hash = sorted(rows, key=lambda i: (stable_hash(i), i))
+    rank = {clip_id: position for position, clip_id in enumerate(by_hash)}
+    holders: dict[str, list[str]] = defaultdict(list)
+    for clip_id in by_hash:
+        for tag in set(rows[clip_id]):
+            holders[tag].append(clip_id)
+    uncovered = {t for t, ids in holders.items() if len(ids) >= need} - {t for i in keep for t in rows[i]}
+    while uncovered:
+        tag = min(uncovered, key=lambda t: (len(holders[t]), t))
+        best = max(holders[tag], key=lambda i: (len(uncovered & set(rows[i])), -rank[i]))
+        keep.add(best)
+        uncovered -= set(rows[best])
+    size = max(1, round(fraction * len(rows)))
+    for clip_id in by_hash:
+        if len(keep) >= size:
+            break
+        keep.add(clip_id)
+    return keep
+
+
+def nested_subsets(rows: dict[str, list[str]], fractions=tuple(SUBSETS.values())) -> dict[float, set[str]]:
+    """`subset_ids` for every fraction, smallest first, each inside the next larger one."""
+    subsets, within = {}, set()
+    for fraction in sorted(fractions):
+        within = subsets[fraction] = subset_ids(rows, fraction, within)
+    return subsets
 
 
 @dataclass
@@ -358,21 +476,30 @@ def plan_run(run: str | Path, tags: list[str], *, with_audio: bool, fraction: fl
     splits = {}
     for split in SPLITS:
         ids = [i for i in order if assignment.split_of[i] == split]
-        keep = subset_ids(ids, fraction)
-        splits[split] = [i for i in ids if i in keep]
+        if fraction < 1.0:
+            members = {i: by_id[i]["aspect_list"] for i in ids}
+            keep = nested_subsets(members, {*SUBSETS.values(), fraction})[fraction]
+            ids = [i for i in ids if i in keep]
+        splits[split] = ids
     return RunPlan(by_id, splits, audio, assignment)
 
 
-def features(tags: list[str], sampling_rate: int | None = None) -> datasets.Features:
-    """The typed columns; `audio` and `duration_s` only when a sampling rate is given."""
+def features(taxonomy: Taxonomy, sampling_rate: int | None = None) -> datasets.Features:
+    """The typed columns; `audio` and `duration_s` only when a sampling rate is given.
+
+    Each category column is a list of ClassLabel over that category's tags, so the tag -> category
+    map is part of the features (`ds.features["instrument"].feature.names`); `labels` holds every
+    tag of the row as a ClassLabel over the whole taxonomy, and `aspect_list` the same as strings.
+    """
     strings = datasets.List(datasets.Value("string"))
     columns = {
         "id": datasets.Value("string"),
         "caption": datasets.Value("string"),
         "aspect_list": strings,
-        **{category: strings for category in CATEGORIES},
+        **{category: datasets.List(datasets.ClassLabel(names=list(taxonomy.categories[category])))
+           for category in CATEGORIES},
         # Typed concept labels: filter with `names.index("piano") in row["labels"]`.
-        "labels": datasets.List(datasets.ClassLabel(names=list(tags))),
+        "labels": datasets.List(datasets.ClassLabel(names=list(taxonomy.tags))),
         "coverage": datasets.Value("float32"),
     }
     if sampling_rate is not None:
@@ -409,13 +536,14 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
                     f"`conceptcaps audio generate --run {run}` first, or use a config without audio."
                 )
         return datasets.DatasetInfo(
-            description=_DESCRIPTION, features=features(load_tags(run), rate), homepage=_HOMEPAGE,
+            description=_DESCRIPTION, features=features(load_taxonomy(run), rate), homepage=_HOMEPAGE,
             license=_LICENSE, citation=_CITATION,
         )
 
     def _split_generators(self, dl_manager):
         self._plan = plan_run(self.config.data_dir, self.info.features["labels"].feature.names,
                               with_audio=self.config.with_audio, fraction=self.config.fraction)
+        self._category_of = tag_categories(self.info.features)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in SPLITS]
 
     def _generate_examples(self, split: str):
@@ -438,9 +566,14 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
                 yield clip_id, self._text(plan.rows[clip_id])
 
     def _text(self, row: dict) -> dict:
-        names = self.info.features["labels"].feature
-        out = {k: row[k] for k in CAPTION_COLUMNS if k != "coverage"}
-        out["labels"] = sorted(names.str2int(t) for t in set(row["aspect_list"]))
+        columns = self.info.features
+        out = {k: row[k] for k in CAPTION_COLUMNS if k not in ("coverage", *CATEGORIES)}
+        category_of = self._category_of
+        for category in CATEGORIES:
+            # Filed by the taxonomy, not by the captions file, so a category column never holds another's tag.
+            out[category] = [columns[category].feature.str2int(t) for t in row["aspect_list"]
+                             if category_of.get(t) == category]
+        out["labels"] = sorted(columns["labels"].feature.str2int(t) for t in set(row["aspect_list"]))
         out["coverage"] = row["coverage"] if row["coverage"] is not None and not math.isnan(row["coverage"]) else None
         return out
 
@@ -450,16 +583,11 @@ def label_names(dataset) -> list[str]:
     return dataset.features["labels"].feature.names
 
 
-def concept_sets(dataset, tag: str):
-    """(positives, negatives) of one concept: the rows whose labels hold `tag`, and all the others."""
-    names = label_names(dataset)
-    if tag not in names:
-        raise KeyError(f"{tag!r} is not a ConceptCaps tag; see label_names(dataset).")
-    index = names.index(tag)
-    has = [index in labels for labels in dataset["labels"]]
-    positives = dataset.select([i for i, h in enumerate(has) if h])
-    negatives = dataset.select([i for i, h in enumerate(has) if not h])
-    return positives, negatives
+def tag_categories(dataset_or_features) -> dict[str, str]:
+    """tag -> category, read from the features (each category column is a ClassLabel over its tags)."""
+    columns = getattr(dataset_or_features, "features", dataset_or_features)
+    return {tag: category for category in CATEGORIES if category in columns
+            for tag in columns[category].feature.names}
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at a run

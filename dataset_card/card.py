@@ -245,6 +245,22 @@ def _taxonomy_rows(run: Path, stats: dict) -> tuple[dict, list[dict]]:
     return raw, rows
 
 
+def concept_summary(concepts: dict) -> dict:
+    """Headline figures of concepts.json for the card: tags in every split, positives per tag in train."""
+    import statistics
+
+    default = [c["positives"]["default"] for c in concepts["concepts"]]
+    splits = concepts["splits"]
+    train = [p["train"] for p in default if p["train"] > 0]
+    return {
+        "present_everywhere": sum(all(p[s] > 0 for s in splits) for p in default),
+        "train_min": min(train, default=0),
+        "train_median": statistics.median(train) if train else 0,
+        "train_max": max(train, default=0),
+        "train_at_least_50": sum(n >= 50 for n in train) if train else None,
+    }
+
+
 def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
     """The YAML header: licence, tasks, sizes, source, configs with their files, dataset_info."""
     from datasets import DatasetInfo
@@ -315,6 +331,8 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "mean_tags": round(sum(tags_per_sample) / max(len(tags_per_sample), 1), 2),
         "min_tags": min(tags_per_sample, default=0),
         "max_tags": max(tags_per_sample, default=0),
+        "subset_rule": stats["concepts"]["rules"]["subset_min_positives"],
+        "concepts": concept_summary(stats["concepts"]),
         "correlation": (round(c, 3) if (c := frequency_correlation(release_sets, source_sets, [r["tag"] for r in tag_rows]))
                         is not None else None),
         "source_rows": len(source_sets) if source_sets is not None else None,

@@ -160,8 +160,11 @@ def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[st
 
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
-    from conceptcaps import load_tags, plan_run
+    from conceptcaps import SPLITS, SUBSETS, load_taxonomy, plan_run, subset_min_positives
     from dataset_card.card import stage_command, write_card
+
+    from .concepts import CONCEPTS_FILE, concepts_document
+    from .run_dir import write_json
 
     started = time.time()
     run = Path(args.run)
@@ -172,7 +175,8 @@ def build_release(args: BuildArguments) -> dict:
     release = run / RELEASE
     configs = config_names(args.audio)
     # Check the whole run (captions, tags, one clip per caption) before writing anything.
-    assignment = plan_run(run, load_tags(run), with_audio=args.audio).assignment
+    taxonomy = load_taxonomy(run)
+    assignment = plan_run(run, taxonomy.tags, with_audio=args.audio).assignment
 
     # 1. The Parquet shards, unless an identical build already wrote them.
     key = _data_key(args, run)
@@ -190,6 +194,11 @@ def build_release(args: BuildArguments) -> dict:
         logger.warning("build: %d tag(s) with >= 3 samples are not in every split (tag: its number of attribute sets; "
                        "fewer than 3 cannot be spread): %s", len(assignment.unsatisfiable), assignment.unsatisfiable)
     stats = release_statistics(release, configs, assignment.unsatisfiable)
+    subset_rule = {name: subset_min_positives(fraction) for name, fraction in SUBSETS.items()}
+    concepts = concepts_document(release, configs, list(SPLITS), taxonomy, subset_rule=subset_rule,
+                                 unsatisfiable=assignment.unsatisfiable)
+    write_json(release / CONCEPTS_FILE, concepts)
+    stats["concepts"] = concepts
     card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id,
                       build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}))
 

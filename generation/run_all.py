@@ -1,6 +1,7 @@
 """Run every stage in order from a preset: distill, VAE, sampling, captioner, captions,
-audio, evaluate, build (last, so that the dataset card shows the metrics). Each stage skips what is already done, so re-running the same
-command after a crash resumes where it stopped.
+audio, evaluate, build (after evaluate, so that the dataset card shows the metrics), tcav (on
+the release). Each stage skips what is already done, so re-running the same command after a
+crash resumes where it stopped.
 
     conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --out runs/smoke
     conceptcaps run --preset paper --source google/MusicCaps --out runs/paper \\
@@ -9,7 +10,7 @@ command after a crash resumes where it stopped.
 
 A preset (generation/presets/<name>.yaml, or any YAML path) has one section per stage
 with that stage's options. "@tiny/<name>" in a preset stands for a tiny model (llm,
-musicgen, clap, bert) that is built from a config into RUN/models/<name>, with
+musicgen, clap, bert, classifier) that is built from a config into RUN/models/<name>, with
 tokenizers trained on the distilled captions: the real loading and generation code runs,
 but the output is noise.
 """
@@ -45,6 +46,8 @@ STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
     # evaluate before build, so that the dataset card carries the metrics table
     "evaluate": ("generation.evaluate_run", "evaluate_run", [(None, "EvaluateArguments")]),
     "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
+    # tcav reads the release: which of its concepts a classifier uses
+    "tcav": ("generation.tcav", "run_tcav", [(None, "TcavArguments")]),
 }
 
 
@@ -102,8 +105,12 @@ def build_tiny_model(name: str, run: Path) -> Path:
             from .tiny_eval_models import build_tiny_bert
 
             build_tiny_bert(tmp, texts)
+        elif name == "classifier":
+            from .tiny_eval_models import build_tiny_audio_classifier
+
+            build_tiny_audio_classifier(tmp)
         else:
-            raise ConceptCapsError(f"unknown tiny model {TINY}{name}: use llm, musicgen, clap or bert.")
+            raise ConceptCapsError(f"unknown tiny model {TINY}{name}: use llm, musicgen, clap, bert or classifier.")
     return target
 
 

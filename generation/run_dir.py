@@ -109,6 +109,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def stable_hash(text: str) -> int:
+    """A hash of `text` that is the same on every machine and Python process (unlike hash())."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:

@@ -3,6 +3,7 @@
     python -m generation.tiny_eval_models --out runs/tiny-eval --source ../shared/data/musiccaps/musiccaps-public.csv
     # -> runs/tiny-eval/clap   (ClapModel + ClapProcessor: eval/clap_score, eval/fad)
     # -> runs/tiny-eval/bert   (BertModel + tokenizer: BERTScore and MAUVE features in eval/caption_quality)
+    # -> runs/tiny-eval/classifier (HubertForSequenceClassification over the GTZAN genres: `conceptcaps tcav`)
 
 Both are built from small configs with random weights; their tokenizers are trained on the
 given texts (the MusicCaps captions in tests). They are saved with `save_pretrained`, so the
@@ -11,7 +12,9 @@ metric modules load them by path exactly as they load `laion/larger_clap_music` 
 scores are noise.
 
 `build_tiny_clap(out_dir, texts)` and `build_tiny_bert(out_dir, texts)` need nothing from
-ConceptCaps: any list of strings will do.
+ConceptCaps: any list of strings will do. `build_tiny_audio_classifier(out_dir)` needs no text: it
+is the architecture of a GTZAN genre classifier such as a fine-tuned DistilHuBERT (16 kHz
+waveform in, one logit per genre out) at toy size.
 """
 
 from __future__ import annotations
@@ -110,6 +113,49 @@ def build_tiny_bert(out_dir: str | Path, texts: list[str], seed: int = 0, num_hi
     return out
 
 
+GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
+TINY_CLASSIFIER_SAMPLING_RATE = 16_000
+
+
+def tiny_audio_classifier_config(labels=GTZAN_GENRES, hidden_size: int = 32, layers: int = 2):
+    """A HubertConfig for sequence classification with DistilHuBERT's structure at toy size.
+
+    The convolutional front end keeps HuBERT's total stride of 320 samples (50 frames a second
+    at 16 kHz) with three layers instead of seven.
+    """
+    from transformers import HubertConfig
+
+    return HubertConfig(
+        hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * hidden_size,
+        conv_dim=(16, 16, 16), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, classifier_proj_size=16, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+        do_stable_layer_norm=False, feat_extract_norm="group",
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )
+
+
+def build_tiny_audio_classifier(out_dir: str | Path, labels=GTZAN_GENRES, seed: int = 0, **config) -> Path:
+    """Save a tiny random `HubertForSequenceClassification` and its feature extractor to `out_dir`."""
+    import torch
+    from transformers import HubertForSequenceClassification, Wav2Vec2FeatureExtractor
+
+    out = Path(out_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = HubertForSequenceClassification(tiny_audio_classifier_config(labels, **config)).eval()
+    feature_extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=TINY_CLASSIFIER_SAMPLING_RATE, padding_value=0.0, do_normalize=True,
+        return_attention_mask=False,  # as DistilHuBERT: group-norm front ends take unmasked input
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    feature_extractor.save_pretrained(out)
+    logger.info("tiny audio classifier (%d parameters, %d labels) saved to %s",
+                sum(p.numel() for p in model.parameters()), len(labels), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from .source import read_source
 
@@ -122,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = [row.caption for row in rows]
     build_tiny_clap(Path(args.out) / "clap", texts)
     build_tiny_bert(Path(args.out) / "bert", texts)
+    build_tiny_audio_classifier(Path(args.out) / "classifier")
 
 
 if __name__ == "__main__":

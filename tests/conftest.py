@@ -47,7 +47,8 @@ def vae_run(tmp_path_factory, distilled_run) -> Path:
 
     run = tmp_path_factory.mktemp("vae") / "run"
     shutil.copytree(distilled_run, run)
-    train_vae(VaeTrainArguments(run=str(run), epochs=15, hidden_dim=256, latent_dim=32, lr=1e-3, diversity_samples=200))
+    train_vae(VaeTrainArguments(run=str(run), epochs=15, hidden_dim=256, latent_dim=32, lr=1e-3, diversity_samples=200,
+                                num_threads=1))
     return run
 
 

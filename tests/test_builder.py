@@ -18,8 +18,10 @@ from conceptcaps import (
     ConceptCaps,
     assign_splits,
     concept_sets,
+    nested_subsets,
     run_fingerprint,
-    subset_ids,
+    subset_min_positives,
+    tag_categories,
 )
 from generation.audio_shards import decode_flac, read_shards
 from generation.errors import ConceptCapsError
@@ -55,13 +57,16 @@ def test_audio_config_rows_features_and_clips(audio_run, prepared):
     ids = [i for split in SPLITS for i in ds[split]["id"]]
     assert sorted(ids) == sorted(captions) and len(ids) == len(set(ids))
 
-    tags = Taxonomy.load(audio_run / "taxonomy.json").tags
+    taxonomy = Taxonomy.load(audio_run / "taxonomy.json")
+    tags = taxonomy.tags
     clips = {r["id"]: r for r in read_shards(audio_run / "audio").to_pylist()}
     rate = next(iter(clips.values()))["sampling_rate"]
     features = ds["train"].features
     assert features["aspect_list"] == datasets.List(datasets.Value("string"))
     for category in ("genre", "mood", "instrument", "tempo"):
-        assert features[category] == datasets.List(datasets.Value("string"))
+        # Typed per category: the tag -> category map is in the features.
+        assert features[category] == datasets.List(datasets.ClassLabel(names=list(taxonomy.categories[category])))
+    assert tag_categories(ds["train"]) == taxonomy.category_of
     assert features["labels"] == datasets.List(datasets.ClassLabel(names=tags))
     assert features["audio"] == datasets.Audio(sampling_rate=rate)
     assert features["duration_s"] == datasets.Value("float32")
@@ -69,7 +74,9 @@ def test_audio_config_rows_features_and_clips(audio_run, prepared):
     for row in ds["test"]:
         source = captions[row["id"]]
         assert isinstance(row["aspect_list"], list) and row["aspect_list"] == source["aspect_list"]
-        assert row["caption"] == source["caption"] and row["tempo"] == source["tempo"]
+        assert row["caption"] == source["caption"]
+        for category in ("genre", "mood", "instrument", "tempo"):
+            assert features[category].feature.int2str(row[category]) == source[category]
         assert sorted(tags[i] for i in row["labels"]) == sorted(source["aspect_list"])
         expected, _ = decode_flac(clips[row["id"]]["audio"])
         decoded = row["audio"]  # a torchcodec AudioDecoder that behaves like {"array", "sampling_rate"}
@@ -140,23 +147,45 @@ def test_split_reports_a_tag_it_cannot_spread():
     assert {result.split_of[f"b{i}"] for i in range(6)} == set(SPLITS)
 
 
-def test_subset_ids_nested_and_deterministic():
-    ids = [f"cc-{i:06d}" for i in range(200)]
-    quarter, tenth = subset_ids(ids, 0.25), subset_ids(ids, 0.10)
-    assert len(quarter) == 50 and len(tenth) == 20 and tenth <= quarter
-    assert subset_ids(list(reversed(ids)), 0.25) == quarter
-    assert subset_ids(ids[:1], 0.1) == {ids[0]} and subset_ids([], 0.1) == set()
+def test_subsets_are_nested_stratified_and_deterministic(distilled_run):
+    """On the real distilled set's train split: sizes, nesting, and the tag rule of the card."""
+    rows = pq.read_table(distilled_run / "distilled.parquet", columns=["id", "aspect_list"]).to_pylist()
+    split_of = assign_splits(rows).split_of
+    members = {r["id"]: r["aspect_list"] for r in rows if split_of[r["id"]] == "train"}
+    counts = defaultdict(int)
+    for tags in members.values():
+        for tag in set(tags):
+            counts[tag] += 1
+    subsets = nested_subsets(members)
+    assert subsets[0.10] <= subsets[0.25]
+    for fraction, keep in subsets.items():
+        assert len(keep) == round(fraction * len(members))
+        need = subset_min_positives(fraction)
+        kept = {t for i in keep for t in members[i]}
+        assert [t for t, n in counts.items() if n >= need and t not in kept] == []
+    shuffled = dict(reversed(list(members.items())))
+    assert nested_subsets(shuffled) == subsets
+    assert subset_min_positives(0.25) == 4 and subset_min_positives(0.10) == 10
+    one = dict(list(members.items())[:1])
+    assert nested_subsets(one) == {0.10: set(one), 0.25: set(one)} and nested_subsets({})[0.10] == set()
 
 
 def test_concept_sets_helper(prepared):
     train = prepared["default"]["train"]
-    tag = train[0]["aspect_list"][0]
-    positives, negatives = concept_sets(train, tag)
-    assert len(positives) + len(negatives) == len(train) and len(positives) >= 1
-    assert all(tag in tags for tags in positives["aspect_list"])
-    assert not any(tag in tags for tags in negatives["aspect_list"])
-    with pytest.raises(KeyError):
+    tag = max(label_counts(train), key=label_counts(train).get)
+    positives, randoms = concept_sets(train, tag, n=1, n_random=3, seed=0)
+    assert len(positives) == 1 and tag in positives[0]["aspect_list"] and len(randoms) == 3
+    assert all(tag not in tags for r in randoms for tags in r["aspect_list"])
+    with pytest.raises(ConceptCapsError, match=r"'no such tag' is not a ConceptCaps tag"):
         concept_sets(train, "no such tag")
+
+
+def label_counts(split) -> dict:
+    counts = defaultdict(int)
+    for tags in split["aspect_list"]:
+        for tag in tags:
+            counts[tag] += 1
+    return counts
 
 
 def test_cache_follows_the_run(audio_run, copy_run, tmp_path):

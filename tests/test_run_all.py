@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conceptcaps import load_release
 from generation.errors import ConceptCapsError
 from generation.run_all import RunArguments, load_preset, run_pipeline
 
@@ -23,10 +24,15 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
 
     run, manifest = smoke_run
     assert manifest["counts"]["stages"] == list(load_preset("smoke"))
-    for model in ("llm", "musicgen", "clap", "bert"):
+    for model in ("llm", "musicgen", "clap", "bert", "classifier"):
         assert (run / "models" / model / "config.json").exists()
     attributes = datasets.load_dataset("parquet", data_files=str(run / "attributes.parquet"), split="train")
-    release = datasets.load_dataset(str(run / "release"), "audio")
+    release = load_release(run / "release", "audio")
+    # The concept quota of the preset: each of its tags in at least 12 sets, topped up conditionally.
+    quota = load_preset("smoke")["vae_sample"]
+    for tag in quota["tags"]:
+        assert sum(tag in tags for tags in attributes["aspect_list"]) >= quota["min_per_tag"]
+    assert {s for s in attributes["source"] if s != "prior"} <= {f"conditional:{t}" for t in quota["tags"]}
     rows = sum(len(split) for split in release.values())
     captions = json.loads((run / "manifests" / "captions_generate.json").read_text())["counts"]
     # Every caption that was written has exactly one row in the release; failures are reported.
@@ -40,6 +46,11 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     assert "## Evaluation" in card and "CLAP score" in card
     report = (run / "eval" / "report.md").read_text()
     assert "tiny random-weight models" in report and str(run / "models") not in report
+    # The tcav stage ran on the release with the tiny classifier: every (concept, target, layer) scored.
+    scores = json.loads((run / "tcav" / "scores.json").read_text())
+    tcav = load_preset("smoke")["tcav"]
+    assert scores["tests"] == len(tcav["concepts"]) * len(tcav["targets"]) * len(tcav["layers"])
+    assert (run / "tcav" / "tcav.png").exists() and "RUN/models/classifier" in (run / "tcav" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -66,4 +77,25 @@ def test_paper_preset_holds_the_paper_settings():
     assert paper["captioner_train"]["model"]["load_in_4bit"] is True
     assert paper["audio_generate"] == {"model": "facebook/musicgen-large", "duration": 30.0, "guidance_scale": 3.3,
                                        "top_k": 250, "batch_size": 8}
-    assert paper["vae_sample"]["n"] == 23800
+    assert paper["vae_sample"]["n"] == 20600 and paper["vae_sample"]["min_per_tag"] == 75
+    assert paper["tcav"]["concepts"] == ["fast tempo", "slow tempo", "piano", "acoustic guitar"]
+    assert paper["tcav"]["targets"] == ["jazz", "metal", "rock"] and paper["tcav"]["n"] == 50
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper"])
+def test_every_preset_section_is_valid_options(preset, tmp_path):
+    """Each section of the shipped presets builds its stage's dataclasses (tiny models left unbuilt)."""
+    import importlib
+
+    from generation.run_all import STAGES
+
+    for stage, section in load_preset(preset).items():
+        module_name, _, parts = STAGES[stage]
+        module = importlib.import_module(module_name)
+        for sub, class_name in parts:
+            options = dict((section or {}).get(sub) or {}) if sub else dict(section or {})
+            if class_name == "DistillArguments":
+                options["out"] = str(tmp_path)
+            elif class_name not in ("SFTConfig", "ModelConfig"):
+                options["run"] = str(tmp_path)
+            getattr(module, class_name)(**options)

@@ -1,0 +1,15 @@
+"""The doctest examples of the library modules that carry them (concept sets, TCAV statistics)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("name", ["generation.concepts", "generation.tcav_stats"])
+def test_module_examples(name):
+    module = importlib.import_module(name)
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 0 and results.failed == 0, results
