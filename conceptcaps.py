@@ -424,10 +424,10 @@ def subset_ids(rows: dict[str, list[str]], fraction: float, within: set[str] = f
     return keep
 
 
-def nested_subsets(rows: dict[str, list[str]], fractions=tuple(SUBSETS.values())) -> dict[float, set[str]]:
-    """`subset_ids` for every fraction, smallest first, each inside the next larger one."""
+def nested_subsets(rows: dict[str, list[str]], fractions=None) -> dict[float, set[str]]:
+    """`subset_ids` for every fraction (default: the configs' 25% and 10%), smallest first, each inside the next."""
     subsets, within = {}, set()
-    for fraction in sorted(fractions):
+    for fraction in sorted(fractions or SUBSETS.values()):
         within = subsets[fraction] = subset_ids(rows, fraction, within)
     return subsets
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not hundreds of progress bars
 
-import torch  # noqa: E402
+import torch
 
 
 def share(hits: int, total: int) -> str:
@@ -60,8 +60,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from generation.tcav import TcavArguments, experiment, prepare
-    from generation.tcav_synthetic import (NOISE_CONCEPTS, PLANTED, UNRELATED, noise_rows, planted_rows,
-                                           train_planted_classifier, write_release)
+    from generation.tcav_synthetic import (
+        NOISE_CONCEPTS,
+        PLANTED,
+        UNRELATED,
+        noise_rows,
+        planted_rows,
+        train_planted_classifier,
+        write_release,
+    )
     from generation.tiny_eval_models import build_tiny_audio_classifier
 
     started = time.time()

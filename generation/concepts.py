@@ -18,8 +18,8 @@ config and split, and how often two tags share a row.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -54,12 +54,13 @@ def load_release(source: str | Path, config: str = "default", split: str | None 
     return datasets.load_dataset(str(source), config, split=split, revision=revision, **kwargs)
 
 
-class ConceptSets(NamedTuple):
+@dataclass(frozen=True)
+class ConceptSets:
     """One positive set of a concept and `n_random` random sets that never hold it."""
 
     tag: str
     positives: object  # a datasets.Dataset
-    randoms: list  # list of datasets.Dataset
+    randoms: list = field(default_factory=list)  # datasets.Dataset each
 
     def __iter__(self):  # `positives, randoms = concept_sets(...)`
         return iter((self.positives, self.randoms))

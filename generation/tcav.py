@@ -18,7 +18,8 @@ The statistics follow the TCAV paper (Kim et al., 2018), with the safeguards a r
      below --min_cav_accuracy has no direction there ("not separable") and is never significant.
   2. The TCAV score of a CAV for a target class (captum's `TCAV.interpret`) is the share of the
      target's inputs (by default the --n_inputs clips of --input_split the model rates most
-     likely to be that class) whose target logit rises along the CAV.
+     likely to be that class) whose class log-probability (--output logit: the logit, as in the
+     TCAV paper) rises along the CAV.
   3. The null: --n_random random concepts per concept, each a random pool of as many clips as the
      concept has positives, with --n_cavs CAVs drawn from it the same way. A concept's CAVs share
      its positives, so only a null built like this holds its level (benchmarks/tcav_calibration.py
@@ -61,7 +62,7 @@ MIN_CAVS = 10
 @dataclass
 class TcavArguments:
     run: str = field(metadata={"help": "Run directory: reads RUN/release (unless --dataset), writes RUN/tcav/."})
-    model: str = field(default=None, metadata={"help": "AutoModelForAudioClassification checkpoint: Hub id or folder."})
+    model: str = field(metadata={"help": "AutoModelForAudioClassification checkpoint: Hub id or folder."})
     layers: list[str] = field(default_factory=list, metadata={"help": "Module names to test, e.g. hubert.encoder.layers.1 "
                                                                      "(an unknown name lists the closest ones)."})
     concepts: list[str] = field(default_factory=list, metadata={"help": "Taxonomy tags to test, e.g. piano 'slow tempo'."})
@@ -106,15 +107,15 @@ def check_arguments(args: TcavArguments) -> None:
     """Every option that can be checked before a model or dataset loads: one clear error each."""
     from .tcav_stats import CORRECTIONS, TESTS
 
-    for name in ("model", "layers", "concepts", "targets"):
+    for name in ("layers", "concepts", "targets"):
         if not getattr(args, name):
             raise ConceptCapsError(f"--{name} is required: `conceptcaps tcav --help` explains it.")
     checks = [
         (args.n >= 2, f"--n {args.n}: a concept subset needs at least 2 clips."),
-        (args.n_cavs >= MIN_CAVS, f"--n_cavs {args.n_cavs}: use at least {MIN_CAVS} CAVs per concept; one CAV "
-                                  f"says little."),
-        (args.n_random >= MIN_CAVS, f"--n_random {args.n_random}: use at least {MIN_CAVS} random concepts; fewer "
-                                    f"make the test against them meaningless."),
+        (args.n_cavs >= MIN_CAVS, (f"--n_cavs {args.n_cavs}: use at least {MIN_CAVS} CAVs per concept; one CAV "
+                                  f"says little.")),
+        (args.n_random >= MIN_CAVS, (f"--n_random {args.n_random}: use at least {MIN_CAVS} random concepts; fewer "
+                                    f"make the test against them meaningless.")),
         (args.n_inputs >= 1, f"--n_inputs {args.n_inputs}: give at least one input clip per target."),
         (0 < args.alpha < 1, f"--alpha {args.alpha}: give a level between 0 and 1, e.g. 0.05."),
         (0 <= args.min_cav_accuracy <= 1, f"--min_cav_accuracy {args.min_cav_accuracy}: give an accuracy in [0, 1]."),
@@ -252,7 +253,7 @@ def score_cavs(wrapper, probes, extractor, experiments, keys, inputs, input_ds, 
     # building its default, which warns.
     tcav = TCAV(wrapper, list(probes.values()), model_id="conceptcaps", classifier=HeldOutLinearClassifier(),
                 save_path=str(save_path))
-    length = int(round(args.max_duration * extractor.sampling_rate))
+    length = round(args.max_duration * extractor.sampling_rate)
     scores = {}
     for target, class_index in targets.items():
         rows = inputs[target]
@@ -327,8 +328,17 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
     """Load and check the model and data, and fill the activation cache for every clip of both splits."""
     import torch
 
-    from .tcav_model import (ActivationCache, attach_probes, check_model, clip_digests, fill_cache, input_name,
-                             load_classifier, logits_module, model_key)
+    from .tcav_model import (
+        ActivationCache,
+        attach_probes,
+        check_model,
+        clip_digests,
+        fill_cache,
+        input_name,
+        load_classifier,
+        logits_module,
+        model_key,
+    )
 
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
@@ -383,7 +393,6 @@ def experiment(prepared: Prepared, args: TcavArguments, work: Path) -> dict:
 
 def run_tcav(args: TcavArguments) -> dict:
     """Run the stage: load, cache activations, captum CAVs and scores, statistics, outputs; returns the manifest."""
-    import tempfile
 
     from .models import run_relative
     from .tcav_report import write_report

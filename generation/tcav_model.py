@@ -176,9 +176,8 @@ class ActivationCache:
     def put(self, layer: str, digest: str, vector: np.ndarray) -> None:
         from .run_dir import atomic_path
 
-        with atomic_path(self.path(layer, digest)) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, vector.astype(np.float32))
+        with atomic_path(self.path(layer, digest)) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, vector.astype(np.float32))
 
 
 def fill_cache(cache, wrapper, probes, extractor, dataset, digests, indices, *, max_duration: float,
@@ -193,7 +192,7 @@ def fill_cache(cache, wrapper, probes, extractor, dataset, digests, indices, *, 
     if not todo:
         return 0
     rate = extractor.sampling_rate
-    length = int(round(max_duration * rate))
+    length = round(max_duration * rate)
     modules = [wrapper.get_submodule(probes[layer]) for layer in probes]
     activation = LayerActivation(wrapper, modules)
     for start in tqdm(range(0, len(todo), batch_size), desc="tcav activations", unit="batch"):

@@ -74,10 +74,10 @@ def markdown(document: dict) -> str:
     lines = [
         "# TCAV report",
         "",
-        f"Model `{s['model']}`; layers {', '.join(f'`{x}`' for x in s['layers'])}; concepts from split "
+        (f"Model `{s['model']}`; layers {', '.join(f'`{x}`' for x in s['layers'])}; concepts from split "
         f"`{s['concept_split']}` ({document['clips']['concept_split']} clips), target inputs from split "
         f"`{s['input_split']}` ({document['clips']['input_split']} clips, up to {s['n_inputs']} per target, "
-        f"chosen by `{s['inputs']}`).",
+        f"chosen by `{s['inputs']}`)."),
         "",
         f"Each concept: {s['n_cavs']} CAVs, each trained on a fresh subset of {s['n']} clips holding it against a "
         f"fresh random set of {s['n']} clips without it. The null: {s['n_random']} random concepts per concept "
@@ -93,7 +93,7 @@ def markdown(document: dict) -> str:
         "",
         f"**{document['significant']} of {document['tests']} results are significant.**",
         "",
-        "| layer | concept | target | TCAV score | random | effect size (d) | p | p adjusted | CAV accuracy | verdict |",
+        "| layer | concept | target | TCAV score | random concepts | effect size | p | p adjusted | CAV accuracy | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
@@ -107,12 +107,12 @@ def markdown(document: dict) -> str:
         "",
         f"![TCAV scores]({FIGURE})",
         "",
-        "How to read it: a TCAV score is the share of the target's inputs whose target logit rises when the "
+        ("How to read it: a TCAV score is the share of the target's inputs whose target logit rises when the "
         "activation moves along the concept's direction. A single score means little: only a difference from the "
         "random concepts, surviving the correction, says the model's decision for the target is sensitive to the "
         "concept (above random: the concept pushes towards the target; below random: away from it). The effect "
         "size is the concept's distance from the random concepts' mean score in units of their spread. Every "
-        "score, p-value and CAV accuracy is in scores.json.",
+        "score, p-value and CAV accuracy is in scores.json."),
         "",
     ]
     return "\n".join(lines)

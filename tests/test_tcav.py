@@ -12,8 +12,15 @@ import pytest
 from generation.cli import main
 from generation.run_dir import read_manifest
 from generation.tcav import TcavArguments, experiment, prepare, run_tcav
-from generation.tcav_synthetic import (NOISE_CONCEPTS, PLANTED, UNRELATED, noise_rows, planted_rows,
-                                       train_planted_classifier, write_release)
+from generation.tcav_synthetic import (
+    NOISE_CONCEPTS,
+    PLANTED,
+    UNRELATED,
+    noise_rows,
+    planted_rows,
+    train_planted_classifier,
+    write_release,
+)
 from generation.tiny_eval_models import build_tiny_audio_classifier
 
 LAYERS = ["hubert.encoder.layers.0", "hubert.encoder.layers.1"]
