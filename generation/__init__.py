@@ -2,7 +2,7 @@
 
 Stages read and write one run directory (see `generation.run_dir`):
 distill -> vae train -> vae sample -> captioner train -> captions generate
--> audio generate -> build -> evaluate -> push.
+-> audio generate -> evaluate -> build -> tcav -> push.
 """
 
 __version__ = "0.1.0"
