@@ -238,8 +238,8 @@ def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_confi
     """Run the stage and return its manifest."""
     started = time.time()
     run = Path(args.run)
+    check_quantization(model_config)  # before anything else: no CUDA is the first thing to know
     resolve_arguments(args, sft_config, model_config)
-    check_quantization(model_config)
     out = Path(sft_config.output_dir)
     inputs = {"distilled": require(run, "distilled.parquet")}
     arguments = _arguments(args, sft_config, model_config)

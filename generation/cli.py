@@ -7,7 +7,8 @@
 Every sub-command parses its dataclass(es) of arguments the TRL way: `--config FILE.yaml`
 gives defaults, command-line flags override them. Stage modules are imported only when
 their command runs, so `--help` stays fast. A `ConceptCapsError` (bad input, missing
-artifact) is printed as one message, without a traceback, and exits with status 2.
+artifact), a flag or config error, or a full or read-only disk is printed as one line,
+without a traceback, and exits with status 2; Ctrl-C prints one line and exits with 130.
 """
 
 from __future__ import annotations
@@ -74,30 +75,52 @@ def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
 
 def make_parser(words: tuple[str, ...]):
     """The TrlParser of one sub-command (YAML `--config` plus command-line overrides)."""
-    from trl import TrlParser
+    from .options import make_parser as options_parser
 
-    module_name, _, class_names, help_line = COMMANDS[words]
-    module = importlib.import_module(module_name)
-    types = [getattr(module, name) for name in class_names]
-    description = (module.__doc__ or help_line).strip()
-    import argparse
-
-    return TrlParser(
-        types, prog=f"conceptcaps {' '.join(words)}", description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return options_parser(words)
 
 
 def run_command(argv: list[str]):
     """Parse argv for the sub-command it names and run it; returns the stage's result."""
+    from .errors import ConceptCapsError
+    from .options import parse_options
+
     found = _find(argv)
     if found is None:
-        raise SystemExit(f"{_usage()}\n\nconceptcaps: unknown command {' '.join(argv[:2])!r}")
+        group = [" ".join(w) for w in COMMANDS if w[0] == (argv[0] if argv else "")]
+        hint = f"its commands are: {', '.join(group)}" if group else "`conceptcaps --help` lists the commands"
+        raise ConceptCapsError(f"unknown command {' '.join(argv[:2])!r}: {hint}.")
     words, rest = found
+    if "-h" in rest or "--help" in rest:
+        make_parser(words).parse_args_into_dataclasses(args=["--help"])  # prints the help and exits 0
     module_name, function_name, _, _ = COMMANDS[words]
-    arguments = make_parser(words).parse_args_and_config(rest)
+    arguments = parse_options(words, rest)
     function = getattr(importlib.import_module(module_name), function_name)
     return function(*arguments)
+
+
+def one_line(message: str) -> str:
+    """A message on one line: line breaks of a longer message become '; '."""
+    parts = [part.strip() for part in str(message).splitlines() if part.strip()]
+    return "; ".join(parts)
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line for the file-system errors a user can fix (full disk, read-only or forbidden place)."""
+    import errno
+
+    fixes = {
+        errno.ENOSPC: "free space on that disk, then re-run the same command to resume",
+        errno.EDQUOT: "free space within your quota, then re-run the same command to resume",
+        errno.EROFS: "the file system is read-only: pass a writable --run/--out",
+        errno.EACCES: "permission denied: pass a --run/--out you can write, or fix the permissions",
+        errno.EPERM: "operation not permitted: pass a --run/--out you can write, or fix the permissions",
+    }
+    fix = fixes.get(err.errno)
+    if fix is None:
+        return None
+    where = err.filename or "a file"
+    return f"cannot write {where} ({err.strerror}): {fix}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(argv)
     except ConceptCapsError as err:
-        print(f"conceptcaps: error: {err}", file=sys.stderr)
+        print(f"conceptcaps: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptcaps: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as err:
+        message = os_error_message(err)
+        if message is None:
+            raise
+        print(f"conceptcaps: error: {message}", file=sys.stderr)
         return 2
     return 0
 

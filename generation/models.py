@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConceptCapsError
+from .run_dir import run_relative
 
 CHECKPOINT_FILES = ("config.json", "adapter_config.json")
 
@@ -31,7 +32,44 @@ def resolve_model(name: str, option: str = "model") -> str:
         return str(path.resolve())
     if _looks_like_path(name):
         raise ConceptCapsError(f"--{option}: model folder {path} not found: pass an existing folder or a Hub id.")
+    check_hub_access(name, option)
     return name
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def check_hub_access(repo_id: str, option: str = "model", repo_type: str = "model") -> None:
+    """Fail in seconds when `repo_id` is neither in the local cache nor reachable on the Hub.
+
+    Why: with no network, huggingface_hub retries each request for about half a minute per file
+    before transformers gives up; a missing copy should say so at once, with the way out.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    files = ("config.json", "adapter_config.json") if repo_type == "model" else ("README.md",)
+    for filename in files:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str):
+                return  # a cached copy: transformers and datasets use it offline
+        except Exception:  # noqa: BLE001 - an id the cache cannot parse is checked by the loader itself
+            return
+    where = f"the local cache ({constants.HF_HUB_CACHE})"
+    fix = (f"download it where the Hub is reachable (`hf download {repo_id}{' --repo-type dataset' if repo_type != 'model' else ''}`"
+           f" into that cache, or `--local-dir DIR` and pass --{option} DIR)")
+    if constants.HF_HUB_OFFLINE:
+        raise ConceptCapsError(f"--{option} {repo_id!r} is not in {where} and HF_HUB_OFFLINE is set: {fix}.")
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as err:
+        raise ConceptCapsError(
+            f"--{option} {repo_id!r} is not in {where} and the Hub ({constants.ENDPOINT}) cannot be reached ({err}): "
+            f"{fix}; set HF_HUB_OFFLINE=1 to skip this check when working offline."
+        ) from None
 
 
 def load_pretrained(loader, name: str, option: str = "model", what: str = "model", **kwargs):
@@ -52,17 +90,6 @@ def load_pretrained(loader, name: str, option: str = "model", what: str = "model
             f"`hf download {name} --local-dir DIR` (e.g. DIR = models/{short}; gated models such as Llama need "
             f"`hf auth login` and accepted terms first), then pass --{option} DIR."
         ) from err
-
-
-def run_relative(model: str | None, run: str | Path) -> str | None:
-    """A model folder inside the run directory as `RUN/...` (reports name no machine's paths)."""
-    if not model:
-        return model
-    run = Path(run).resolve()
-    try:
-        return "RUN/" + Path(model).resolve().relative_to(run).as_posix()
-    except (ValueError, OSError):
-        return model
 
 
 def tiny_models(run: str | Path, models: list[str | None]) -> list[str]:

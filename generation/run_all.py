@@ -65,17 +65,31 @@ class RunArguments:
     force: bool = field(default=False, metadata={"help": "Redo every selected stage even if its outputs are up to date."})
 
 
+# stage -> its command words (the preset section is parsed exactly like that command's flags)
+STAGE_WORDS = {
+    "distill": ("distill",), "vae_train": ("vae", "train"), "vae_sample": ("vae", "sample"),
+    "captioner_train": ("captioner", "train"), "captions_generate": ("captions", "generate"),
+    "audio_generate": ("audio", "generate"), "evaluate": ("evaluate",), "build": ("build",), "tcav": ("tcav",),
+}
+
+
 def load_preset(preset: str) -> dict:
-    import yaml
+    from .options import read_config
 
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise ConceptCapsError(f"preset {preset!r} not found ({path}): use one of {known} or the path of a YAML file.")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = read_config(path)
+    except ConceptCapsError as err:
+        raise ConceptCapsError(str(err).replace("--config", "preset", 1)) from None
     unknown = sorted(set(config) - set(STAGES))
     if unknown:
         raise ConceptCapsError(f"preset {path} has unknown section(s) {unknown}; sections are stage names: {list(STAGES)}.")
+    for stage, section in config.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConceptCapsError(f"preset {path}: section {stage!r} holds {section!r}, not a mapping of options.")
     return config
 
 
@@ -123,27 +137,24 @@ def resolve_tiny(options: dict, run: Path) -> dict:
 
 
 def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
-    """The dataclass instances of one stage, from its preset section plus the run's options."""
-    module_name, _, parts = STAGES[stage]
-    module = importlib.import_module(module_name)
-    run = Path(args.out)
-    instances = []
+    """The dataclass instances of one stage: its preset section, checked and converted like the stage's flags."""
+    from .options import parse_options
+
+    _, _, parts = STAGES[stage]
+    options: dict = {}
     for sub, class_name in parts:
-        options = dict(section.get(sub) or {}) if sub else dict(section)
-        options = resolve_tiny(options, run)
-        if class_name == "DistillArguments":
-            options.update(out=args.out, source=args.source)
-        elif class_name in ("SFTConfig", "ModelConfig"):
-            pass  # TRL's own dataclasses; the run directory goes through CaptionerArguments
-        else:
-            options["run"] = args.out
-        if args.force and "force" in getattr(module, class_name).__dataclass_fields__:
-            options["force"] = True
-        try:
-            instances.append(getattr(module, class_name)(**options))
-        except TypeError as err:
-            raise ConceptCapsError(f"preset section {stage!r}: {err}. `conceptcaps --help` lists each stage's options.") from err
-    return instances
+        values = (section.get(sub) or {}) if sub else section
+        if not isinstance(values, dict):
+            raise ConceptCapsError(f"preset section {stage!r}: {sub!r} holds {values!r}, not a mapping of options.")
+        options.update(values)
+    options = resolve_tiny(options, Path(args.out))
+    if stage == "distill":
+        options.update(out=args.out, source=args.source)
+    else:
+        options["run"] = args.out
+    if args.force:
+        options["force"] = True
+    return parse_options(STAGE_WORDS[stage], [], options, where=f"preset section {stage!r}")
 
 
 def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:

@@ -1,9 +1,14 @@
-"""Run-directory helpers shared by every stage: atomic writes, manifests, artifact checks.
+"""Run-directory helpers shared by every stage: atomic writes, locks, manifests, artifact checks.
 
 A stage writes each artifact to a temporary name in the same folder and renames it into
-place, so a reader (or a resumed run) never sees half a file. Each stage also writes
-`RUN/manifests/<stage>.json` with its arguments, package versions, input hashes, counts
-and wall time.
+place, so a reader (or a resumed run) never sees half a file; the renamed file has the
+permissions any file gets (the umask), not those of a private temporary file. A stage holds
+`RUN/.locks/<stage>.lock` while it works (`stage_lock`), so a second process on the same run
+stops with the first one's pid instead of writing beside it. Work that `--force` replaces is
+set aside (`set_aside`) and dropped only once the new work has succeeded. Each stage also
+writes `RUN/manifests/<stage>.json` with its arguments, package versions, input hashes,
+counts and wall time. Paths inside the run are stored as `RUN/...` (`run_relative`), so a run
+directory can be moved or copied and still resume.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,6 +60,12 @@ def require(run: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only on success."""
@@ -63,6 +76,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp makes the file 0600; the artifact gets what any new file gets (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -77,12 +92,124 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def remove_leftovers(folder: str | os.PathLike, names: list[str]) -> int:
+    """Delete the temporary files and folders an interrupted atomic write of `names` left in `folder`.
+
+    Call it only while holding the stage's lock: then no other process is writing them.
+    """
+    count = 0
+    folder = Path(folder)
+    for name in names:
+        for path in folder.glob(f".{name}.*.tmp"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+# -- locks -------------------------------------------------------------------------------------
+@contextmanager
+def stage_lock(run: str | os.PathLike, stage: str) -> Iterator[Path]:
+    """Hold RUN/.locks/<stage>.lock (an flock: the kernel drops it when the holder dies, even by kill -9).
+
+    A second holder gets one clear error naming the first one's pid and command. The lock file is
+    removed when the lock is released, so a finished run leaves no trace of it.
+    """
+    import fcntl
+
+    run = Path(run)
+    path = run / ".locks" / f"{stage.replace(' ', '_')}.lock"
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # the folder was removed by a releasing holder just now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConceptCapsError(
+                f"{stage} is already running on {run} ({holder}; lock {path}): wait for it to finish, or stop that "
+                f"process, then re-run the same command to resume."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was replaced while we waited for it: lock the current one
+    os.ftruncate(fd, 0)
+    command = " ".join(["conceptcaps", *sys.argv[1:]])[:300] if sys.argv else "python"
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`".encode(), 0)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: whoever locks the old file next sees it is gone
+        os.close(fd)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # another stage's lock is still there
+
+
+# -- work replaced by --force --------------------------------------------------------------------
+def set_aside(run: str | os.PathLike, stage: str, paths: list[Path]) -> Path | None:
+    """Move `paths` (inside RUN) to RUN/.set-aside/<stage>/<time>/, keeping their layout; returns that folder.
+
+    `--force` calls this only after every argument was checked and the model loaded, and
+    `drop_set_aside` deletes it once the new work has succeeded; until then it can be moved back.
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if not existing:
+        return None
+    run = Path(run).resolve()
+    folder = run / ".set-aside" / stage.replace(" ", "_") / time.strftime("%Y%m%dT%H%M%S")
+    for path in existing:
+        target = folder / Path(path).resolve().relative_to(run)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    return folder
+
+
+def drop_set_aside(run: str | os.PathLike, stage: str) -> None:
+    """Delete what `set_aside` kept for `stage` (the new work has succeeded)."""
+    run = Path(run)
+    shutil.rmtree(run / ".set-aside" / stage.replace(" ", "_"), ignore_errors=True)
+    for folder in (run / ".set-aside",):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+# -- paths inside the run --------------------------------------------------------------------------
+def run_relative(path: str | os.PathLike | None, run: str | os.PathLike) -> str | None:
+    """`RUN/...` for a path inside the run directory, else the value unchanged (a Hub id, an outside path)."""
+    if not path:
+        return path
+    try:
+        inside = Path(path).expanduser().resolve().relative_to(Path(run).resolve())
+    except (ValueError, OSError):
+        return str(path)
+    return "RUN" if str(inside) == "." else "RUN/" + inside.as_posix()
+
+
+def from_run_relative(value: str | None, run: str | os.PathLike) -> str | None:
+    """The path a `run_relative` value stands for in the run directory as it is now."""
+    if value and (value == "RUN" or value.startswith("RUN/")):
+        return str(Path(run).resolve() / value[4:]) if value != "RUN" else str(Path(run).resolve())
+    return value
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -99,6 +226,29 @@ def write_parquet(table, path: str | os.PathLike) -> None:
         table = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None, fix: str = "re-run the stage that writes it"):
+    """pyarrow.parquet.read_table with one clear error for a missing, truncated or corrupt file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise ConceptCapsError(f"{path} not found: {fix}.") from None
+    except Exception as err:  # noqa: BLE001 - arrow raises several types for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConceptCapsError(f"{path} cannot be read as Parquet ({reason}): {fix}.") from err
+
+
+def read_json(path: str | os.PathLike, fix: str = "delete it and re-run the stage that writes it with --force"):
+    """json.loads of a file with one clear error for an unreadable or invalid file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ConceptCapsError(f"{path} is not valid JSON ({str(err).splitlines()[0][:120]}): {fix}.") from err
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -130,7 +280,13 @@ def manifest_path(run: str | os.PathLike, stage: str) -> Path:
 
 def read_manifest(run: str | os.PathLike, stage: str) -> dict | None:
     path = manifest_path(run, stage)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = read_json(path, fix=f"delete it and re-run `conceptcaps {stage.replace('_', ' ')}` (with --force to redo "
+                                   f"the stage's work)")
+    if not isinstance(manifest, dict):
+        raise ConceptCapsError(f"{path} is not a manifest (a JSON object): delete it and re-run the stage.")
+    return manifest
 
 
 def write_manifest(
