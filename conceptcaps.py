@@ -157,10 +157,57 @@ class AudioIndex:
 
     shards: list[tuple[Path, list[str]]] = field(default_factory=list)
     sampling_rate: int | None = None
+    made_from: dict[str, str | None] = field(default_factory=dict)  # id -> sha256 of the caption it was made from
+    duration_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
         return [i for _, ids in self.shards for i in ids]
+
+
+def check_clips(run: str | Path, rows: dict[str, dict], audio: AudioIndex, headers: bool = False) -> None:
+    """Refuse to ship a clip that was made from another caption or (`headers`) does not open at its length.
+
+    Both checks are cheap: a caption fingerprint per clip, and the FLAC header (rate and frame
+    count) of every clip, read one shard at a time; `conceptcaps audio verify` decodes every sample.
+    """
+    import io
+
+    import soundfile as sf
+
+    from generation.audio_shards import caption_sha256
+
+    run = Path(run)
+    stale = [i for i in audio.ids if i in rows and audio.made_from.get(i) != caption_sha256(str(rows[i]["caption"]))]
+    if stale:
+        raise ConceptCapsError(
+            f"{len(stale)} clip(s) in {run / 'audio'} were made from another caption than the one in "
+            f"{run / 'captions.parquet'} (first: {stale[:5]}): run `conceptcaps audio generate --run {run}` to make "
+            f"them again from the current captions (it sets the old clips aside), then build."
+        )
+    bad = []
+    for shard, ids in audio.shards if headers else []:
+        wanted = [i for i in ids if i in rows]
+        if not wanted:
+            continue
+        table = pq.read_table(shard, columns=["id", "audio"])
+        for clip_id, data in zip(table.column("id").to_pylist(), table.column("audio").to_pylist()):
+            if clip_id not in rows:
+                continue
+            try:
+                info = sf.info(io.BytesIO(data))
+                ok = (info.format == "FLAC" and info.samplerate == audio.sampling_rate
+                      and abs(info.frames / info.samplerate - audio.duration_s[clip_id]) < 1e-3)
+            except Exception:  # noqa: BLE001 - any reader error means the clip cannot be shipped
+                ok = False
+            if not ok:
+                bad.append(f"{clip_id} ({shard.name})")
+    if bad:
+        raise ConceptCapsError(
+            f"{len(bad)} clip(s) in {run / 'audio'} do not open as FLAC of their recorded rate and length (first: "
+            f"{bad[:5]}): run `conceptcaps audio verify --run {run} --repair`, then `conceptcaps audio generate "
+            f"--run {run}` to make them again, then build."
+        )
 
 
 def read_audio_index(run: str | Path) -> AudioIndex:
@@ -176,6 +223,8 @@ def read_audio_index(run: str | Path) -> AudioIndex:
             f"Regenerate with `conceptcaps audio generate --run {run} --force`."
         )
     index, seen = AudioIndex(sampling_rate=int(rates.pop())), set()
+    index.made_from = dict(zip(table.column("id").to_pylist(), table.column("caption_sha256").to_pylist()))
+    index.duration_s = dict(zip(table.column("id").to_pylist(), table.column("duration_s").to_pylist()))
     by_shard: dict[str, list[str]] = defaultdict(list)
     for clip_id, shard in zip(table.column("id").to_pylist(), table.column("shard").to_pylist()):
         if clip_id in seen:
@@ -442,7 +491,8 @@ class RunPlan:
     assignment: SplitAssignment
 
 
-def plan_run(run: str | Path, tags: list[str], *, with_audio: bool, fraction: float = 1.0) -> RunPlan:
+def plan_run(run: str | Path, tags: list[str], *, with_audio: bool, fraction: float = 1.0,
+             check_headers: bool = False) -> RunPlan:
     """Read and check a run and decide which row goes where, in which order.
 
     Row order: the order in which the clips are stored in RUN/audio (shard by shard), so that the
@@ -467,6 +517,7 @@ def plan_run(run: str | Path, tags: list[str], *, with_audio: bool, fraction: fl
                 f"(first: {lacking[:5]}). Run `conceptcaps audio generate --run {run}` to make the missing clips "
                 f"(it resumes), then `conceptcaps audio verify --run {run}`."
             )
+        check_clips(run, by_id, audio, headers=check_headers)
     extra = sorted(set(audio.ids) - set(by_id))
     if extra:
         logger.warning("%d clip(s) in %s have no caption in captions.parquet and are left out (first: %s)",

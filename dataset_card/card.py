@@ -134,12 +134,31 @@ def _defaults(module_name: str, class_name: str) -> dict:
     return json.loads(json.dumps(defaults, default=str))
 
 
+def public_path(value, run_path: str | Path | None):
+    """How the card names a path: `RUN/...` inside the run, the file name for anything else on this machine.
+
+    A card is published; the layout of the machine that built it is nobody's business and
+    would not work anywhere else. Hub ids (`facebook/musicgen-large`) pass unchanged.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    from generation.run_dir import run_relative
+
+    if run_path and (value == str(run_path) or value.startswith(str(run_path).rstrip("/") + "/")):
+        return "RUN" + value[len(str(run_path).rstrip("/")):]
+    local = value.startswith(("/", "~", "./", "../")) or ("/" in value and Path(value).expanduser().exists())
+    if not local:
+        return value
+    if run_path:
+        relative = run_relative(value, run_path)
+        if relative.startswith("RUN"):
+            return relative
+    return Path(value).expanduser().name or value
+
+
 def _flag(name: str, value, run_path: str | None) -> list[str]:
     def text(v):
-        v = str(v)
-        if run_path and (v == run_path or v.startswith(run_path.rstrip("/") + "/")):
-            v = "RUN" + v[len(run_path.rstrip("/")):]
-        return v
+        return str(public_path(str(v), run_path))
 
     if value is True:
         return [f"--{name}"]
@@ -288,7 +307,7 @@ def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
                build_command: str | None = None) -> Path:
     """Draw the figures, render the template into RELEASE/README.md and return its path."""
-    from generation.models import run_relative, tiny_models
+    from generation.models import tiny_models
     from generation.run_dir import atomic_path
 
     run, release = Path(run), Path(release)
@@ -309,7 +328,7 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     captions = manifests.get("captions_generate")
     has_audio = any(name.endswith("audio") for name in infos)
     context = {
-        "load_path": repo_id or str(release),
+        "load_path": repo_id or "RUN/release",
         "repo_id": repo_id,
         "config_table": [{"name": n, "rows": stats["rows"][n], "audio": n.endswith("audio"),
                      "size_mb": round(infos[n].get("dataset_size", 0) / 1e6, 1)} for n in infos],
@@ -352,11 +371,20 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "musiccaps_bibtex": MUSICCAPS_BIBTEX,
         "conceptcaps_version": next((m.get("conceptcaps_version") for m in manifests.values()), None),
     }
-    context["models"] = [{**m, "name": run_relative(m.get("name"), run)} for m in context["models"]]
-    context["tiny_models"] = tiny_models(run, [context["captioner_model"], (context["audio_args"] or {}).get("model")])
-    context["captioner_model"] = run_relative(context["captioner_model"], run)
+    from generation.run_dir import from_run_relative
+
+    context["models"] = [{**m, "name": public_path(from_run_relative(m.get("name"), run), run)} for m in context["models"]]
+    context["tiny_models"] = tiny_models(run, [from_run_relative(context["captioner_model"], run),
+                                               from_run_relative((context["audio_args"] or {}).get("model"), run)])
+    context["captioner_model"] = public_path(from_run_relative(context["captioner_model"], run), run)
+    context["captioner_adapter"] = public_path(from_run_relative(context["captioner_adapter"], run), run)
     if context["audio_args"]:
-        context["audio_args"] = {**context["audio_args"], "model": run_relative(context["audio_args"].get("model"), run)}
+        context["audio_args"] = {**context["audio_args"],
+                                 "model": public_path(from_run_relative(context["audio_args"].get("model"), run), run)}
+    if context["distill"]:
+        arguments = dict(context["distill"].get("arguments") or {})
+        arguments["source"] = public_path(arguments.get("source"), None)
+        context["distill"] = {**context["distill"], "arguments": arguments}
     card = DatasetCard.from_template(card_data(infos, stats, manifests), template_path=str(TEMPLATE), **context)
     path = release / "README.md"
     text = re.sub(r"\n{3,}", "\n\n", str(card))  # optional sections leave runs of blank lines

@@ -6,13 +6,21 @@ r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m generation.cli \
         audio generate --run runs/demo                                          # every GPU of a node
 
-Reads RUN/captions.parquet (id, caption). The ids that have no clip yet are split between the
-processes by Accelerate (`PartialState.split_between_processes`); each process sorts its share
-by prompt length (less padding in the text encoder), generates in batches with the paper's
-sampling setup (top-k 250, classifier-free guidance 3.3), seeds each batch from the base seed
-and the batch's first id, and hands the audio to a writer thread that encodes FLAC and writes
-`RUN/audio/shard-r{rank}-{n}.parquet` atomically. Re-running the same command, with any number
-of processes, generates only what is missing. On a GPU the model runs in bf16 while the EnCodec
+Reads RUN/captions.parquet (id, caption). Every caption goes into a fixed batch (captions
+sorted by prompt length, so the text encoder pads little); the batches that still lack a clip
+are split between the processes by Accelerate (`PartialState.split_between_processes`). Each
+batch is generated with a seed from the base seed and its first id (MusicGen's top-k 250 and
+the paper's classifier-free guidance 3.3 by default) and handed to a writer thread that encodes
+FLAC and writes `RUN/audio/shard-r{rank}-{writer}-{n}.parquet` atomically. Because batches and
+seeds do not depend on what was done before or on the number of processes, a resumed or
+multi-process run makes the clips of one uninterrupted run (on the same device type, with the
+same --num_threads on a CPU; the manifest records what the samples depend on).
+
+Every clip stores the fingerprint of its caption and the settings that made it. A re-run sets
+aside (RUN/.set-aside/audio/) and makes again the clips whose caption has changed, and refuses
+to mix in clips of other settings. `--force` checks every option and loads the model first, then
+sets the old clips aside, and drops them only once the new ones are made. One process at a time
+may work on a run (RUN/.locks/audio.lock). On a GPU the model runs in bf16 while the EnCodec
 decoder stays in float32. Writes RUN/manifests/audio.json (counts per rank, audio seconds, wall
 time, and one entry per session when a run was resumed).
 
@@ -22,6 +30,7 @@ time, and one entry per session when a run was resumed).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -32,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, remove_stale_temporaries, shard_paths
+from .audio_shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, shard_paths
 from .errors import ConceptCapsError
 from .models import load_pretrained, resolve_model
 from .run_dir import read_manifest, require, write_manifest
@@ -60,8 +69,13 @@ class AudioArguments:
     )
     flac_subtype: str = field(default="PCM_16", metadata={"help": "FLAC sample format: PCM_16 or PCM_24."})
     max_pending: int = field(default=4, metadata={"help": "Batches that may wait for the writer thread."})
+    num_threads: int = field(
+        default=1,
+        metadata={"help": "Torch CPU threads per process. On a CPU the exact samples depend on it, so the default "
+                          "(1) gives the same clips whatever launcher or core count runs them; 0: torch's default."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even where a GPU is present."})
-    force: bool = field(default=False, metadata={"help": "Delete existing clips and generate every caption again."})
+    force: bool = field(default=False, metadata={"help": "Make every clip again; the old ones are set aside and "
+                                                         "dropped once the new ones are made."})
 
 
 def batch_seed(base_seed: int, first_id: str) -> int:
@@ -103,16 +117,23 @@ def resolve_dtype(name: str, device):
     try:
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
     except KeyError:
-        raise ConceptCapsError(f"--dtype {name!r} is not one of auto, bfloat16, float16, float32.") from None
+        raise ConceptCapsError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}.") from None
 
 
-def load_musicgen(model_id: str, device, dtype):
+def load_processor(model_id: str):
+    """The MusicGen processor (tokenizer + feature extractor) of a Hub id or folder."""
+    from transformers import AutoProcessor
+
+    return load_pretrained(AutoProcessor, resolve_model(model_id, "model"), "model", "MusicGen processor")
+
+
+def load_musicgen(model_id: str, device, dtype, processor=None):
     """Load model and processor; transformer weights in `dtype`, the EnCodec decoder in float32."""
     import torch
-    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+    from transformers import MusicgenForConditionalGeneration
 
+    processor = processor or load_processor(model_id)
     model_id = resolve_model(model_id, "model")
-    processor = load_pretrained(AutoProcessor, model_id, "model", "MusicGen processor")
     model = load_pretrained(MusicgenForConditionalGeneration, model_id, "model", "MusicGen model", dtype=dtype)
     # Why: EnCodec's decoder is small but numerically touchy; bf16 there adds audible noise.
     model.audio_encoder.to(torch.float32)
@@ -200,130 +221,240 @@ def _read_captions(path: Path) -> dict[str, str]:
     return prompts
 
 
-def _check_existing(index, args: AudioArguments, run: Path) -> None:
-    """Refuse to mix clips of another model or duration into one run."""
-    if index.num_rows == 0:
-        return
-    models = set(index.column("model").to_pylist())
-    if models != {args.model}:
+SETTING_KEYS = ("model", "duration", "guidance_scale", "top_k", "temperature", "flac_subtype")
+FLAC_SUBTYPES = ("PCM_S8", "PCM_16", "PCM_24")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_arguments(args: AudioArguments) -> None:
+    """Every option that can be checked before a model loads or a file is touched: one clear error each."""
+    checks = [
+        (args.batch_size >= 1, f"--batch_size {args.batch_size}: give at least 1."),
+        (args.duration > 0, f"--duration {args.duration}: give a positive number of seconds."),
+        (args.top_k >= 0, f"--top_k {args.top_k}: give 0 (no top-k cut) or a positive number of codes."),
+        (args.temperature > 0, f"--temperature {args.temperature}: give a positive temperature, e.g. 1.0."),
+        (args.guidance_scale >= 0, f"--guidance_scale {args.guidance_scale}: give 0 or more (1 and below: no guidance)."),
+        (args.dtype in DTYPES, f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}."),
+        (args.flac_subtype in FLAC_SUBTYPES, f"--flac_subtype {args.flac_subtype!r}: use one of {', '.join(FLAC_SUBTYPES)}."),
+        (args.max_pending >= 1, f"--max_pending {args.max_pending}: give at least 1."),
+        (args.num_threads >= 0, f"--num_threads {args.num_threads}: give 0 (torch's default) or more."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
+def clip_settings(args: AudioArguments, run: Path) -> dict:
+    """What a clip's sound depends on besides its caption and seed (stored with every clip)."""
+    from .run_dir import run_relative
+
+    settings = {key: getattr(args, key) for key in SETTING_KEYS}
+    settings["model"] = run_relative(args.model, run)
+    return settings
+
+
+def _check_settings(index, settings: dict, run: Path) -> None:
+    """Refuse to mix clips made with other settings into one run (use --force to redo them)."""
+    stored = {s for s in index.column("settings").to_pylist() if s}
+    models = {m for m in index.column("model").to_pylist() if m}
+    from .run_dir import run_relative
+
+    for text in sorted(stored):
+        other = json.loads(text)
+        differ = {k: (other.get(k), settings[k]) for k in settings if other.get(k) != settings[k]}
+        if differ:
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differ.items()))
+            raise ConceptCapsError(
+                f"{run / 'audio'} holds clips made with other settings ({listed}): resume with the same settings, "
+                f"or pass --force to set the old clips aside and make every clip again."
+            )
+    if not stored and models and {run_relative(m, run) for m in models} != {settings["model"]}:
         raise ConceptCapsError(
-            f"{run / 'audio'} holds clips made by {sorted(models)}, but --model is {args.model!r}. Resume with the "
-            f"same --model, or pass --force to delete the existing clips and start again."
+            f"{run / 'audio'} holds clips made by {sorted(models)}, but --model is {settings['model']!r}: resume with "
+            f"the same --model, or pass --force to set the old clips aside and start again."
         )
-    durations = np.asarray(index.column("duration_s").to_pylist())
-    if np.abs(durations - args.duration).max() > 0.05 * args.duration + 0.05:
-        raise ConceptCapsError(
-            f"{run / 'audio'} holds clips of about {durations.mean():.2f} s, but --duration is {args.duration}. "
-            f"Resume with the same --duration, or pass --force to start again."
-        )
+
+
+def stale_clips(index, prompts: dict[str, str]) -> dict[str, set[str]]:
+    """{shard: ids} of clips whose caption changed since they were made (or that carry no caption fingerprint)."""
+    from .audio_shards import caption_sha256
+
+    stale: dict[str, set[str]] = {}
+    columns = zip(index.column("id").to_pylist(), index.column("caption_sha256").to_pylist(),
+                  index.column("shard").to_pylist())
+    for clip_id, fingerprint, shard in columns:
+        if clip_id in prompts and fingerprint != caption_sha256(prompts[clip_id]):
+            stale.setdefault(shard, set()).add(clip_id)
+    return stale
+
+
+def plan_all_batches(prompts: dict[str, str], tokenizer, batch_size: int) -> list[list[str]]:
+    """Every caption in fixed batches (sorted by prompt length, then id).
+
+    Why fixed: a clip depends on the batch it was made in; batches planned over all captions,
+    whatever is done already and however many processes share the work, make a resumed or
+    multi-process run give the clips of a single uninterrupted run.
+    """
+    return plan_batches(sorted(prompts), prompts, tokenizer, batch_size)
+
+
+def prepare_audio_dir(args: AudioArguments, run: Path, stale: dict[str, set[str]]) -> dict:
+    """Main process, under the stage lock, with the model loaded: set aside what --force or changed captions replace."""
+    from .audio_shards import move_rows_aside, remove_stale_temporaries
+    from .run_dir import set_aside
+
+    audio_dir = run / "audio"
+    report = {"leftovers": remove_stale_temporaries(audio_dir) if audio_dir.is_dir() else 0,
+              "stale": sum(len(ids) for ids in stale.values())}
+    if args.force:
+        folder = set_aside(run, STAGE, shard_paths(audio_dir))
+        if folder:
+            logger.info("audio: --force: the old clips are set aside in %s until the new ones are made", folder)
+    elif report["stale"]:
+        folder = move_rows_aside(run, stale, STAGE)
+        logger.warning("audio: %d clip(s) were made from captions that have changed since (or carry no caption "
+                       "fingerprint); they are set aside in %s and made again", report["stale"], folder)
+    return report
 
 
 def generate_audio(args: AudioArguments) -> dict:
     """Generate the missing clips of RUN on this process's share; returns the stage manifest."""
+    import contextlib
+
+    import torch
     from accelerate.utils import gather_object, tqdm
+
+    from .audio_shards import caption_sha256
+    from .run_dir import drop_set_aside, stage_lock
 
     started = time.time()
     run = Path(args.run)
     captions_path = require(run, "captions.parquet")
     audio_dir = run / "audio"
-    if args.batch_size < 1 or args.duration <= 0:
-        raise ConceptCapsError(f"--batch_size ({args.batch_size}) and --duration ({args.duration}) must be positive.")
+    check_arguments(args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    prompts = _read_captions(captions_path)
+    settings = clip_settings(args, run)
+    processor = load_processor(args.model)  # a wrong id or folder fails here, before anything is touched
     launcher = _die_with_launcher()
     state = _partial_state(args)
     rank = state.process_index
 
-    # 1. The main process clears what must go; then every process reads the same list of done ids.
-    if state.is_main_process:
-        if args.force:
-            for path in shard_paths(audio_dir):
-                path.unlink()
-        stale = remove_stale_temporaries(audio_dir) if audio_dir.is_dir() else 0
-        if stale:
-            logger.info("audio: removed %d half-written shard(s) of an interrupted run", stale)
-    state.wait_for_everyone()
-    prompts = _read_captions(captions_path)
-    index = read_shards(audio_dir, columns=INDEX_COLUMNS)
-    _check_existing(index, args, run)
-    done = set(index.column("id").to_pylist())
-    todo = sorted(i for i in prompts if i not in done)
-    # Why: no process may write a shard before all have listed the done ids, or they would
-    # split different lists and clips could be made twice or not at all.
-    state.wait_for_everyone()
-    previous = read_manifest(run, STAGE)
-    if not todo:
-        if state.is_main_process:
-            logger.info("audio: all %d captions have a clip in %s; nothing to do (--force redoes them)",
-                        len(prompts), audio_dir)
-        if previous is not None and previous.get("counts", {}).get("clips") == len(prompts):
-            return previous
-
-    # 2. Load the model on this process's device.
-    device = state.device
-    dtype = resolve_dtype(args.dtype, device)
-    model, processor = load_musicgen(args.model, device, dtype) if todo else (None, None)
-
-    # 3. Generate this process's share, batch by batch; the writer thread does the disk work.
-    local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
-             "generate_seconds": 0.0, "failed": {}}
-    timing = codec_timing(model.config) if model is not None else None
-    with state.split_between_processes(todo) as mine:
-        if mine:
-            local["assigned"] = len(mine)
-            max_new_tokens = decoding_steps(args.duration, timing)[1]
-            batches = plan_batches(list(mine), prompts, processor.tokenizer, args.batch_size)
-            logger.info("audio: rank %d generates %d clips in %d batches on %s (%s)", rank, len(mine),
-                        len(batches), device, str(dtype).replace("torch.", ""))
-            writer = ShardWriter(audio_dir, rank, timing["sampling_rate"], args.model,
-                                 subtype=args.flac_subtype, max_pending=args.max_pending)
-            for batch_ids in tqdm(batches, desc="audio", unit="batch"):
-                if launcher is not None and os.getppid() != launcher:
-                    os._exit(1)  # orphaned: the launcher died; stop before writing anything more
-                seed = batch_seed(args.seed, batch_ids[0])
-                tick = time.time()
-                audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
-                                   max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
-                                   top_k=args.top_k, temperature=args.temperature)
-                local["generate_seconds"] += time.time() - tick
-                writer.put(Batch(ids=batch_ids, audio=audio, seed=seed))
-            stats = writer.close()
-            local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
-                         failed=stats.failed)
-    local["generate_seconds"] = round(local["generate_seconds"], 3)
-
-    # 4. Collect every process's counts; the main process writes the manifest.
-    per_rank = gather_object([local])
-    state.wait_for_everyone()
-    manifest = None
-    if state.is_main_process:
+    with stage_lock(run, STAGE) if state.is_main_process else contextlib.nullcontext():
+        # 1. What is there, read-only: clips of other settings are refused, changed captions are redone.
         index = read_shards(audio_dir, columns=INDEX_COLUMNS)
-        clip_ids = index.column("id").to_pylist()
-        failed = {k: v for r in per_rank for k, v in r["failed"].items()}
-        session = {
-            "processes": state.num_processes, "generated": sum(r["clips"] for r in per_rank),
-            "audio_seconds": round(sum(r["audio_seconds"] for r in per_rank), 3),
-            "wall_time_s": round(time.time() - started, 3), "per_rank": per_rank,
-        }
-        counts = {
-            "captions": len(prompts), "already_done": len(prompts) - len(todo), "assigned": len(todo),
-            "generated": session["generated"], "failed": len(failed), "clips": len(set(clip_ids) & set(prompts)),
-            "missing": len(set(prompts) - set(clip_ids)), "shards": len(shard_paths(audio_dir)),
-            "audio_seconds_total": round(float(np.sum(index.column("duration_s").to_numpy())), 3),
-            "audio_seconds_generated": session["audio_seconds"],
-            "per_rank": {str(r["rank"]): r["clips"] for r in per_rank},  # str: the same keys as in the JSON file
-        }
-        sessions = (previous or {}).get("sessions", []) if not args.force else []
-        extra = {"sessions": sessions + [session], "failed_ids": failed}
-        if timing is not None:
-            extra["codec"] = {**timing, "frames_per_clip": decoding_steps(args.duration, timing)[0]}
-        elif previous and "codec" in previous:
-            extra["codec"] = previous["codec"]
-        manifest = write_manifest(run, STAGE, args, inputs={"captions": captions_path}, counts=counts,
-                                  started=started, extra=extra)
-        logger.info("audio: %d/%d captions have a clip (%d generated now by %d process(es), %.1f s of audio)",
-                    counts["clips"], len(prompts), counts["generated"], state.num_processes,
-                    counts["audio_seconds_generated"])
-        if failed:
-            logger.warning("audio: %d clip(s) were not written (NaN/Inf): %s; re-run to retry them",
-                           len(failed), ", ".join(sorted(failed)[:20]))
+        if not args.force:
+            _check_settings(index, settings, run)
+        stale = {} if args.force else stale_clips(index, prompts)
+        gone = {i for ids in stale.values() for i in ids}
+        done = set() if args.force else set(index.column("id").to_pylist()) - gone
+        batches = plan_all_batches(prompts, processor.tokenizer, args.batch_size)
+        todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
+        previous = read_manifest(run, STAGE)
+        if not todo:
+            if state.is_main_process:
+                logger.info("audio: all %d captions have a clip in %s; nothing to do (--force redoes them)",
+                            len(prompts), audio_dir)
+            if previous is not None and previous.get("counts", {}).get("clips") == len(prompts):
+                state.wait_for_everyone()
+                return previous
+
+        # 2. Load the model; only then does the main process set aside what is replaced.
+        device = state.device
+        dtype = resolve_dtype(args.dtype, device)
+        model, processor = load_musicgen(args.model, device, dtype, processor)
+        timing = codec_timing(model.config)
+        state.wait_for_everyone()
+        report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
+        # Why: no process may write a shard before the main one has set old clips aside.
+        state.wait_for_everyone()
+
+        # 3. Generate this process's share of the batches; the writer thread does the disk work.
+        local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
+                 "generate_seconds": 0.0, "failed": {}}
+        with state.split_between_processes(todo) as mine:
+            if mine:
+                local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
+                max_new_tokens = decoding_steps(args.duration, timing)[1]
+                logger.info("audio: rank %d generates %d clips in %d batches on %s (%s, %d thread(s))", rank,
+                            local["assigned"], len(mine), device, str(dtype).replace("torch.", ""),
+                            torch.get_num_threads())
+                writer = ShardWriter(audio_dir, rank, timing["sampling_rate"], settings["model"],
+                                     subtype=args.flac_subtype, max_pending=args.max_pending,
+                                     settings=json.dumps(settings, sort_keys=True))
+                for b in tqdm(list(mine), desc="audio", unit="batch"):
+                    if launcher is not None and os.getppid() != launcher:
+                        os._exit(1)  # orphaned: the launcher died; stop before writing anything more
+                    batch_ids = batches[b]
+                    seed = batch_seed(args.seed, batch_ids[0])
+                    tick = time.time()
+                    audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
+                                       max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
+                                       top_k=args.top_k, temperature=args.temperature)
+                    local["generate_seconds"] += time.time() - tick
+                    writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
+                                     caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
+                                     keep=[i not in done for i in batch_ids]))
+                stats = writer.close()
+                local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
+                             failed=stats.failed)
+        local["generate_seconds"] = round(local["generate_seconds"], 3)
+
+        # 4. Collect every process's counts; the main process writes the manifest.
+        per_rank = gather_object([local])
+        state.wait_for_everyone()
+        manifest = None
+        if state.is_main_process:
+            manifest = _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing,
+                                             report, state, started)
+            drop_set_aside(run, STAGE)  # the new clips are in place: what --force or a caption change replaced goes
     state.wait_for_everyone()
     return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
+
+
+def determinism(args: AudioArguments, state) -> dict:
+    """What a clip's exact samples depend on, recorded so that a rerun can match it (docs/audio.md)."""
+    import torch
+
+    record = {"torch": torch.__version__, "device": str(state.device), "threads": torch.get_num_threads(),
+              "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype}
+    if torch.cuda.is_available() and state.device.type == "cuda":
+        record.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
+                      cudnn=torch.backends.cudnn.version())
+    return record
+
+
+def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing, report, state,
+                          started) -> dict:
+    audio_dir = run / "audio"
+    index = read_shards(audio_dir, columns=INDEX_COLUMNS)
+    clip_ids = index.column("id").to_pylist()
+    failed = {k: v for r in per_rank for k, v in r["failed"].items()}
+    session = {
+        "processes": state.num_processes, "generated": sum(r["clips"] for r in per_rank),
+        "audio_seconds": round(sum(r["audio_seconds"] for r in per_rank), 3),
+        "wall_time_s": round(time.time() - started, 3), "per_rank": per_rank, "determinism": determinism(args, state),
+        "stale_replaced": report.get("stale", 0), "leftovers_removed": report.get("leftovers", 0),
+    }
+    counts = {
+        "captions": len(prompts), "already_done": len(prompts) - sum(r["assigned"] for r in per_rank),
+        "assigned": sum(r["assigned"] for r in per_rank), "batches_run": len(todo),
+        "generated": session["generated"], "failed": len(failed), "clips": len(set(clip_ids) & set(prompts)),
+        "missing": len(set(prompts) - set(clip_ids)), "shards": len(shard_paths(audio_dir)),
+        "audio_seconds_total": round(float(np.sum(index.column("duration_s").to_numpy())), 3),
+        "audio_seconds_generated": session["audio_seconds"],
+        "per_rank": {str(r["rank"]): r["clips"] for r in per_rank},  # str: the same keys as in the JSON file
+    }
+    sessions = (previous or {}).get("sessions", []) if not args.force else []
+    extra = {"sessions": sessions + [session], "failed_ids": failed,
+             "codec": {**timing, "frames_per_clip": decoding_steps(args.duration, timing)[0]}}
+    manifest = write_manifest(run, STAGE, args, inputs={"captions": captions_path}, counts=counts,
+                              started=started, extra=extra)
+    logger.info("audio: %d/%d captions have a clip (%d generated now by %d process(es), %.1f s of audio)",
+                counts["clips"], len(prompts), counts["generated"], state.num_processes,
+                counts["audio_seconds_generated"])
+    if failed:
+        logger.warning("audio: %d clip(s) were not written (NaN/Inf): %s; re-run to retry them",
+                       len(failed), ", ".join(sorted(failed)[:20]))
+    return manifest

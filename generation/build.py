@@ -158,13 +158,35 @@ def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[st
     return {"rows": rows, "files": files, "tag_counts": tag_counts, "aspect_lists": sets, "unsatisfiable": unsatisfiable}
 
 
+def check_arguments(args: BuildArguments) -> None:
+    """--rows_per_group and --max_shard_size, before anything is read or written."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    if args.rows_per_group < 1:
+        raise ConceptCapsError(f"--rows_per_group {args.rows_per_group}: give at least 1 row per Parquet row group.")
+    try:
+        size = convert_file_size_to_int(args.max_shard_size)
+    except (ValueError, TypeError):
+        size = None
+    if not size or size <= 0:
+        raise ConceptCapsError(f"--max_shard_size {args.max_shard_size!r}: give a positive size such as 500MB or 1GB.")
+
+
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
+    from .run_dir import stage_lock
+
+    check_arguments(args)
+    with stage_lock(args.run, STAGE):
+        return _build(args)
+
+
+def _build(args: BuildArguments) -> dict:
     from conceptcaps import SPLITS, SUBSETS, load_taxonomy, plan_run, subset_min_positives
     from dataset_card.card import stage_command, write_card
 
     from .concepts import CONCEPTS_FILE, concepts_document
-    from .run_dir import write_json
+    from .run_dir import remove_leftovers, write_json
 
     started = time.time()
     run = Path(args.run)
@@ -173,10 +195,15 @@ def build_release(args: BuildArguments) -> dict:
     if args.audio:
         require(run, "audio")
     release = run / RELEASE
+    # What an interrupted build left: its work folder, and half-written release files.
+    for leftover in run.glob(".build-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if release.is_dir():
+        remove_leftovers(release, ["data", "README.md", "concepts.json"])
     configs = config_names(args.audio)
     # Check the whole run (captions, tags, one clip per caption) before writing anything.
     taxonomy = load_taxonomy(run)
-    assignment = plan_run(run, taxonomy.tags, with_audio=args.audio).assignment
+    assignment = plan_run(run, taxonomy.tags, with_audio=args.audio, check_headers=args.audio).assignment
 
     # 1. The Parquet shards, unless an identical build already wrote them.
     key = _data_key(args, run)

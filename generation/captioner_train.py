@@ -234,11 +234,38 @@ def _arguments(args, sft_config, model_config) -> dict:
     }
 
 
+def check_arguments(sft_config: SFTConfig, model_config: ModelConfig) -> None:
+    """The training options a typo makes nonsense of, before any data or weights load."""
+    checks = [
+        (sft_config.num_train_epochs > 0, f"--num_train_epochs {sft_config.num_train_epochs}: give a positive number."),
+        (sft_config.learning_rate > 0, f"--learning_rate {sft_config.learning_rate}: give a positive rate, e.g. 2e-4."),
+        (sft_config.per_device_train_batch_size >= 1,
+         f"--per_device_train_batch_size {sft_config.per_device_train_batch_size}: give at least 1."),
+        (not model_config.use_peft or model_config.lora_r >= 1, f"--lora_r {model_config.lora_r}: give at least 1."),
+        (0 <= model_config.lora_dropout < 1, f"--lora_dropout {model_config.lora_dropout}: give a share in [0, 1)."),
+        (sft_config.max_length is None or sft_config.max_length >= 1,
+         f"--max_length {sft_config.max_length}: give at least 1 token."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
 def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> dict:
     """Run the stage and return its manifest."""
+    from .run_dir import stage_lock
+
+    check_arguments(sft_config, model_config)
+    check_quantization(model_config)  # before anything else: no CUDA is the first thing to know
+    with stage_lock(args.run, STAGE):
+        return _train(args, sft_config, model_config)
+
+
+def _train(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> dict:
+    from .run_dir import remove_leftovers
+
     started = time.time()
     run = Path(args.run)
-    check_quantization(model_config)  # before anything else: no CUDA is the first thing to know
     resolve_arguments(args, sft_config, model_config)
     out = Path(sft_config.output_dir)
     inputs = {"distilled": require(run, "distilled.parquet")}
@@ -248,6 +275,7 @@ def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_confi
         logger.info("captioner train: %s is up to date; --force retrains", out)
         return done
 
+    remove_leftovers(out.parent, [out.name])  # the training folder of an interrupted run
     with atomic_dir(out) as tmp:
         # Train with the temporary folder as output_dir so that a crash leaves no half-written adapter.
         sft_config.output_dir = str(tmp)
@@ -257,8 +285,11 @@ def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_confi
         train_metrics = trainer.train().metrics
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         trainer.save_model(str(tmp))  # adapter (or full weights without PEFT) + tokenizer
+        from .run_dir import run_relative
+
         summary = {
             "base_model": model_config.model_name_or_path,
+            "base_model_in_run": run_relative(model_config.model_name_or_path, run),
             "train_examples": len(trainer.train_dataset),
             "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
             "trainable_parameters": trainable,

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import logging
 import re
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from .errors import ConceptCapsError
 from .prompts import prompt_messages
-from .run_dir import file_sha256, finished, require, write_json, write_manifest, write_parquet
+from .run_dir import file_sha256, finished, read_json, require, write_json, write_manifest, write_parquet
 from .taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -163,9 +162,17 @@ def resolve_models(args: CaptionsArguments, run: Path) -> tuple[str, str | None]
         return str(adapter.resolve()), None  # a full fine-tune: the folder is the model
     if args.model:
         return resolve_model_name(args.model), str(adapter.resolve()) if adapter else None
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = read_json(adapter / "adapter_config.json", fix="re-run `conceptcaps captioner train --force`").get(
+        "base_model_name_or_path")
     if not base:
         raise ConceptCapsError(f"{adapter}/adapter_config.json names no base_model_name_or_path: pass --model.")
+    if not Path(base).exists() and (adapter / "training_summary.json").exists():
+        # A base model that lived in the run (a tiny model) moved with it: the summary names it RUN/...
+        from .run_dir import from_run_relative
+
+        summary = read_json(adapter / "training_summary.json")
+        if str(summary.get("base_model_in_run") or "").startswith("RUN"):
+            base = from_run_relative(summary["base_model_in_run"], run)
     return resolve_model_name(base), str(adapter.resolve())
 
 
@@ -236,23 +243,29 @@ def _schema():
 
 
 def read_shards(folder: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    from .run_dir import read_table
 
     rows = []
     for shard in sorted(folder.glob("shard-*.parquet")):
-        rows.extend(pq.read_table(shard).to_pylist())
+        rows.extend(read_table(shard, fix=f"move it out of {folder} and re-run the same command: its batch is made "
+                                          f"again").to_pylist())
     return rows
 
 
-def _plan(args: CaptionsArguments, attributes: Path, taxonomy: Path, base: str, adapter: str | None) -> dict:
-    """What the shards depend on; a re-run with another plan may not mix its shards with these."""
+def _plan(args: CaptionsArguments, attributes: Path, taxonomy: Path, base: str, adapter: str | None, run: Path) -> dict:
+    """What the shards depend on; a re-run with another plan may not mix its shards with these.
+
+    Models inside the run are named `RUN/...`, so a moved or copied run still resumes.
+    """
+    from .run_dir import run_relative
+
     keep = ("batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "max_attempts",
             "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype")
     plan = {key: getattr(args, key) for key in keep}
     weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                     if adapter and (Path(adapter) / n).exists()), None)
-    plan.update(attributes=file_sha256(attributes), taxonomy=file_sha256(taxonomy), base_model=base, adapter=adapter,
-                adapter_weights=file_sha256(weights) if weights else None)
+    plan.update(attributes=file_sha256(attributes), taxonomy=file_sha256(taxonomy), base_model=run_relative(base, run),
+                adapter=run_relative(adapter, run), adapter_weights=file_sha256(weights) if weights else None)
     return plan
 
 
@@ -271,16 +284,47 @@ def _check_rows(rows: list[dict], path: Path) -> None:
 
 
 # -- the stage --------------------------------------------------------------------------------
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_arguments(args: CaptionsArguments) -> None:
+    """Every option that can be checked before a model loads or a file is touched: one clear error each."""
+    checks = [
+        (args.batch_size >= 1, f"--batch_size {args.batch_size}: give at least 1."),
+        (args.max_attempts >= 1, f"--max_attempts {args.max_attempts}: give at least 1."),
+        (args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens}: give at least 1 token."),
+        (args.temperature > 0, f"--temperature {args.temperature}: give a positive temperature, e.g. 0.6."),
+        (0 < args.top_p <= 1, f"--top_p {args.top_p}: give a probability in (0, 1]."),
+        (args.ngram_size >= 1, f"--ngram_size {args.ngram_size}: give at least 1."),
+        (args.max_ngram_repeats >= 2, f"--max_ngram_repeats {args.max_ngram_repeats}: give at least 2."),
+        (args.min_words >= 0, f"--min_words {args.min_words}: give 0 or more."),
+        (0 <= args.max_failure_rate <= 1, f"--max_failure_rate {args.max_failure_rate}: give a share in [0, 1]."),
+        (args.limit is None or args.limit >= 1, f"--limit {args.limit}: give at least 1 (or leave it out)."),
+        (args.dtype in DTYPES, f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
 def generate_captions(args: CaptionsArguments) -> dict:
     """Run the stage and return its manifest."""
-    import pyarrow.parquet as pq
+    from .run_dir import stage_lock
+
+    check_arguments(args)
+    require(args.run, "attributes.parquet")
+    with stage_lock(args.run, STAGE):
+        return _generate(args)
+
+
+def _generate(args: CaptionsArguments) -> dict:
     from tqdm.auto import tqdm
+
+    from .run_dir import drop_set_aside, read_table, set_aside
 
     started = time.time()
     run = Path(args.run)
     attributes_path = require(run, "attributes.parquet")
-    if args.max_attempts < 1 or args.batch_size < 1:
-        raise ConceptCapsError("--max_attempts and --batch_size must be at least 1.")
     base, adapter = resolve_models(args, run)
     taxonomy_path = args.taxonomy or (run / "taxonomy.json" if (run / "taxonomy.json").exists() else DEFAULT_TAXONOMY)
     if not Path(taxonomy_path).is_file():
@@ -295,23 +339,31 @@ def generate_captions(args: CaptionsArguments) -> dict:
         logger.info("captions: %s is up to date (%d captions); --force redoes it", out, done["counts"]["captions"])
         return done
 
-    plan = json.loads(json.dumps(_plan(args, attributes_path, Path(taxonomy_path), base, adapter)))
-    if args.force and shards.exists():
-        shutil.rmtree(shards)
+    plan = json.loads(json.dumps(_plan(args, attributes_path, Path(taxonomy_path), base, adapter, run)))
     for stale in shards.glob(".shard-*.tmp"):  # a shard being written when the last run was killed
         stale.unlink()
     plan_path = shards / "plan.json"
-    if list(shards.glob("shard-*.parquet")) and (not plan_path.exists() or json.loads(plan_path.read_text()) != plan):
-        raise ConceptCapsError(
-            f"{shards} holds shards made with other settings (see {plan_path}): pass --force to discard them, "
-            f"or re-run with the same settings to resume."
-        )
+    existing = list(shards.glob("shard-*.parquet"))
+    if existing and not args.force:
+        stored = read_json(plan_path, fix=f"pass --force to set the shards of {shards} aside and start again") \
+            if plan_path.exists() else None
+        if stored != plan:
+            differ = sorted(k for k in set(plan) | set(stored or {}) if (stored or {}).get(k) != plan.get(k))
+            raise ConceptCapsError(
+                f"{shards} holds shards made with other settings ({', '.join(differ) or 'no plan.json'} differ; see "
+                f"{plan_path}): pass --force to set them aside and start again, or re-run with the same settings to "
+                f"resume."
+            )
 
-    rows = pq.read_table(attributes_path).to_pylist()[: args.limit]
+    rows = read_table(attributes_path, fix=f"re-run `conceptcaps vae sample --run {run} --force`").to_pylist()[: args.limit]
     _check_rows(rows, attributes_path)
     taxonomy = Taxonomy.load(taxonomy_path)
     coverage = load_coverage_module()
     model, tokenizer, stop_ids = load_captioner(base, adapter, args.dtype)
+    if args.force:  # the model loaded: only now may the old work go, and only aside until the new one is done
+        folder = set_aside(run, STAGE, [shards, out])
+        if folder:
+            logger.info("captions: --force: the old captions are set aside in %s until the new ones are made", folder)
     write_json(plan_path, plan)  # written before the first shard, so every shard has its plan
 
     # Fixed batches of length-sorted prompts: the same batches (and so the same seeds) on every re-run.
@@ -361,7 +413,9 @@ def generate_captions(args: CaptionsArguments) -> dict:
         if last_write is not None:
             last_write.result()
 
-    return _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches))
+    manifest = _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches))
+    drop_set_aside(run, STAGE)
+    return manifest
 
 
 def _write_shard(records: list[dict], path: Path) -> None:

@@ -57,6 +57,19 @@ def split_of(ytid: str, validation_fraction: float) -> str:
 
 def distill(args: DistillArguments) -> dict:
     """Run the stage and return its manifest."""
+    from .run_dir import stage_lock
+
+    if not 0 <= args.validation_fraction < 1:
+        raise ConceptCapsError(f"--validation_fraction {args.validation_fraction}: give a share in [0, 1).")
+    if not 1 <= args.min_categories <= len(CATEGORIES):
+        raise ConceptCapsError(f"--min_categories {args.min_categories}: give 1 to {len(CATEGORIES)}.")
+    if args.min_caption_words < 0 or args.max_bad_rows < 0:
+        raise ConceptCapsError("--min_caption_words and --max_bad_rows must be 0 or more.")
+    with stage_lock(args.out, "distill"):
+        return _distill(args)
+
+
+def _distill(args: DistillArguments) -> dict:
     started = time.time()
     run = Path(args.out)
     outputs = [run / "taxonomy.json", run / "distilled.parquet"]
@@ -66,15 +79,12 @@ def distill(args: DistillArguments) -> dict:
     if done and not args.force:
         logger.info("distill: %s is up to date (%d pairs); --force redoes it", run, done["counts"]["kept"])
         return done
-    if not 0 <= args.validation_fraction < 1:
-        raise ConceptCapsError(f"--validation_fraction {args.validation_fraction} must be in [0, 1).")
-
     taxonomy = Taxonomy.load(args.taxonomy)
     rows, bad = read_source(args.source)
     if len(bad) > args.max_bad_rows:
-        listed = "\n  ".join(b.describe() for b in bad[:10])
+        listed = "; ".join(b.describe() for b in bad[:5]) + ("; ..." if len(bad) > 5 else "")
         raise ConceptCapsError(
-            f"{len(bad)} row(s) of {args.source} cannot be parsed:\n  {listed}\n"
+            f"{len(bad)} row(s) of {args.source} cannot be parsed ({listed}): "
             f"Fix those rows (aspect_list must be a Python-literal list such as ['rock', 'slow tempo']), "
             f"or pass --max_bad_rows {len(bad)} to skip them; skipped rows are listed in the manifest."
         )

@@ -526,9 +526,38 @@ def _inputs(run: Path) -> dict:
     return inputs
 
 
+def check_arguments(args: EvaluateArguments) -> None:
+    checks = [
+        (min(args.caption_batch_size, args.metric_batch_size, args.clap_batch_size) >= 1,
+         "--caption_batch_size, --metric_batch_size and --clap_batch_size must be at least 1."),
+        (args.top_tags >= 1, f"--top_tags {args.top_tags}: give at least 1."),
+        (args.max_reference_clips is None or args.max_reference_clips >= 1,
+         f"--max_reference_clips {args.max_reference_clips}: give at least 1 (or leave it out)."),
+        (args.max_reference_captions is None or args.max_reference_captions >= 1,
+         f"--max_reference_captions {args.max_reference_captions}: give at least 1 (or leave it out)."),
+        (args.mauve_pooling in ("last", "mean"), f"--mauve_pooling {args.mauve_pooling!r}: use last or mean."),
+        (args.mauve_num_buckets == "auto" or str(args.mauve_num_buckets).isdigit(),
+         f"--mauve_num_buckets {args.mauve_num_buckets!r}: give auto or a whole number."),
+        (args.bertscore_num_layers is None or args.bertscore_num_layers >= 1,
+         f"--bertscore_num_layers {args.bertscore_num_layers}: give at least 1 (or leave it out)."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
 def evaluate_run(args: EvaluateArguments) -> dict:
     """Score the run, write RUN/eval/ atomically, and return the stage manifest."""
+    from .run_dir import stage_lock
+
+    check_arguments(args)
+    with stage_lock(args.run, STAGE):
+        return _evaluate(args)
+
+
+def _evaluate(args: EvaluateArguments) -> dict:
     from .audio_shards import shard_paths
+    from .run_dir import remove_leftovers
 
     started = time.time()
     run = Path(args.run)
@@ -539,6 +568,7 @@ def evaluate_run(args: EvaluateArguments) -> dict:
         raise ConceptCapsError(f"--skip {' '.join(unknown)}: unknown metric group(s); choose from {', '.join(GROUPS)}.")
     inputs = _inputs(run)
     out = run / "eval"
+    remove_leftovers(run, ["eval"])
     done = finished(run, STAGE, args, inputs, [out / "metrics.json", out / "report.md"])
     if done and not args.force:
         logger.info("evaluate: %s is up to date; --force evaluates again", out)

@@ -55,8 +55,9 @@ def check_hub_access(repo_id: str, option: str = "model", repo_type: str = "mode
         except Exception:  # noqa: BLE001 - an id the cache cannot parse is checked by the loader itself
             return
     where = f"the local cache ({constants.HF_HUB_CACHE})"
-    fix = (f"download it where the Hub is reachable (`hf download {repo_id}{' --repo-type dataset' if repo_type != 'model' else ''}`"
-           f" into that cache, or `--local-dir DIR` and pass --{option} DIR)")
+    kind = " --repo-type dataset" if repo_type != "model" else ""
+    fix = (f"where the Hub is reachable run `hf download {repo_id}{kind} --local-dir DIR` (gated repositories such as "
+           f"Llama need `hf auth login` first) and pass --{option} DIR, or fill that cache with a copy that holds it")
     if constants.HF_HUB_OFFLINE:
         raise ConceptCapsError(f"--{option} {repo_id!r} is not in {where} and HF_HUB_OFFLINE is set: {fix}.")
     import socket

@@ -100,7 +100,7 @@ def _convert_one(converter, action, key: str, value, where: str):
             else:
                 raise ValueError("not true or false")
         elif converter in (int, float):
-            if isinstance(value, bool) or isinstance(value, (dict, list)):
+            if isinstance(value, (bool, dict, list)):
                 raise ValueError("not a number")
             converted = converter(value) if not isinstance(value, str) else converter(value.strip())
             if converter is int and isinstance(value, float) and value != int(value):

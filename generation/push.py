@@ -108,6 +108,21 @@ def check_release(release: Path) -> list[str]:
     return [c["config_name"] for c in configs]
 
 
+def refuse_links(release: Path) -> None:
+    """A symbolic link in release/ could upload files from anywhere on this machine: refuse it."""
+    import os
+
+    for folder, dirs, files in os.walk(release, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise ConceptCapsError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}): push uploads only files inside {release}. "
+                    f"Replace the link with the file itself, or rebuild with `conceptcaps build --run {release.parent} "
+                    f"--force`."
+                )
+
+
 def plan_push(args: PushArguments) -> PushPlan:
     """Check the arguments and the release; decide the files, the upload method and the commit message."""
     from .build import release_files
@@ -125,6 +140,7 @@ def plan_push(args: PushArguments) -> PushPlan:
             "--create_pr opens a pull request against main and cannot be combined with --revision: leave out "
             "--revision to open a PR, or leave out --create_pr to commit to the branch."
         )
+    refuse_links(release)
     configs = check_release(release)
     files = [(p.as_posix(), (release / p).stat().st_size) for p in release_files(release)]
     build = read_manifest(run, "build")
@@ -201,7 +217,17 @@ def execute(plan: PushPlan, api) -> dict:
 
 
 def push_release(args: PushArguments, api=None) -> dict:
-    """Run the stage: plan, then (unless --dry_run) upload; returns the plan or the push manifest."""
+    """Run the stage: plan, then (unless --dry_run) upload; returns the plan or the push manifest.
+
+    Holds the build lock: a release is never uploaded while `conceptcaps build` rewrites it.
+    """
+    from .run_dir import stage_lock
+
+    with stage_lock(args.run, "build"):
+        return _push(args, api)
+
+
+def _push(args: PushArguments, api=None) -> dict:
     started = time.time()
     plan = plan_push(args)
     log_plan(plan)

@@ -157,6 +157,18 @@ def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
     return parse_options(STAGE_WORDS[stage], [], options, where=f"preset section {stage!r}")
 
 
+def _die_with_parent() -> None:
+    """In the launched child: the kernel kills it when `conceptcaps run` dies, even by kill -9.
+
+    Why: an orphaned launcher would go on writing clips beside the next run of the same command.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
     """The audio stage as `LAUNCHER -m generation.cli audio generate --config ...`."""
     import yaml
@@ -168,7 +180,7 @@ def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
     config.write_text(yaml.safe_dump({**options, "run": args.out, "force": args.force}))
     command = [*shlex.split(launcher), "-m", "generation.cli", "audio", "generate", "--config", str(config)]
     logger.info("run: %s", shlex.join(command))
-    if subprocess.run(command, check=False).returncode != 0:
+    if subprocess.run(command, check=False, preexec_fn=_die_with_parent).returncode != 0:
         raise ConceptCapsError(f"audio stage failed under `{launcher}`; fix the error above and re-run the same command to resume.")
 
 

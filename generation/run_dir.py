@@ -237,7 +237,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None, fix: s
         return pq.read_table(path, columns=columns)
     except FileNotFoundError:
         raise ConceptCapsError(f"{path} not found: {fix}.") from None
-    except Exception as err:  # noqa: BLE001 - arrow raises several types for damaged files
+    except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConceptCapsError(f"{path} cannot be read as Parquet ({reason}): {fix}.") from err
 

@@ -55,9 +55,15 @@ def _read_csv(path: Path) -> list[dict]:
     if path.stat().st_size == 0:
         raise ConceptCapsError(f"source file {path} is empty: it needs a header row with {list(REQUIRED_COLUMNS)} and data rows.")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConceptCapsError(
+            f"source file {path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset {err.start}): "
+            f"re-encode it as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`)."
+        ) from None
     except Exception as err:  # pandas raises several types for a malformed CSV
-        raise ConceptCapsError(f"source file {path} is not a readable CSV ({err}). Check its quoting and delimiter.") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConceptCapsError(f"source file {path} is not a readable CSV ({reason}): check its quoting and delimiter.") from err
     _check_columns(list(frame.columns), str(path))
     if frame.empty:
         raise ConceptCapsError(f"source file {path} has a header but no data rows.")
@@ -91,11 +97,17 @@ def _check_columns(columns: list[str], where: str) -> None:
         )
 
 
+MAX_FIELD_CHARS = 10_000  # a tag list longer than this is not a MusicCaps aspect_list
+
+
 def _parse_aspects(value) -> list[str]:
     if isinstance(value, list):  # the Hub copy may already hold lists
         parsed = value
     else:
-        parsed = ast.literal_eval(str(value))
+        text = str(value)
+        if len(text) > MAX_FIELD_CHARS:
+            raise ValueError(f"{len(text)} characters, more than {MAX_FIELD_CHARS}")
+        parsed = ast.literal_eval(text)
     if not isinstance(parsed, (list, tuple)) or not all(isinstance(t, str) for t in parsed):
         raise ValueError("not a list of strings")
     return [t.strip() for t in parsed if t.strip()]
@@ -113,8 +125,9 @@ def read_source(source: str) -> tuple[list[SourceRow], list[BadRow]]:
             continue
         try:
             aspects = _parse_aspects(raw.get("aspect_list"))
-        except (ValueError, SyntaxError) as err:
-            bad.append(BadRow(ytid, number, "aspect_list", str(raw.get("aspect_list")), f"unparsable ({err})"))
+        except (ValueError, SyntaxError, RecursionError, MemoryError, TypeError) as err:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:80]
+            bad.append(BadRow(ytid, number, "aspect_list", str(raw.get("aspect_list")), f"unparsable ({reason})"))
             continue
         if not caption:
             bad.append(BadRow(ytid, number, "caption", "", "empty caption"))

@@ -63,20 +63,26 @@ class Taxonomy:
         path = Path(path) if path else DEFAULT_TAXONOMY
         if not path.exists():
             raise ConceptCapsError(f"taxonomy file {path} not found: pass an existing YAML or taxonomy.json.")
-        if path.suffix == ".json":
-            raw = json.loads(path.read_text())
-            categories = {
-                cat: {tag: info["aliases"] for tag, info in tags.items()}
-                for cat, tags in raw["categories"].items()
-            }
-        else:
-            import yaml
+        try:
+            if path.suffix == ".json":
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                categories = {
+                    cat: {tag: info["aliases"] for tag, info in tags.items()}
+                    for cat, tags in raw["categories"].items()
+                }
+            else:
+                import yaml
 
-            raw = yaml.safe_load(path.read_text())
-            categories = {
-                cat: {str(tag): [str(a) for a in (aliases or [])] for tag, aliases in tags.items()}
-                for cat, tags in raw["categories"].items()
-            }
+                raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+                categories = {
+                    cat: {str(tag): [str(a) for a in (aliases or [])] for tag, aliases in tags.items()}
+                    for cat, tags in raw["categories"].items()
+                }
+        except Exception as err:  # noqa: BLE001 - invalid JSON/YAML, or the wrong shape: one message
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            fix = ("re-run `conceptcaps distill --force` to write it again" if path.suffix == ".json" else
+                   "fix the file (generation/data/taxonomy.yaml shows the layout)")
+            raise ConceptCapsError(f"taxonomy file {path} cannot be read ({type(err).__name__}: {reason}): {fix}.") from None
         pairs = []
         for pair in raw.get("contradictions", []):
             left, right = ([side] if isinstance(side, str) else list(side) for side in pair)

@@ -40,6 +40,7 @@ and RUN/manifests/tcav.json.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -394,12 +395,21 @@ def experiment(prepared: Prepared, args: TcavArguments, work: Path) -> dict:
 def run_tcav(args: TcavArguments) -> dict:
     """Run the stage: load, cache activations, captum CAVs and scores, statistics, outputs; returns the manifest."""
 
-    from .models import run_relative
-    from .tcav_report import write_report
+
+    from .run_dir import stage_lock
 
     started = time.time()
     check_arguments(args)
     run = Path(args.run)
+    with stage_lock(run, STAGE):
+        return _run(args, run, started)
+
+
+def _run(args: TcavArguments, run: Path, started: float) -> dict:
+
+    from .models import run_relative
+    from .tcav_report import write_report
+
     out = run / "tcav"
     inputs_record = {"release": (run / "release" / "concepts.json") if not args.dataset else args.dataset}
     done = finished(run, STAGE, args, inputs_record, [out / "scores.json", out / "report.md"])
@@ -409,6 +419,8 @@ def run_tcav(args: TcavArguments) -> dict:
 
     prepared = prepare(args, run)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".captum-*"):  # the work folder of an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=".captum-", dir=out) as work:
         document = experiment(prepared, args, Path(work))
     document["settings"]["model"] = run_relative(args.model, run)

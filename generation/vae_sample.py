@@ -71,6 +71,12 @@ def check_request(taxonomy, args: VaeSampleArguments) -> None:
         )
     if args.n <= 0:
         raise ConceptCapsError(f"--n {args.n}: ask for at least one sample.")
+    if not 0 < args.threshold < 1:
+        raise ConceptCapsError(f"--threshold {args.threshold}: give a probability in (0, 1).")
+    if args.temperature <= 0:
+        raise ConceptCapsError(f"--temperature {args.temperature}: give a positive scale of the latent noise.")
+    if not 1 <= args.min_categories <= len(CATEGORIES):
+        raise ConceptCapsError(f"--min_categories {args.min_categories}: give 1 to {len(CATEGORIES)}.")
     if args.min_per_tag < 0:
         raise ConceptCapsError(f"--min_per_tag {args.min_per_tag}: give 0 (no quota) or a positive number of sets.")
     taxonomy.check_known(args.tags, what="--tags tag")
@@ -132,6 +138,13 @@ def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rul
 
 def sample_attributes(args: VaeSampleArguments) -> dict:
     """Sample, validate every set against the rules, write attributes.parquet."""
+    from .run_dir import stage_lock
+
+    with stage_lock(args.run, "vae_sample"):
+        return _sample(args)
+
+
+def _sample(args: VaeSampleArguments) -> dict:
     import pyarrow as pa
 
     from .taxonomy import Taxonomy

@@ -80,9 +80,34 @@ def score_vae(model, taxonomy, splits: dict[str, list[list[str]]], train_sets, a
     return scores
 
 
+def check_arguments(args: VaeTrainArguments) -> None:
+    checks = [
+        (args.hidden_dim >= 1 and args.latent_dim >= 1, (f"--hidden_dim {args.hidden_dim} and --latent_dim "
+                                                         f"{args.latent_dim}: give at least 1.")),
+        (args.beta >= 0, f"--beta {args.beta}: give 0 or more."),
+        (args.lr > 0, f"--lr {args.lr}: give a positive learning rate, e.g. 6e-5."),
+        (args.epochs >= 1, f"--epochs {args.epochs}: give at least 1."),
+        (args.batch_size >= 1, f"--batch_size {args.batch_size}: give at least 1."),
+        (0 < args.threshold < 1, f"--threshold {args.threshold}: give a probability in (0, 1)."),
+        (1 <= args.min_categories <= 4, f"--min_categories {args.min_categories}: give 1 to 4."),
+        (args.diversity_samples >= 1, f"--diversity_samples {args.diversity_samples}: give at least 1."),
+        (args.num_threads >= 0, f"--num_threads {args.num_threads}: give 0 (torch's default) or more."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
 def train_vae(args: VaeTrainArguments) -> dict:
     """Train, save to RUN/vae, score; returns the stage manifest."""
-    import pandas as pd
+    from .run_dir import stage_lock
+
+    check_arguments(args)
+    with stage_lock(args.run, "vae_train"):
+        return _train(args)
+
+
+def _train(args: VaeTrainArguments) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -100,9 +125,13 @@ def train_vae(args: VaeTrainArguments) -> dict:
         logger.info("vae train: %s is up to date; --force retrains", out)
         return done
 
+    from .run_dir import read_table, remove_leftovers
+
     taxonomy = Taxonomy.load(taxonomy_path)
-    frame = pd.read_parquet(distilled_path)
-    sets = {split: [list(x) for x in frame.loc[frame["split"] == split, "aspect_list"]] for split in ("train", "validation")}
+    table = read_table(distilled_path, ["aspect_list", "split"], fix=f"re-run `conceptcaps distill --out {run} --force`")
+    rows = table.to_pylist()
+    sets = {split: [list(r["aspect_list"]) for r in rows if r["split"] == split] for split in ("train", "validation")}
+    remove_leftovers(run, ["vae"])
     if not sets["train"]:
         raise ConceptCapsError(f"{distilled_path} has no train rows: re-run distill with a smaller --validation_fraction.")
 
