@@ -125,7 +125,9 @@ def read_captions(run: str | Path, tags: list[str]) -> list[dict]:
             f"{path} not found: the dataset's rows are the run's captions. "
             f"Run `conceptcaps captions generate --run {run}` first."
         )
-    table = pq.read_table(path)
+    from generation.run_dir import read_table
+
+    table = read_table(path, fix=f"re-run `conceptcaps captions generate --run {run} --force`")
     missing = [c for c in CAPTION_COLUMNS if c not in table.column_names]
     if missing:
         raise ConceptCapsError(f"{path} lacks the column(s) {missing}: re-run `conceptcaps captions generate --run {run} --force`.")

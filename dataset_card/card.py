@@ -96,7 +96,10 @@ def source_datasets(distill: dict | None) -> list[str]:
 
 def read_manifests(run: Path) -> dict[str, dict]:
     """RUN/manifests/*.json by file stem, in pipeline order (unknown stages last, by name)."""
-    found = {p.stem: json.loads(p.read_text()) for p in sorted((run / "manifests").glob("*.json"))}
+    from generation.run_dir import read_json
+
+    found = {p.stem: read_json(p, fix=f"delete it and re-run `conceptcaps {p.stem.replace('_', ' ')} --force`")
+             for p in sorted((run / "manifests").glob("*.json"))}
     order = {stage: i for i, stage in enumerate(STAGES)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -106,7 +109,9 @@ def read_metrics(run: Path) -> list[dict] | None:
     path = run / "eval" / "metrics.json"
     if not path.is_file():
         return None
-    rows = json.loads(path.read_text()).get("rows") or []
+    from generation.run_dir import read_json
+
+    rows = read_json(path, fix=f"re-run `conceptcaps evaluate --run {run} --force`").get("rows") or []
     return [{**row, "value": _number(row.get("value")), "paper": _number(row.get("paper"))} for row in rows]
 
 
@@ -253,7 +258,9 @@ def _packages(manifests: dict) -> dict[str, str]:
 
 def _taxonomy_rows(run: Path, stats: dict) -> tuple[dict, list[dict]]:
     """(taxonomy.json header, one row per tag with its count per split and in the source)."""
-    raw = json.loads((run / "taxonomy.json").read_text())
+    from generation.run_dir import read_json
+
+    raw = read_json(run / "taxonomy.json", fix=f"re-run `conceptcaps distill --out {run} --force`")
     counts = stats["tag_counts"]
     rows = []
     for category, tags in raw["categories"].items():
@@ -316,9 +323,10 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     release_sets = [tags for split in stats["aspect_lists"].values() for tags in split]
     source_sets = None
     if (run / "distilled.parquet").is_file():
-        import pyarrow.parquet as pq
 
-        source_sets = pq.read_table(run / "distilled.parquet", columns=["aspect_list"]).column("aspect_list").to_pylist()
+        from generation.run_dir import read_table
+
+        source_sets = read_table(run / "distilled.parquet", ["aspect_list"]).column("aspect_list").to_pylist()
     figures = write_figures(release / "figures", release_sets, source_sets)
     tags_per_sample = [len(set(t)) for t in release_sets]
     commands = [c for stem, m in manifests.items() if stem != "build" and (c := stage_command(stem, m))]

@@ -173,10 +173,11 @@ def load_model(model_config: ModelConfig, name: str, trust_remote_code: bool = F
 def load_pairs(run: Path, max_train: int | None, max_eval: int | None):
     """Train and validation `datasets.Dataset`s of conversational prompt-completion examples."""
     import datasets
-    import pyarrow.parquet as pq
 
     path = require(run, "distilled.parquet")
-    rows = pq.read_table(path).to_pylist()
+    from .run_dir import read_table
+
+    rows = read_table(path, fix=f"re-run `conceptcaps distill --out {run} --force`").to_pylist()
     if not rows:
         raise ConceptCapsError(f"{path} has no rows: re-run `conceptcaps distill` on a source with captions.")
     splits = {}

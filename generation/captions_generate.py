@@ -347,12 +347,14 @@ def _generate(args: CaptionsArguments) -> dict:
     if existing and not args.force:
         stored = read_json(plan_path, fix=f"pass --force to set the shards of {shards} aside and start again") \
             if plan_path.exists() else None
+        if stored is None:
+            raise ConceptCapsError(f"{shards} holds shards but no plan.json, so what made them is unknown: pass --force "
+                                   f"to set them aside and start again.")
         if stored != plan:
-            differ = sorted(k for k in set(plan) | set(stored or {}) if (stored or {}).get(k) != plan.get(k))
+            differ = sorted(k for k in set(plan) | set(stored) if stored.get(k) != plan.get(k))
             raise ConceptCapsError(
-                f"{shards} holds shards made with other settings ({', '.join(differ) or 'no plan.json'} differ; see "
-                f"{plan_path}): pass --force to set them aside and start again, or re-run with the same settings to "
-                f"resume."
+                f"{shards} holds shards made with other settings ({', '.join(differ)} differ; see {plan_path}): pass "
+                f"--force to set them aside and start again, or re-run with the same settings to resume."
             )
 
     rows = read_table(attributes_path, fix=f"re-run `conceptcaps vae sample --run {run} --force`").to_pylist()[: args.limit]

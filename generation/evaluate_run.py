@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import ConceptCapsError
 from .models import load_pretrained, resolve_model, run_relative, tiny_models
-from .run_dir import atomic_dir, finished, read_manifest, require, write_manifest
+from .run_dir import atomic_dir, finished, read_json, read_manifest, require, write_manifest
 from .vae_train import PAPER_VAE_METRICS, load_metric
 
 logger = logging.getLogger(__name__)
@@ -157,9 +157,10 @@ def _free_accelerator_memory() -> None:
 
 # -- data -------------------------------------------------------------------------------------
 def _rows(path: Path, columns: list[str] | None = None) -> list[dict]:
-    import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=columns).to_pylist()
+    from .run_dir import read_table
+
+    return read_table(path, columns, fix="re-run the stage that writes it with --force").to_pylist()
 
 
 def _first_genre(r: dict) -> str:
@@ -171,7 +172,7 @@ def vae_scores(run: Path) -> dict:
     """RUN/vae/metrics.json, or the same scores recomputed with eval/vae_metrics when it is missing."""
     metrics_path = run / "vae" / "metrics.json"
     if metrics_path.exists():
-        return json.loads(metrics_path.read_text())
+        return read_json(metrics_path, fix=f"re-run `conceptcaps vae train --run {run} --force`")
     from .taxonomy import Taxonomy
     from .vae_model import BetaVAE
     from .vae_train import VaeTrainArguments, score_vae

@@ -95,12 +95,14 @@ def load_preset(preset: str) -> dict:
 
 def build_tiny_model(name: str, run: Path) -> Path:
     """RUN/models/<name>, built once from a config (skipped when already there)."""
-    import pandas as pd
 
     target = run / "models" / name
     if (target / "config.json").exists():
         return target
-    texts = pd.read_parquet(run / "distilled.parquet")["caption"].tolist()
+    from .run_dir import read_table
+
+    texts = read_table(run / "distilled.parquet", ["caption"], fix=f"re-run `conceptcaps distill --out {run} --force`"
+                       ).column("caption").to_pylist()
     logger.info("run: building tiny %s model into %s", name, target)
     with atomic_dir(target) as tmp:
         if name == "llm":

@@ -1,0 +1,328 @@
+"""Every bad input: one line naming the problem and the fix, exit status 2, no traceback, nothing changed.
+
+Each row is (name, setup, command, pattern): `setup(run)` damages a copy of a real run (MusicCaps
+data, tiny models), `command` is the `conceptcaps` argv with RUN for that run, `pattern` must
+match the one error line. The run directory is compared byte for byte before and after.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generation.cli import main
+
+TINY = {}  # filled by the `full` fixture: name -> path of a tiny model
+
+
+def garbage(relative: str):
+    def damage(run: Path):
+        (run / relative).write_bytes(b"\x00\x13 not what it should be \xff" * 3)
+    return damage
+
+
+def truncate(relative: str):
+    def damage(run: Path):
+        data = (run / relative).read_bytes()
+        (run / relative).write_bytes(data[: len(data) // 2])
+    return damage
+
+
+def write(relative: str, content: str | bytes):
+    def make(run: Path):
+        path = run / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return make
+
+
+def nothing(run: Path):
+    pass
+
+
+QUICK_CAPTIONS = ["--max_new_tokens", "8", "--require_end_of_turn", "false", "--max_failure_rate", "1", "--limit", "8",
+                  "--batch_size", "4"]
+
+
+def interrupted_captions(run: Path, corrupt: bool = False):
+    """Two real caption shards, as a killed `captions generate` leaves them; the first one damaged if asked."""
+    from generation.captions_generate import generate_captions
+    from generation.options import parse_options
+
+    generate_captions(*parse_options(("captions", "generate"), ["--run", str(run), *QUICK_CAPTIONS]))
+    (run / "captions.parquet").unlink()
+    (run / "manifests" / "captions_generate.json").unlink()
+    if corrupt:
+        (run / "captions" / "shard-000000.parquet").write_bytes(b"PAR1 damaged after it was written")
+
+
+NESTED = "[" * 5000 + "]" * 5000
+CSV_HEADER = "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval\n"
+
+CASES = [
+    # the command line, config files and presets
+    ("unknown command", nothing, ["dance"], r"unknown command 'dance'.*--help"),
+    ("unknown sub-command", nothing, ["vae", "samp", "--run", "RUN"], r"unknown command 'vae samp'.*vae train, vae sample"),
+    ("group without its verb", nothing, ["vae"], r"unknown command 'vae'.*vae train, vae sample"),
+    ("misspelt flag", nothing, ["vae", "sample", "--run", "RUN", "--nn", "5"], r"unknown option '--nn'.*--n"),
+    ("unknown flag", nothing, ["build", "--run", "RUN", "--bogus"], r"unknown option '--bogus'"),
+    ("missing --run", nothing, ["vae", "sample"], r"required: --run"),
+    ("flag of the wrong type", nothing, ["vae", "sample", "--run", "RUN", "--n", "abc"], r"--n: invalid int value: 'abc'"),
+    ("bool flag of the wrong value", nothing, ["vae", "sample", "--run", "RUN", "--force", "maybe"], r"--force"),
+    ("missing --config file", nothing, ["vae", "sample", "--run", "RUN", "--config", "RUN/none.yaml"],
+     r"--config .*none.yaml not found"),
+    ("malformed YAML", write("c.yaml", "n: [1,\n"), ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"],
+     r"not valid YAML at line"),
+    ("unknown config key", write("c.yaml", "nn: 3\n"), ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"],
+     r"unknown option 'nn'; did you mean n"),
+    ("config value of the wrong type", write("c.yaml", "n: abc\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"n = 'abc' is not an integer"),
+    ("config list for a number", write("c.yaml", "n: [1, 2]\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"n = \[1, 2\] is a list"),
+    ("config not a mapping", write("c.yaml", "- a\n- b\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"holds a list, not a mapping"),
+    ("config not UTF-8", write("c.yaml", b"n: \xff\xfe\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"not UTF-8 text: re-encode"),
+    ("malformed preset", write("p.yaml", "vae_sample: {n: \n"), ["run", "--preset", "RUN/p.yaml", "--out", "RUN"],
+     r"preset .*p.yaml is not valid YAML"),
+    ("unknown preset section", write("p.yaml", "dance: {}\n"), ["run", "--preset", "RUN/p.yaml", "--out", "RUN"],
+     r"unknown section\(s\) \['dance'\]"),
+    ("unknown key in a preset", write("p.yaml", "vae_sample:\n  nn: 3\n"),
+     ["run", "--preset", "RUN/p.yaml", "--out", "RUN"], r"preset section 'vae_sample': unknown option 'nn'"),
+    ("wrong type in a preset", write("p.yaml", "vae_sample:\n  n: many\n"),
+     ["run", "--preset", "RUN/p.yaml", "--out", "RUN"], r"preset section 'vae_sample': n = 'many' is not an integer"),
+    ("preset section not a mapping", write("p.yaml", "vae_sample: 5\n"),
+     ["run", "--preset", "RUN/p.yaml", "--out", "RUN"], r"section 'vae_sample' holds 5, not a mapping"),
+    ("unknown preset", nothing, ["run", "--preset", "nope", "--out", "RUN"], r"preset 'nope' not found"),
+    ("unknown stage", nothing, ["run", "--out", "RUN", "--stages", "dance"], r"unknown stage\(s\) \['dance'\]"),
+    # distill and its source
+    ("missing source", nothing, ["distill", "--out", "RUN", "--source", "RUN/none.csv"], r"source file .*none.csv not found"),
+    ("empty source", write("s.csv", ""), ["distill", "--out", "RUN", "--source", "RUN/s.csv"], r"s.csv is empty"),
+    ("source not UTF-8", write("s.csv", CSV_HEADER.encode() + b"a,0,10,x,\"['rock']\",caf\xe9 music,1,False,False\n"),
+     ["distill", "--out", "RUN", "--source", "RUN/s.csv"], r"not UTF-8 text.*re-encode it as UTF-8"),
+    ("source without a column", write("s.csv", "ytid,caption\na,b\n"),
+     ["distill", "--out", "RUN", "--source", "RUN/s.csv"], r"lacks column\(s\) \['aspect_list'\]"),
+    ("deeply nested aspect_list", write("s.csv", CSV_HEADER + f'a,0,10,x,"{NESTED}",a caption,1,False,False\n'),
+     ["distill", "--out", "RUN", "--source", "RUN/s.csv"], r"line 2 \(ytid 'a'\): field 'aspect_list'.*--max_bad_rows"),
+    ("validation share out of range", nothing, ["distill", "--out", "RUN", "--validation_fraction", "2"],
+     r"--validation_fraction 2.0: give a share in \[0, 1\)"),
+    ("too many categories", nothing, ["distill", "--out", "RUN", "--min_categories", "9"], r"--min_categories 9: give 1 to 4"),
+    ("missing taxonomy", nothing, ["distill", "--out", "RUN", "--source", "MUSICCAPS", "--taxonomy", "RUN/t.yaml"],
+     r"taxonomy file .*t.yaml not found"),
+    ("malformed taxonomy", write("t.yaml", "categories: [\n"),
+     ["distill", "--out", "RUN", "--source", "MUSICCAPS", "--taxonomy", "RUN/t.yaml"], r"taxonomy file .*t.yaml cannot be read"),
+    # the VAE
+    ("corrupt distilled.parquet", garbage("distilled.parquet"), ["vae", "train", "--run", "RUN", "--force"],
+     r"distilled.parquet cannot be read as Parquet.*conceptcaps distill"),
+    ("truncated distilled.parquet", truncate("distilled.parquet"), ["vae", "train", "--run", "RUN", "--force"],
+     r"distilled.parquet cannot be read as Parquet"),
+    ("corrupt taxonomy.json", garbage("taxonomy.json"), ["vae", "train", "--run", "RUN", "--force"],
+     r"taxonomy.json cannot be read.*distill --force"),
+    ("no epochs", nothing, ["vae", "train", "--run", "RUN", "--epochs", "0"], r"--epochs 0: give at least 1"),
+    ("negative learning rate", nothing, ["vae", "train", "--run", "RUN", "--lr", "-1"], r"--lr -1.0: give a positive"),
+    ("training threshold out of range", nothing, ["vae", "train", "--run", "RUN", "--threshold", "5"],
+     r"--threshold 5.0: give a probability"),
+    ("no batch", nothing, ["vae", "train", "--run", "RUN", "--batch_size", "0"], r"--batch_size 0: give at least 1"),
+    ("sampling threshold out of range", nothing, ["vae", "sample", "--run", "RUN", "--threshold", "5", "--force"],
+     r"--threshold 5.0: give a probability"),
+    ("no samples", nothing, ["vae", "sample", "--run", "RUN", "--n", "0", "--force"], r"--n 0: ask for at least one"),
+    ("negative sampling temperature", nothing, ["vae", "sample", "--run", "RUN", "--temperature", "-1", "--force"],
+     r"--temperature -1.0: give a positive"),
+    ("corrupt VAE weights", garbage("vae/model.safetensors"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"cannot load the VAE from .*vae.*vae train --run .* --force"),
+    ("corrupt VAE config", garbage("vae/config.json"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"cannot load the VAE"),
+    ("negative quota", nothing, ["vae", "sample", "--run", "RUN", "--min_per_tag", "-1", "--force"], r"--min_per_tag -1"),
+    ("misspelt required tag", nothing, ["vae", "sample", "--run", "RUN", "--require", "pianoo", "--force"],
+     r"unknown --require tag 'pianoo'.*'piano'"),
+    ("corrupt manifest", garbage("manifests/vae_sample.json"), ["vae", "sample", "--run", "RUN"],
+     r"vae_sample.json is not valid JSON.*re-run `conceptcaps vae sample"),
+    # the captioner
+    ("missing model folder", nothing, ["captioner", "train", "--run", "RUN", "--model", "./RUN/no-model"],
+     r"model folder .*no-model not found"),
+    ("model not available offline", nothing, ["captioner", "train", "--run", "RUN", "--model", "acme/no-such-llm"],
+     r"'acme/no-such-llm' is not in the local cache .*HF_HUB_OFFLINE"),
+    ("negative epochs", nothing, ["captioner", "train", "--run", "RUN", "--model", "LLM", "--num_train_epochs", "-1"],
+     r"--num_train_epochs -1.0: give a positive"),
+    ("dropout out of range", nothing, ["captioner", "train", "--run", "RUN", "--model", "LLM", "--lora_dropout", "1.5"],
+     r"--lora_dropout 1.5: give a share"),
+    ("QLoRA without a GPU", nothing, ["captioner", "train", "--run", "RUN", "--model", "LLM", "--load_in_4bit"],
+     r"--load_in_4bit .*needs a CUDA GPU"),
+    # captions
+    ("no new tokens", nothing, ["captions", "generate", "--run", "RUN", "--max_new_tokens", "0"],
+     r"--max_new_tokens 0: give at least 1"),
+    ("negative caption temperature", nothing, ["captions", "generate", "--run", "RUN", "--temperature", "-0.5"],
+     r"--temperature -0.5: give a positive"),
+    ("top_p out of range", nothing, ["captions", "generate", "--run", "RUN", "--top_p", "1.5"], r"--top_p 1.5: give a probability"),
+    ("no caption batch", nothing, ["captions", "generate", "--run", "RUN", "--batch_size", "0"], r"--batch_size 0: give at least 1"),
+    ("unknown caption dtype", nothing, ["captions", "generate", "--run", "RUN", "--dtype", "float13"],
+     r"--dtype 'float13': use one of auto"),
+    ("failure share out of range", nothing, ["captions", "generate", "--run", "RUN", "--max_failure_rate", "2"],
+     r"--max_failure_rate 2.0: give a share"),
+    ("corrupt attributes.parquet", garbage("attributes.parquet"), ["captions", "generate", "--run", "RUN"],
+     r"attributes.parquet cannot be read as Parquet.*vae sample"),
+    ("corrupt caption shard", lambda run: interrupted_captions(run, corrupt=True), ["captions", "generate", "--run", "RUN",
+                                                                                   *QUICK_CAPTIONS],
+     r"shard-000000.parquet cannot be read as Parquet.*its batch is made again"),
+    ("caption shards of other settings", lambda run: interrupted_captions(run), ["captions", "generate", "--run", "RUN",
+                                                                                *QUICK_CAPTIONS, "--seed", "9"],
+     r"holds shards made with other settings \(seed differ.*--force"),
+    ("missing adapter", nothing, ["captions", "generate", "--run", "RUN", "--adapter", "RUN/none"],
+     r"adapter folder .*none not found"),
+    # audio
+    ("negative top-k", nothing, ["audio", "generate", "--run", "RUN", "--top_k", "-1"], r"--top_k -1: give 0"),
+    ("negative audio temperature", nothing, ["audio", "generate", "--run", "RUN", "--temperature", "-1"],
+     r"--temperature -1.0: give a positive"),
+    ("zero duration", nothing, ["audio", "generate", "--run", "RUN", "--duration", "0"], r"--duration 0.0: give a positive"),
+    ("unknown audio dtype", nothing, ["audio", "generate", "--run", "RUN", "--dtype", "float13"],
+     r"--dtype 'float13': use one of auto"),
+    ("unknown FLAC subtype", nothing, ["audio", "generate", "--run", "RUN", "--flac_subtype", "PCM_13"],
+     r"--flac_subtype 'PCM_13': use one of PCM_S8, PCM_16, PCM_24"),
+    ("audio model not available offline", nothing, ["audio", "generate", "--run", "RUN", "--model", "acme/no-musicgen"],
+     r"'acme/no-musicgen' is not in the local cache .*hf download acme/no-musicgen"),
+    ("corrupt captions.parquet", garbage("captions.parquet"), ["audio", "generate", "--run", "RUN", "--model", "MUSICGEN"],
+     r"captions.parquet cannot be read as captions"),
+    ("corrupt audio shard", garbage("audio/shard-r000-000099.parquet"),
+     ["audio", "generate", "--run", "RUN", "--model", "MUSICGEN", "--duration", "0.5", "--batch_size", "2"],
+     r"audio shard .*shard-r000-000099.parquet cannot be read.*move it out"),
+    ("negative RMS floor", nothing, ["audio", "verify", "--run", "RUN", "--min_rms", "-1"], r"--min_rms -1.0: give 0 or more"),
+    ("clipped share out of range", nothing, ["audio", "verify", "--run", "RUN", "--max_clipped_fraction", "2"],
+     r"--max_clipped_fraction 2.0: give a share"),
+    ("dry run without repair", nothing, ["audio", "verify", "--run", "RUN", "--dry_run"], r"--dry_run .* pass --repair"),
+    # build, evaluate, push
+    ("no rows per group", nothing, ["build", "--run", "RUN", "--rows_per_group", "0"], r"--rows_per_group 0: give at least 1"),
+    ("unparsable shard size", nothing, ["build", "--run", "RUN", "--max_shard_size", "lots"],
+     r"--max_shard_size 'lots': give a positive size"),
+    ("negative shard size", nothing, ["build", "--run", "RUN", "--max_shard_size=-5MB"],
+     r"--max_shard_size '-5MB': give a positive size"),
+    ("zero shard size", nothing, ["build", "--run", "RUN", "--max_shard_size", "0MB"],
+     r"--max_shard_size '0MB': give a positive size"),
+    ("corrupt captions for build", garbage("captions.parquet"), ["build", "--run", "RUN"],
+     r"captions.parquet cannot be read as Parquet.*captions generate"),
+    ("missing CLAP folder", nothing, ["evaluate", "--run", "RUN", "--clap_model", "./RUN/no-clap", "--skip",
+                                      "caption_quality", "--force"],
+     r"no-clap not found"),
+    ("no tags in the figure", nothing, ["evaluate", "--run", "RUN", "--top_tags", "0"], r"--top_tags 0: give at least 1"),
+    ("malformed repo id", nothing, ["push", "--run", "RUN", "--repo_id", "a/b/c", "--dry_run"],
+     r"--repo_id 'a/b/c' must be ORG/NAME"),
+    # concepts and TCAV
+    ("too few random concepts", nothing, ["tcav", "--run", "RUN", "--model", "MUSICGEN", "--layers", "x", "--concepts",
+                                          "piano", "--targets", "jazz", "--n_random", "5"], r"--n_random 5: use at least 10"),
+    ("TCAV model missing", nothing, ["tcav", "--run", "RUN", "--model", "./RUN/no-model", "--layers", "x", "--concepts",
+                                     "piano", "--targets", "jazz"], r"model folder .*no-model not found"),
+    ("unknown export format", nothing, ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "wav"],
+     r"--format 'wav': use one of tcav, ids"),
+    ("empty export sets", nothing, ["concepts", "export", "--run", "RUN", "--tags", "piano", "--n", "0"],
+     r"--n \(0\) and --random_size must be positive"),
+]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, captioner_run, release_run, tiny_llm, tiny_musicgen, musiccaps_csv):
+    """One run with every artifact: the VAE, samples, adapter, captions, clips and the release."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(captioner_run, run)
+    for name in ("captions.parquet", "audio", "release"):
+        source = release_run / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, run / name)
+    for manifest in (release_run / "manifests").glob("*.json"):
+        shutil.copy(manifest, run / "manifests" / manifest.name)
+    TINY.update(LLM=str(tiny_llm), MUSICGEN=str(tiny_musicgen), MUSICCAPS=str(musiccaps_csv))
+    return run
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, setup, command, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(full, tmp_path, capsys, name, setup, command, pattern):
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    setup(run)
+    argv = [str(run) if part == "RUN" else part.replace("RUN/", f"{run}/") for part in command]
+    argv = [TINY.get(part, part) for part in argv]
+    before = tree(run)
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("conceptcaps")]
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    assert tree(run) == before  # nothing damaged, nothing left behind
+
+
+def test_the_table_covers_every_stage():
+    commands = {" ".join(c[2][:2]) for c in CASES}
+    for stage in ("distill --out", "vae train", "vae sample", "captioner train", "captions generate", "audio generate",
+                  "audio verify", "build --run", "evaluate --run", "push --run", "tcav --run", "concepts export", "run --preset"):
+        assert stage in commands, stage
+    assert len(CASES) >= 60
+
+
+def can_mount() -> bool:
+    probe = Path("/tmp/conceptcaps-mount-probe")
+    probe.mkdir(exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(probe)]
+    ok = subprocess.run(command, capture_output=True, check=False).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], check=False)
+    return ok
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not can_mount(),
+                    reason="needs `mount` (root in a Linux machine or container) to make a read-only and a full disk")
+def test_read_only_and_full_disks_are_one_line(full, tmp_path, capsys):
+    # Read-only: a bind mount of a copy of the run.
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    view = tmp_path / "ro"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(run), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        code = main(["vae", "sample", "--run", str(view), "--n", "4", "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and re.search(r"cannot write .*Read-only file system.*writable", err)
+    finally:
+        subprocess.run(["umount", str(view)], check=False)
+    # Full: a 128 KB disk for the output of distill.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], check=True)
+    try:
+        code = main(["distill", "--out", str(disk / "run"), "--source", TINY["MUSICCAPS"]])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and re.search(r"cannot write .*No space left.*free space", err), err
+        assert not [p for p in (disk / "run").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(audio_captions_run, tiny_musicgen, tmp_path):
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(audio_captions_run, run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "audio", "generate", "--run", str(run), "--model",
+                                str(tiny_musicgen), "--duration", "20", "--batch_size", "1"],
+                               cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".locks" / "audio.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "conceptcaps: interrupted; re-run the same command to resume")
+    assert not (run / ".locks").exists()

@@ -1,0 +1,236 @@
+"""Integrity: no stale or unreadable clip ships, --force and --repair lose nothing, one writer per
+stage, moved runs resume, outputs are readable by others, no leftovers, no machine paths, and
+clips that do not depend on how the work was spread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, launch_audio_generate
+
+from generation.audio_generate import AudioArguments, generate_audio
+from generation.audio_shards import read_shards, shard_paths
+from generation.audio_verify import VerifyArguments, verify_audio
+from generation.build import BuildArguments, build_release
+from generation.captions_generate import CaptionsArguments, generate_captions
+from generation.cli import main
+from generation.errors import ConceptCapsError
+from generation.run_dir import read_manifest, stage_lock
+
+
+def rewrite_captions(run: Path, change) -> dict[str, str]:
+    """Apply `change(caption) -> caption` to every caption of RUN/captions.parquet; returns id -> new caption."""
+    table = pq.read_table(run / "captions.parquet")
+    captions = [change(c) for c in table.column("caption").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.string()))
+    pq.write_table(table, run / "captions.parquet")
+    return dict(zip(table.column("id").to_pylist(), captions))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1. Stale audio ---------------------------------------------------------------------------------
+def test_changed_captions_are_remade_and_never_shipped_with_old_clips(audio_run, copy_run, tiny_musicgen,
+                                                                     single_process_state):
+    run = copy_run(audio_run)
+    before = {r["id"]: r["audio"] for r in read_shards(run / "audio").to_pylist()}
+    new = rewrite_captions(run, lambda caption: caption + " With a new ending.")
+    # build refuses: every clip was made from the old caption
+    with pytest.raises(ConceptCapsError, match=r"10 clip\(s\) .* were made from another caption.*audio generate"):
+        build_release(BuildArguments(run=str(run)))
+    # verify says the same
+    with pytest.raises(ConceptCapsError, match=r"stale 10"):
+        verify_audio(VerifyArguments(run=str(run)))
+    # generate remakes them (the old clips are set aside, then dropped once the new ones are made)
+    manifest = generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=0.5, batch_size=2))
+    assert manifest["sessions"][-1]["stale_replaced"] == 10 and manifest["counts"]["generated"] == 10
+    after = read_shards(run / "audio").to_pylist()
+    assert Counter(r["id"] for r in after) == Counter(new.keys())
+    # Each clip now carries the fingerprint of its new caption (the tiny model's sound hardly depends on it).
+    from generation.audio_shards import caption_sha256
+
+    assert all(r["caption_sha256"] == caption_sha256(new[r["id"]]) for r in after) and len(before) == 10
+    assert verify_audio(VerifyArguments(run=str(run)))["failing_ids"] == 0
+    assert not (run / ".set-aside").exists()
+    build_release(BuildArguments(run=str(run)))
+
+
+# 3. --force checks before it sets anything aside --------------------------------------------------
+def test_force_with_a_misspelt_model_keeps_every_clip_and_caption(audio_run, captioner_run, copy_run, tmp_path,
+                                                                 capsys, single_process_state):
+    run = copy_run(audio_run)
+    before = snapshot(run / "audio")
+    code = main(["audio", "generate", "--run", str(run), "--model", "facebook/musicgen-smal", "--force"])
+    assert code == 2 and "musicgen-smal" in capsys.readouterr().err
+    assert snapshot(run / "audio") == before and not (run / ".set-aside").exists()
+
+    captions_run = tmp_path / "captions"
+    shutil.copytree(captioner_run, captions_run)
+    generate_captions(CaptionsArguments(run=str(captions_run), max_new_tokens=16, require_end_of_turn=False,
+                                        max_failure_rate=1.0, limit=8))
+    kept = snapshot(captions_run / "captions") | {"captions.parquet": (captions_run / "captions.parquet").read_bytes()}
+    code = main(["captions", "generate", "--run", str(captions_run), "--model", str(tmp_path / "no-such-model"),
+                 "--force", "--limit", "8"])
+    assert code == 2 and "no-such-model" in capsys.readouterr().err
+    after = snapshot(captions_run / "captions") | {"captions.parquet": (captions_run / "captions.parquet").read_bytes()}
+    assert after == kept
+
+
+# 4. One writer per stage; launched children die with their parent --------------------------------
+def test_a_second_writer_is_refused_with_the_first_ones_pid(audio_captions_run, copy_run, tiny_musicgen, capsys):
+    run = copy_run(audio_captions_run)
+    with stage_lock(run, "audio"):
+        code = main(["audio", "generate", "--run", str(run), "--model", str(tiny_musicgen), "--duration", "0.5"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"pid {os.getpid()}" in err and "audio is already running" in err
+        assert not shard_paths(run / "audio")
+    assert not (run / ".locks").exists()  # released: nothing left behind
+    # Two real processes started together: whichever is second to the lock is refused (or, if the first
+    # finished before, finds nothing to do); either way every id ends up exactly once.
+    options = ("--duration", "4.0", "--batch-size", "1")
+    processes = [launch_audio_generate(run, tiny_musicgen, *options, processes=1, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.communicate(timeout=600)[1], p.returncode) for p in processes]
+    assert sum(code == 0 for _, code in outcomes) >= 1
+    for err, code in outcomes:
+        assert code == 0 or "audio is already running" in err, err[-500:]
+    ids = read_shards(run / "audio", columns=["id"]).column("id").to_pylist()
+    assert Counter(ids) == Counter(pq.read_table(run / "captions.parquet", columns=["id"]).column("id").to_pylist())
+
+
+def test_killing_conceptcaps_run_kills_its_audio_launcher(audio_captions_run, tiny_musicgen, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(audio_captions_run, run)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"audio_generate:\n  model: {tiny_musicgen}\n  duration: 1.0\n  batch_size: 1\n")
+    launcher = (f"{sys.executable} -m accelerate.commands.launch --config_file "
+                f"{ROOT / 'accelerate_configs' / 'cpu.yaml'} --num_processes 2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "run", "--preset", str(preset), "--out",
+                                str(run), "--audio_launcher", launcher], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not shard_paths(run / "audio") and time.time() < deadline:
+        time.sleep(0.05)
+    assert shard_paths(run / "audio"), "the audio stage should have written a shard"
+    process.send_signal(signal.SIGKILL)  # only `conceptcaps run`, not its process group
+    process.wait()
+    time.sleep(3)
+    count = len(shard_paths(run / "audio"))
+    time.sleep(3)
+    assert len(shard_paths(run / "audio")) == count  # nothing is writing any more
+    # ... and the next run of the same command resumes alone: every id once.
+    assert main(["run", "--preset", str(preset), "--out", str(run)]) == 0
+    ids = read_shards(run / "audio", columns=["id"]).column("id").to_pylist()
+    assert Counter(ids) == Counter(pq.read_table(run / "captions.parquet", columns=["id"]).column("id").to_pylist())
+
+
+# 5. Moved runs resume -------------------------------------------------------------------------------
+def test_a_moved_run_resumes_captions_and_audio(captioner_run, tiny_musicgen, tmp_path, single_process_state):
+    run = tmp_path / "here" / "run"
+    shutil.copytree(captioner_run, run)
+    shutil.copytree(tiny_musicgen, run / "models" / "musicgen")  # a tiny model inside the run, as `run` builds it
+    quick = {"max_new_tokens": 16, "require_end_of_turn": False, "max_failure_rate": 1.0, "limit": 12, "batch_size": 4}
+    generate_captions(CaptionsArguments(run=str(run), **quick))
+    plan = (run / "captions" / "plan.json").read_text()
+    assert str(run) not in plan and "RUN/captioner" in plan
+    (run / "captions.parquet").unlink()
+    shutil.rmtree(run / "captions")
+    generate_captions(CaptionsArguments(run=str(run), **{**quick, "limit": 4}))
+    audio = {"model": str(run / "models" / "musicgen"), "duration": 0.5, "batch_size": 2}
+    manifest = generate_audio(AudioArguments(run=str(run), **audio))
+    assert manifest["counts"]["clips"] == 4
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)  # the old place is gone: nothing may point there
+    generate_captions(CaptionsArguments(run=str(moved), **{**quick, "limit": 4}))  # up to date, resumable
+    clips = read_shards(moved / "audio").to_pylist()
+    assert {r["model"] for r in clips} == {"RUN/models/musicgen"}
+    manifest = generate_audio(AudioArguments(run=str(moved), **{**audio, "model": str(moved / "models" / "musicgen")}))
+    assert manifest["counts"]["clips"] == 4 and manifest["counts"]["missing"] == 0
+
+
+# 6. Undecodable audio is not shipped -----------------------------------------------------------------
+def test_build_refuses_a_clip_that_does_not_decode(audio_run, copy_run, capsys):
+    run = copy_run(audio_run)
+    shard = shard_paths(run / "audio")[0]
+    table = pq.read_table(shard)
+    audio = table.column("audio").to_pylist()
+    audio[0] = b"fLaC" + b"\x00" * 200  # looks like FLAC, is not
+    pq.write_table(table.set_column(1, "audio", pa.array(audio, pa.binary())), shard)
+    code = main(["build", "--run", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "do not open as FLAC" in err and table.column("id")[0].as_py() in err
+    assert not (run / "release").exists()
+
+
+# 7. Outputs follow the umask ------------------------------------------------------------------------
+def test_outputs_are_readable_by_others(release_run, copy_run):
+    run = copy_run(release_run)
+    old = os.umask(0o022)
+    try:
+        build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2, force=True))
+    finally:
+        os.umask(old)
+    files = [run / "release" / "README.md", run / "release" / "concepts.json", run / "manifests" / "build.json",
+             *(run / "release" / "data" / "default").glob("*.parquet")]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    for folder in (run / "release" / "data", run / "release" / "data" / "default"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
+# 8. Leftovers of interrupted writes are removed on resume ---------------------------------------------
+def test_leftovers_of_interrupted_writes_are_removed(release_run, copy_run):
+    run = copy_run(release_run)
+    leftovers = [run / ".build-k3j2", run / "release" / ".data.x1y2.tmp", run / "release" / ".README.md.ab12.tmp",
+                 run / ".captioner.zz99.tmp"]
+    for path in leftovers:
+        if "README" in path.name:
+            path.write_text("half a card")
+        else:
+            path.mkdir()
+            (path / "part").write_text("half")
+    build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
+    assert [p for p in leftovers[:3] if p.exists()] == []
+    from generation.run_dir import remove_leftovers
+
+    assert remove_leftovers(run, ["captioner"]) == 1 and not leftovers[3].exists()
+
+
+# 9. No symlink out of the release ---------------------------------------------------------------------
+def test_push_refuses_a_symlink_in_the_release(release_run, copy_run, tmp_path):
+    from generation.push import PushArguments, push_release
+
+    run = copy_run(release_run)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (run / "release" / "notes.txt").symlink_to(secret)
+    with pytest.raises(ConceptCapsError, match=r"notes.txt is a symbolic link.*only files inside"):
+        push_release(PushArguments(run=str(run), repo_id="my-org/conceptcaps", dry_run=True))
+
+
+# Reproducibility ---------------------------------------------------------------------------------------
+def test_clips_do_not_depend_on_how_many_processes_made_them(audio_run, audio_captions_run, copy_run, tiny_musicgen,
+                                                           single_process_state):
+    """audio_run was made by two processes; one process with the same settings makes the same bytes."""
+    run = copy_run(audio_captions_run)
+    generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=0.5, batch_size=2))
+    two = {r["id"]: r["audio"] for r in read_shards(audio_run / "audio").to_pylist()}
+    one = {r["id"]: r["audio"] for r in read_shards(run / "audio").to_pylist()}
+    assert one == two
+    determinism = read_manifest(run, "audio")["sessions"][-1]["determinism"]
+    assert determinism["threads"] == 1 and determinism["batch_size"] == 2 and determinism["device"] == "cpu"
