@@ -558,8 +558,6 @@ def evaluate_run(args: EvaluateArguments) -> dict:
 
 def _evaluate(args: EvaluateArguments) -> dict:
     from .audio_shards import shard_paths
-    from .run_dir import remove_leftovers
-
     started = time.time()
     run = Path(args.run)
     require(run, "distilled.parquet")
@@ -569,7 +567,6 @@ def _evaluate(args: EvaluateArguments) -> dict:
         raise ConceptCapsError(f"--skip {' '.join(unknown)}: unknown metric group(s); choose from {', '.join(GROUPS)}.")
     inputs = _inputs(run)
     out = run / "eval"
-    remove_leftovers(run, ["eval"])
     done = finished(run, STAGE, args, inputs, [out / "metrics.json", out / "report.md"])
     if done and not args.force:
         logger.info("evaluate: %s is up to date; --force evaluates again", out)

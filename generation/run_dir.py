@@ -116,12 +116,22 @@ def remove_leftovers(folder: str | os.PathLike, names: list[str]) -> int:
 
 
 # -- locks -------------------------------------------------------------------------------------
+# The files each stage writes atomically into RUN (beside its manifest): what an interrupted
+# write of them leaves is removed when the stage next takes its lock.
+STAGE_FILES = {
+    "distill": ["taxonomy.json", "distilled.parquet"], "vae_train": ["vae"], "vae_sample": ["attributes.parquet"],
+    "captioner_train": ["captioner"], "captions_generate": ["captions.parquet"], "evaluate": ["eval"],
+    "build": ["release"],
+}
+
+
 @contextmanager
 def stage_lock(run: str | os.PathLike, stage: str) -> Iterator[Path]:
     """Hold RUN/.locks/<stage>.lock (an flock: the kernel drops it when the holder dies, even by kill -9).
 
-    A second holder gets one clear error naming the first one's pid and command. The lock file is
-    removed when the lock is released, so a finished run leaves no trace of it.
+    A second holder gets one clear error naming the first one's pid and command. Holding it, the
+    stage removes what an interrupted write of its manifest and files left (`STAGE_FILES`). The
+    lock file is removed when the lock is released, so a finished run leaves no trace of it.
     """
     import fcntl
 
@@ -150,6 +160,8 @@ def stage_lock(run: str | os.PathLike, stage: str) -> Iterator[Path]:
             break
         os.close(fd)  # the file was replaced while we waited for it: lock the current one
     os.ftruncate(fd, 0)
+    remove_leftovers(run / "manifests", [f"{stage.replace(' ', '_')}.json"])
+    remove_leftovers(run, STAGE_FILES.get(stage.replace(" ", "_"), []))
     command = " ".join(["conceptcaps", *sys.argv[1:]])[:300] if sys.argv else "python"
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`".encode(), 0)
     try:

@@ -125,13 +125,12 @@ def _train(args: VaeTrainArguments) -> dict:
         logger.info("vae train: %s is up to date; --force retrains", out)
         return done
 
-    from .run_dir import read_table, remove_leftovers
+    from .run_dir import read_table
 
     taxonomy = Taxonomy.load(taxonomy_path)
     table = read_table(distilled_path, ["aspect_list", "split"], fix=f"re-run `conceptcaps distill --out {run} --force`")
     rows = table.to_pylist()
     sets = {split: [list(r["aspect_list"]) for r in rows if r["split"] == split] for split in ("train", "validation")}
-    remove_leftovers(run, ["vae"])
     if not sets["train"]:
         raise ConceptCapsError(f"{distilled_path} has no train rows: re-run distill with a smaller --validation_fraction.")
 
