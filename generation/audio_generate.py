@@ -60,7 +60,16 @@ class AudioArguments:
     guidance_scale: float = field(default=3.3, metadata={"help": "Classifier-free guidance scale (the paper: 3.3)."})
     top_k: int = field(default=250, metadata={"help": "Top-k sampling over each codebook (MusicGen's default: 250)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    batch_size: int = field(default=8, metadata={"help": "Captions per generate() call on each process."})
+    batch_size: int = field(
+        default=0,
+        metadata={"help": "Captions decoded together on each process; 0: on a GPU the largest batch its free memory "
+                          "holds (KV cache and codec), on a CPU 8. The clips depend on it (their batches)."})
+    decoder: str = field(
+        default="static",
+        metadata={"help": "static: the static-cache decode loop (CUDA graphs on a GPU; the same clips as generate); "
+                          "generate: transformers' MusicgenForConditionalGeneration.generate."})
+    codec_batch_size: int = field(
+        default=0, metadata={"help": "Clips the EnCodec decoder turns into audio at once (0: 4 on a GPU, all on a CPU)."})
     seed: int = field(default=0, metadata={"help": "Base seed; each batch's seed derives from it and its first id."})
     dtype: str = field(
         default="auto",
@@ -82,6 +91,13 @@ def batch_seed(base_seed: int, first_id: str) -> int:
     """A batch's seed: a hash of the base seed and its first id, so it never depends on ranks."""
     digest = hashlib.sha256(f"{base_seed}:{first_id}".encode()).hexdigest()
     return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def codec_timing_from(model_id: str) -> dict:
+    """codec_timing of a checkpoint, from its config alone (no weights loaded)."""
+    from transformers import MusicgenConfig
+
+    return codec_timing(load_pretrained(MusicgenConfig, resolve_model(model_id, "model"), "model", "MusicGen config"))
 
 
 def codec_timing(config) -> dict:
@@ -141,17 +157,32 @@ def load_musicgen(model_id: str, device, dtype, processor=None):
 
 
 def synthesize(model, processor, prompts: list[str], *, seed: int, max_new_tokens: int,
-               guidance_scale: float = 3.3, top_k: int = 250, temperature: float = 1.0) -> np.ndarray:
-    """Generate one clip per prompt: (batch, channels, samples) float32 audio."""
+               guidance_scale: float = 3.3, top_k: int = 250, temperature: float = 1.0,
+               decoder=None, codec_batch_size: int | None = None) -> np.ndarray:
+    """Generate one clip per prompt: (batch, channels, samples) float32 audio.
+
+    With `decoder` (a `StaticMusicgenDecoder`) the loop is the static-cache one, which gives the
+    same clips as `model.generate` for the same seed; the codec then decodes `codec_batch_size`
+    clips at a time (EnCodec's activations for 30 s clips are large).
+    """
     import torch
 
-    inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt").to(model.device)
+    # On CUDA the compiled step sees one prompt length per bucket of 32 tokens: fewer recompilations.
+    bucket = 32 if decoder is not None and decoder.compile_step else None
+    inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt",
+                       pad_to_multiple_of=bucket).to(model.device)
     torch.manual_seed(seed)  # seeds every device's generator: same batch + seed -> same clips
     with torch.inference_mode():
-        audio = model.generate(
-            **inputs, do_sample=True, top_k=top_k, temperature=temperature,
-            guidance_scale=guidance_scale, max_new_tokens=max_new_tokens,
-        )
+        if decoder is None:
+            audio = model.generate(
+                **inputs, do_sample=True, top_k=top_k, temperature=temperature,
+                guidance_scale=guidance_scale, max_new_tokens=max_new_tokens,
+            )
+        else:
+            codes = decoder.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
+                                           guidance_scale=guidance_scale, top_k=top_k, temperature=temperature)
+            step = codec_batch_size or codes.shape[1]
+            audio = torch.cat([decoder.decode_audio(codes[:, i:i + step]) for i in range(0, codes.shape[1], step)])
     return audio.float().cpu().numpy()
 
 
@@ -222,14 +253,64 @@ def _read_captions(path: Path) -> dict[str, str]:
 
 
 SETTING_KEYS = ("model", "duration", "guidance_scale", "top_k", "temperature", "flac_subtype")
+DECODERS = ("static", "generate")
+CPU_BATCH_SIZE = 8
+GPU_CODEC_BATCH_SIZE = 4
+MEMORY_HEADROOM = 0.85  # of the free memory after the weights: allocator slack, the codec, activations
+
+
+def kv_bytes_per_clip(decoder_config, max_new_tokens: int, guidance: bool, dtype_bytes: int, text_tokens: int = 128) -> int:
+    """Bytes one clip holds on the device while it decodes: self- and cross-attention KV cache, both CFG halves."""
+    rows = 2 if guidance else 1
+    width = decoder_config.hidden_size  # heads x head size
+    layers = decoder_config.num_hidden_layers
+    self_attention = 2 * layers * width * (max_new_tokens + 1) * dtype_bytes
+    cross_attention = 2 * layers * width * text_tokens * dtype_bytes
+    return rows * (self_attention + cross_attention)
+
+
+def batch_size_from_memory(free_bytes: int, decoder_config, max_new_tokens: int, guidance: bool, dtype_bytes: int,
+                           limit: int = 256) -> int:
+    """The largest batch whose KV cache fits in MEMORY_HEADROOM of `free_bytes` (at least 1, at most `limit`).
+
+    >>> from transformers import MusicgenDecoderConfig
+    >>> large = MusicgenDecoderConfig(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32)
+    >>> batch_size_from_memory(72 * 2**30, large, 1503, guidance=True, dtype_bytes=2)   # H100 after bf16 weights
+    51
+    """
+    per_clip = kv_bytes_per_clip(decoder_config, max_new_tokens, guidance, dtype_bytes)
+    return max(1, min(limit, int(free_bytes * MEMORY_HEADROOM) // per_clip))
 FLAC_SUBTYPES = ("PCM_S8", "PCM_16", "PCM_24")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_batch_size(args: AudioArguments, device, max_new_tokens: int) -> int:
+    """--batch_size, or (0) the largest batch the GPU's free memory holds next to the weights, or 8 on a CPU."""
+    if args.batch_size:
+        return args.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    import torch
+    from transformers import MusicgenConfig, MusicgenForConditionalGeneration
+
+    config = load_pretrained(MusicgenConfig, resolve_model(args.model, "model"), "model", "MusicGen config")
+    with torch.device("meta"):  # counts the weights without allocating them
+        parameters = sum(p.numel() for p in MusicgenForConditionalGeneration(config).parameters())
+    dtype_bytes = resolve_dtype(args.dtype, device).itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    size = batch_size_from_memory(free - parameters * dtype_bytes, config.decoder, max_new_tokens,
+                                  args.guidance_scale > 1, dtype_bytes)
+    logger.info("audio: batch size %d from %.1f GiB free on %s (weights %.1f GiB)", size, free / 2**30, device,
+                parameters * dtype_bytes / 2**30)
+    return size
 
 
 def check_arguments(args: AudioArguments) -> None:
     """Every option that can be checked before a model loads or a file is touched: one clear error each."""
     checks = [
-        (args.batch_size >= 1, f"--batch_size {args.batch_size}: give at least 1."),
+        (args.batch_size >= 0, f"--batch_size {args.batch_size}: give 0 (from memory) or more."),
+        (args.decoder in DECODERS, f"--decoder {args.decoder!r}: use one of {', '.join(DECODERS)}."),
+        (args.codec_batch_size >= 0, f"--codec_batch_size {args.codec_batch_size}: give 0 (automatic) or more."),
         (args.duration > 0, f"--duration {args.duration}: give a positive number of seconds."),
         (args.top_k >= 0, f"--top_k {args.top_k}: give 0 (no top-k cut) or a positive number of codes."),
         (args.temperature > 0, f"--temperature {args.temperature}: give a positive temperature, e.g. 1.0."),
@@ -349,7 +430,9 @@ def generate_audio(args: AudioArguments) -> dict:
         stale = {} if args.force else stale_clips(index, prompts)
         gone = {i for ids in stale.values() for i in ids}
         done = set() if args.force else set(index.column("id").to_pylist()) - gone
-        batches = plan_all_batches(prompts, processor.tokenizer, args.batch_size)
+        max_new_tokens = decoding_steps(args.duration, codec_timing_from(args.model))[1]
+        batch_size = resolve_batch_size(args, state.device, max_new_tokens)
+        batches = plan_all_batches(prompts, processor.tokenizer, batch_size)
         todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
         previous = read_manifest(run, STAGE)
         if not todo:
@@ -365,6 +448,12 @@ def generate_audio(args: AudioArguments) -> dict:
         dtype = resolve_dtype(args.dtype, device)
         model, processor = load_musicgen(args.model, device, dtype, processor)
         timing = codec_timing(model.config)
+        static = None
+        if args.decoder == "static":
+            from .musicgen_decode import StaticMusicgenDecoder
+
+            static = StaticMusicgenDecoder(model)
+        codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
         state.wait_for_everyone()
         report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
         # Why: no process may write a shard before the main one has set old clips aside.
@@ -376,7 +465,6 @@ def generate_audio(args: AudioArguments) -> dict:
         with state.split_between_processes(todo) as mine:
             if mine:
                 local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
-                max_new_tokens = decoding_steps(args.duration, timing)[1]
                 logger.info("audio: rank %d generates %d clips in %d batches on %s (%s, %d thread(s))", rank,
                             local["assigned"], len(mine), device, str(dtype).replace("torch.", ""),
                             torch.get_num_threads())
@@ -391,7 +479,8 @@ def generate_audio(args: AudioArguments) -> dict:
                     tick = time.time()
                     audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
                                        max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
-                                       top_k=args.top_k, temperature=args.temperature)
+                                       top_k=args.top_k, temperature=args.temperature, decoder=static,
+                                       codec_batch_size=codec_batch)
                     local["generate_seconds"] += time.time() - tick
                     writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
                                      caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
@@ -407,18 +496,20 @@ def generate_audio(args: AudioArguments) -> dict:
         manifest = None
         if state.is_main_process:
             manifest = _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing,
-                                             report, state, started)
+                                             report, state, started, batch_size)
             drop_set_aside(run, STAGE)  # the new clips are in place: what --force or a caption change replaced goes
     state.wait_for_everyone()
     return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
 
 
-def determinism(args: AudioArguments, state) -> dict:
+def determinism(args: AudioArguments, state, batch_size: int) -> dict:
     """What a clip's exact samples depend on, recorded so that a rerun can match it (docs/audio.md)."""
     import torch
 
     record = {"torch": torch.__version__, "device": str(state.device), "threads": torch.get_num_threads(),
-              "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype}
+              "batch_size": batch_size, "seed": args.seed, "dtype": args.dtype, "decoder": args.decoder,
+              "codec_batch_size": args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if state.device.type == "cuda" else
+                                                             "all")}
     if torch.cuda.is_available() and state.device.type == "cuda":
         record.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
                       cudnn=torch.backends.cudnn.version())
@@ -426,7 +517,7 @@ def determinism(args: AudioArguments, state) -> dict:
 
 
 def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing, report, state,
-                          started) -> dict:
+                          started, batch_size) -> dict:
     audio_dir = run / "audio"
     index = read_shards(audio_dir, columns=INDEX_COLUMNS)
     clip_ids = index.column("id").to_pylist()
@@ -434,7 +525,8 @@ def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, pre
     session = {
         "processes": state.num_processes, "generated": sum(r["clips"] for r in per_rank),
         "audio_seconds": round(sum(r["audio_seconds"] for r in per_rank), 3),
-        "wall_time_s": round(time.time() - started, 3), "per_rank": per_rank, "determinism": determinism(args, state),
+        "wall_time_s": round(time.time() - started, 3), "per_rank": per_rank,
+        "determinism": determinism(args, state, batch_size),
         "stale_replaced": report.get("stale", 0), "leftovers_removed": report.get("leftovers", 0),
     }
     counts = {

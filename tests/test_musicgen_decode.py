@@ -1,0 +1,97 @@
+"""The static-cache MusicGen decode loop gives the clips of transformers' generate, for the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from generation.audio_generate import (
+    AudioArguments,
+    batch_size_from_memory,
+    codec_timing,
+    decoding_steps,
+    generate_audio,
+    kv_bytes_per_clip,
+    load_musicgen,
+    synthesize,
+)
+from generation.audio_shards import read_shards
+from generation.musicgen_decode import StaticMusicgenDecoder
+
+PROMPTS = ["A calm jazz piano with soft brushes and a walking double bass",
+           "Loud rock guitar riff", "a slow ambient pad with strings, reverb and a distant choir humming"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_musicgen):
+    torch.set_num_threads(1)
+    return load_musicgen(str(tiny_musicgen), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stereo(tiny):
+    from transformers import MusicgenForConditionalGeneration
+
+    from generation.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
+
+    model, processor = tiny
+    torch.manual_seed(1)
+    config = tiny_musicgen_config(len(processor.tokenizer), stereo=True)
+    stereo = MusicgenForConditionalGeneration(config).eval()
+    make_audible(stereo)
+    stereo.generation_config = musicgen_generation_config(config.decoder.vocab_size)
+    return stereo, processor
+
+
+@pytest.mark.parametrize("prompts, guidance, top_k, seconds", [
+    (PROMPTS, 3.3, 250, 0.6),     # the paper's settings, prompts of three lengths (padding)
+    (PROMPTS[:1], 3.0, 250, 0.3),  # one clip
+    (PROMPTS, 1.0, 0, 0.4),        # no guidance, no top-k
+    (PROMPTS[1:], 5.0, 8, 0.5),    # a strong guidance and a small top-k
+])
+def test_static_decoding_equals_generate(tiny, prompts, guidance, top_k, seconds):
+    model, processor = tiny
+    steps = decoding_steps(seconds, codec_timing(model.config))[1]
+    settings = {"seed": 11, "max_new_tokens": steps, "guidance_scale": guidance, "top_k": top_k}
+    reference = synthesize(model, processor, prompts, **settings)
+    static = synthesize(model, processor, prompts, **settings, decoder=StaticMusicgenDecoder(model))
+    assert static.shape == reference.shape and np.array_equal(static, reference)
+    # The codec in sub-batches: the same codes, and audio equal to float rounding (batched convolutions sum
+    # in another order).
+    parts = synthesize(model, processor, prompts, **settings, decoder=StaticMusicgenDecoder(model), codec_batch_size=1)
+    np.testing.assert_allclose(parts, reference, rtol=0, atol=1e-5)
+
+
+def test_static_decoding_equals_generate_in_stereo(stereo):
+    model, processor = stereo
+    steps = decoding_steps(0.4, codec_timing(model.config))[1]
+    settings = {"seed": 3, "max_new_tokens": steps, "guidance_scale": 3.3, "top_k": 250}
+    reference = synthesize(model, processor, PROMPTS[:2], **settings)
+    static = synthesize(model, processor, PROMPTS[:2], **settings, decoder=StaticMusicgenDecoder(model))
+    assert reference.shape[1] == 2 and np.array_equal(static, reference)
+
+
+def test_the_stage_makes_the_same_shards_with_either_decoder(audio_captions_run, tmp_path, tiny_musicgen,
+                                                            single_process_state):
+    import shutil
+
+    runs = {}
+    for decoder in ("generate", "static"):
+        run = shutil.copytree(audio_captions_run, tmp_path / decoder)
+        generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=0.5, batch_size=3,
+                                      decoder=decoder))
+        runs[decoder] = {r["id"]: r["audio"] for r in read_shards(run / "audio").to_pylist()}
+    assert runs["static"] == runs["generate"] and len(runs["static"]) == 10
+
+
+def test_batch_size_from_memory():
+    from transformers import MusicgenDecoderConfig
+
+    large = MusicgenDecoderConfig(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32)
+    per_clip = kv_bytes_per_clip(large, 1503, guidance=True, dtype_bytes=2)
+    assert 1.1e9 < per_clip < 1.3e9  # about 1.2 GB of KV cache per 30-second clip with guidance
+    assert batch_size_from_memory(72 * 2**30, large, 1503, True, 2) == 51
+    assert batch_size_from_memory(130 * 2**30, large, 1503, True, 2) == 92  # H200
+    assert batch_size_from_memory(2**30, large, 1503, True, 2) == 1  # never below one
+    assert batch_size_from_memory(72 * 2**30, large, 1503, False, 2) == 102  # no guidance: half the cache
