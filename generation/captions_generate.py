@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import ConceptCapsError
 from .prompts import prompt_messages
-from .run_dir import file_sha256, finished, read_json, require, write_json, write_manifest, write_parquet
+from .run_dir import file_sha256, finished, read_json, read_manifest, require, write_json, write_manifest, write_parquet
 from .taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,16 @@ class CaptionsArguments:
     )
     limit: int | None = field(default=None, metadata={"help": "Caption only the first N attribute sets (quick runs)."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, ..."})
-    force: bool = field(default=False, metadata={"help": "Discard existing shards and captions and start over."})
+    merge_adapter: bool = field(
+        default=True,
+        metadata={"help": "Merge the LoRA weights into the base model before generating (peft merge_and_unload): one "
+                          "matmul per layer instead of three. With a bf16 base the merged weights are rounded to bf16."})
+    engine: str = field(
+        default="transformers",
+        metadata={"help": "transformers (any device, under `accelerate launch` for several processes) or vllm (where "
+                          "vLLM is installed: its own batching and paged KV cache; LoRA adapters supported)."})
+    force: bool = field(default=False, metadata={"help": "Make every caption again; the old ones are set aside and "
+                                                         "dropped once the new ones are made."})
 
 
 # -- coverage: the one implementation lives in the evaluate module ---------------------------
@@ -176,8 +185,12 @@ def resolve_models(args: CaptionsArguments, run: Path) -> tuple[str, str | None]
     return resolve_model_name(base), str(adapter.resolve())
 
 
-def load_captioner(base: str, adapter: str | None, dtype: str):
-    """(model on the best device, left-padding tokenizer, end-of-turn token ids)."""
+def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = False, device=None):
+    """(model on `device` (default: the best one), left-padding tokenizer, end-of-turn token ids).
+
+    `merge` folds the LoRA weights into the base weights (peft's merge_and_unload), so each
+    linear layer is one matmul at generation time.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -186,14 +199,16 @@ def load_captioner(base: str, adapter: str | None, dtype: str):
     has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(adapter if has_tokenizer else base)
     tokenizer.padding_side = "left"  # decoder-only models continue from the right end of the prompt
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     model = from_pretrained(AutoModelForCausalLM, base, "model", dtype=getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            model = model.merge_and_unload()
     model.to(device).eval()
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
@@ -260,7 +275,8 @@ def _plan(args: CaptionsArguments, attributes: Path, taxonomy: Path, base: str, 
     from .run_dir import run_relative
 
     keep = ("batch_size", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "max_attempts",
-            "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype")
+            "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype", "merge_adapter",
+            "engine")
     plan = {key: getattr(args, key) for key in keep}
     weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                     if adapter and (Path(adapter) / n).exists()), None)
@@ -285,6 +301,7 @@ def _check_rows(rows: list[dict], path: Path) -> None:
 
 # -- the stage --------------------------------------------------------------------------------
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ENGINES = ("transformers", "vllm")
 
 
 def check_arguments(args: CaptionsArguments) -> None:
@@ -301,6 +318,7 @@ def check_arguments(args: CaptionsArguments) -> None:
         (0 <= args.max_failure_rate <= 1, f"--max_failure_rate {args.max_failure_rate}: give a share in [0, 1]."),
         (args.limit is None or args.limit >= 1, f"--limit {args.limit}: give at least 1 (or leave it out)."),
         (args.dtype in DTYPES, f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}."),
+        (args.engine in ENGINES, f"--engine {args.engine!r}: use one of {', '.join(ENGINES)}."),
     ]
     for ok, message in checks:
         if not ok:
@@ -308,17 +326,32 @@ def check_arguments(args: CaptionsArguments) -> None:
 
 
 def generate_captions(args: CaptionsArguments) -> dict:
-    """Run the stage and return its manifest."""
+    """Run the stage (on this process's share of the batches, under `accelerate launch`) and return its manifest."""
+    import contextlib
+
     from .run_dir import stage_lock
 
     check_arguments(args)
     require(args.run, "attributes.parquet")
-    with stage_lock(args.run, STAGE):
-        return _generate(args)
+    state = partial_state()
+    if args.engine == "vllm" and state.num_processes > 1:
+        raise ConceptCapsError("--engine vllm spreads the work itself: run it as one process, not under "
+                               "`accelerate launch` (vLLM uses every GPU it is given).")
+    with stage_lock(args.run, STAGE) if state.is_main_process else contextlib.nullcontext():
+        return _generate(args, state)
 
 
-def _generate(args: CaptionsArguments) -> dict:
-    from tqdm.auto import tqdm
+def partial_state():
+    """Accelerate's process state; on a machine without an accelerator, CPU processes (gloo)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import is_mps_available, is_xpu_available
+
+    return PartialState(cpu=not (torch.cuda.is_available() or is_xpu_available() or is_mps_available()))
+
+
+def _generate(args: CaptionsArguments, state) -> dict:
+    from accelerate.utils import tqdm
 
     from .run_dir import drop_set_aside, read_table, set_aside
 
@@ -340,8 +373,9 @@ def _generate(args: CaptionsArguments) -> dict:
         return done
 
     plan = json.loads(json.dumps(_plan(args, attributes_path, Path(taxonomy_path), base, adapter, run)))
-    for stale in shards.glob(".shard-*.tmp"):  # a shard being written when the last run was killed
-        stale.unlink()
+    if state.is_main_process:
+        for stale in shards.glob(".shard-*.tmp"):  # a shard being written when the last run was killed
+            stale.unlink()
     plan_path = shards / "plan.json"
     existing = list(shards.glob("shard-*.parquet"))
     if existing and not args.force:
@@ -361,14 +395,23 @@ def _generate(args: CaptionsArguments) -> dict:
     _check_rows(rows, attributes_path)
     taxonomy = Taxonomy.load(taxonomy_path)
     coverage = load_coverage_module()
-    model, tokenizer, stop_ids = load_captioner(base, adapter, args.dtype)
-    if args.force:  # the model loaded: only now may the old work go, and only aside until the new one is done
-        folder = set_aside(run, STAGE, [shards, out])
-        if folder:
-            logger.info("captions: --force: the old captions are set aside in %s until the new ones are made", folder)
-    write_json(plan_path, plan)  # written before the first shard, so every shard has its plan
+    if args.engine == "vllm":
+        generator = VllmCaptioner(base, adapter, args)
+        tokenizer = generator.tokenizer
+    else:
+        model, tokenizer, stop_ids = load_captioner(base, adapter, args.dtype, args.merge_adapter, state.device)
+    state.wait_for_everyone()  # every process has its model: only now may the old work go
+    if state.is_main_process:
+        if args.force:  # and only aside until the new work is done
+            folder = set_aside(run, STAGE, [shards, out])
+            if folder:
+                logger.info("captions: --force: the old captions are set aside in %s until the new ones are made",
+                            folder)
+        write_json(plan_path, plan)  # written before the first shard, so every shard has its plan
+    state.wait_for_everyone()
 
-    # Fixed batches of length-sorted prompts: the same batches (and so the same seeds) on every re-run.
+    # Fixed batches of length-sorted prompts: the same batches (and so the same seeds) on every re-run,
+    # whatever the number of processes; each process takes its share of the batches still to do.
     lengths = [len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, return_dict=True)["input_ids"])
                for r in rows]
     order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]["id"]))
@@ -376,19 +419,23 @@ def _generate(args: CaptionsArguments) -> dict:
     written = {row["id"] for row in read_shards(shards)}
     pending = [(b, batch) for b, batch in enumerate(batches) if not all(r["id"] in written for r in batch)]
     resumed = len(batches) - len(pending)
-    if resumed:
+    if resumed and state.is_main_process:
         logger.info("captions: resuming, %d of %d batches already in %s", resumed, len(batches), shards)
 
     checks = {k: getattr(args, k) for k in ("ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn")}
-    with ThreadPoolExecutor(max_workers=1) as writer:  # the accelerator never waits on the disk
-        last_write = None
-        for b, batch in tqdm(pending, desc="captions", unit="batch", initial=0, total=len(pending)):
+    with state.split_between_processes(pending) as mine, ThreadPoolExecutor(max_workers=1) as writer:
+        last_write = None  # the accelerator never waits on the disk
+        for b, batch in tqdm(list(mine), desc="captions", unit="batch"):
             results = {}
             todo = list(batch)
             for attempt in range(1, args.max_attempts + 1):
                 seed = derived_seed(args.seed, b, attempt)
                 # Greedy output is the same every time, so retries always sample.
-                outputs = generate_batch(model, tokenizer, stop_ids, todo, args, seed, args.do_sample or attempt > 1)
+                sample = args.do_sample or attempt > 1
+                if args.engine == "vllm":
+                    outputs = generator.generate(todo, seed, sample)
+                else:
+                    outputs = generate_batch(model, tokenizer, stop_ids, todo, args, seed, sample)
                 retry = []
                 for row, (raw, ended) in zip(todo, outputs):
                     caption = clean_caption(raw)
@@ -415,9 +462,50 @@ def _generate(args: CaptionsArguments) -> dict:
         if last_write is not None:
             last_write.result()
 
-    manifest = _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches))
-    drop_set_aside(run, STAGE)
-    return manifest
+    state.wait_for_everyone()
+    manifest = None
+    if state.is_main_process:
+        manifest = _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches),
+                           state.num_processes)
+        drop_set_aside(run, STAGE)
+    state.wait_for_everyone()
+    return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
+
+
+class VllmCaptioner:
+    """Caption generation with vLLM (`--engine vllm`): the same prompts, seeds and checks, vLLM's batching.
+
+    Why optional: vLLM needs a CUDA build and is not installed with ConceptCaps; where it is,
+    its paged KV cache and continuous batching generate captions faster than transformers.
+    """
+
+    def __init__(self, base: str, adapter: str | None, args: CaptionsArguments):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ConceptCapsError("--engine vllm needs vLLM (`pip install vllm` on a CUDA machine); without it use "
+                                   "--engine transformers, under `accelerate launch` for several GPUs.") from err
+        from .captioner_train import load_tokenizer
+
+        self.args = args
+        self.adapter = adapter
+        self.tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
+                                        else base)
+        rank = 64
+        if adapter:
+            rank = int(read_json(Path(adapter) / "adapter_config.json").get("r", rank))
+        self.llm = LLM(model=base, dtype=args.dtype if args.dtype != "auto" else "auto", enable_lora=bool(adapter),
+                       max_lora_rank=max(rank, 8), seed=args.seed)
+
+    def generate(self, rows: list[dict], seed: int, sample: bool) -> list[tuple[str, bool]]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        params = SamplingParams(temperature=self.args.temperature if sample else 0.0, top_p=self.args.top_p,
+                                max_tokens=self.args.max_new_tokens, seed=seed)
+        request = LoRARequest("captioner", 1, self.adapter) if self.adapter else None
+        outputs = self.llm.chat([prompt_messages(r) for r in rows], params, lora_request=request, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outputs]
 
 
 def _write_shard(records: list[dict], path: Path) -> None:
@@ -426,7 +514,8 @@ def _write_shard(records: list[dict], path: Path) -> None:
     write_parquet(pa.Table.from_pylist(records, schema=_schema()), path)
 
 
-def _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, n_batches) -> dict:
+def _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, n_batches,
+            processes: int = 1) -> dict:
     """Gather the shards into RUN/captions.parquet (good captions only) and write the manifest."""
     import pyarrow as pa
 
@@ -465,6 +554,7 @@ def _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, r
         "retried": sum(r["attempts"] > 1 for r in good),
         "batches": n_batches,
         "resumed_batches": resumed,
+        "processes": processes,
         "mean_words": sum(len(r["caption"].split()) for r in good) / max(len(good), 1),
     }
     logger.info("captions: %d written, %d failed, coverage %.3f -> %s",

@@ -60,7 +60,7 @@ PAPER = {
 # Decoding settings that reference captions take from the run's captions stage, so they are
 # written the way the dataset's captions were.
 CAPTION_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "max_attempts", "ngram_size",
-                    "max_ngram_repeats", "min_words", "require_end_of_turn", "dtype")
+                    "max_ngram_repeats", "min_words", "require_end_of_turn", "dtype", "merge_adapter")
 
 
 @dataclass
@@ -256,7 +256,7 @@ def generate_validation_captions(rows: list[dict], settings) -> tuple[list[dict]
     from .prompts import user_message
 
     base, adapter = resolve_models(settings, Path(settings.run))
-    model, tokenizer, stop_ids = load_captioner(base, adapter, settings.dtype)
+    model, tokenizer, stop_ids = load_captioner(base, adapter, settings.dtype, settings.merge_adapter)
     checks = {k: getattr(settings, k) for k in ("ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn")}
     # Similar prompt lengths share a batch (less left padding), in a fixed order so seeds repeat.
     order = sorted(rows, key=lambda r: (-len(user_message(r)), r["id"]))

@@ -173,3 +173,55 @@ def test_missing_attributes_or_adapter_are_clear_errors(captioner_run, distilled
     # The base model alone works when asked for.
     manifest = generate_captions(CaptionsArguments(run=str(run), model=str(tiny_llm), adapter="none", limit=4, **QUICK))
     assert "adapter" not in manifest["inputs"] and manifest["counts"]["attributes"] == 4
+
+
+def test_two_processes_write_the_captions_of_one(captioner_run, tmp_path):
+    """Under `accelerate launch` the batches are shared out; the captions are those of a single process."""
+    import shutil
+
+    options = ["--batch_size", "4", "--limit", "16", "--max_new_tokens", "24", "--require_end_of_turn", "false",
+               "--seed", "5"]
+    one, two = shutil.copytree(captioner_run, tmp_path / "one"), shutil.copytree(captioner_run, tmp_path / "two")
+    from generation.cli import main
+
+    assert main(["captions", "generate", "--run", str(one), *options]) == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "-m", "generation.cli",
+               "captions", "generate", "--run", str(two), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((two / "manifests" / "captions_generate.json").read_text())
+    assert manifest["counts"]["processes"] == 2 and manifest["counts"]["batches"] == 4
+    assert _captions(two) == _captions(one)
+
+
+def test_merged_adapter_writes_the_captions_of_the_unmerged_one(captioner_run, tiny_llm):
+    """merge_and_unload folds LoRA into the weights: the same logits (float32) and the same greedy captions."""
+    import torch
+
+    from generation.captions_generate import generate_batch, load_captioner
+
+    adapter = str(captioner_run / "captioner")
+    rows = pq.read_table(captioner_run / "attributes.parquet").to_pylist()[:6]
+    args = CaptionsArguments(run=str(captioner_run), max_new_tokens=20, do_sample=False)
+    outputs, logits = {}, {}
+    for merge in (False, True):
+        model, tokenizer, stop = load_captioner(str(tiny_llm), adapter, "float32", merge=merge, device="cpu")
+        assert hasattr(model, "peft_config") != merge  # merged: a plain transformers model again
+        outputs[merge] = generate_batch(model, tokenizer, stop, rows, args, seed=0, sample=False)
+        encoded = tokenizer("A calm piano piece", return_tensors="pt")
+        with torch.no_grad():
+            logits[merge] = model(**encoded).logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+    assert outputs[True] == outputs[False]
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error(captioner_run, copy_run):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the missing-engine message cannot be shown")
+    run = copy_run(captioner_run)
+    with pytest.raises(ConceptCapsError, match=r"--engine vllm needs vLLM"):
+        generate_captions(CaptionsArguments(run=str(run), engine="vllm", **QUICK))
