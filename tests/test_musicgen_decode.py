@@ -35,7 +35,7 @@ def stereo(tiny):
 
     from generation.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
 
-    model, processor = tiny
+    _, processor = tiny
     torch.manual_seed(1)
     config = tiny_musicgen_config(len(processor.tokenizer), stereo=True)
     stereo = MusicgenForConditionalGeneration(config).eval()
