@@ -1,57 +1,37 @@
-"""Audio generation throughput: audio-seconds per wall-second and per device-second.
+"""MusicGen decoding speed against the memory-bandwidth floor: transformers' generate vs the static loop.
 
-    python benchmarks/audio_throughput.py                       # tiny MusicGen on CPU
-    python benchmarks/audio_throughput.py --model large         # musicgen-large architecture, random weights (GPU)
-    python benchmarks/audio_throughput.py --model /path/to/musicgen-large --duration 30
+    python benchmarks/audio_throughput.py                            # tiny MusicGen on a CPU
+    python benchmarks/audio_throughput.py --model large              # musicgen-large's architecture, random weights (GPU)
+    python benchmarks/audio_throughput.py --model large --batch_sizes 8,32,48 --duration 30
 
-Times the `audio generate` pipeline (prompts sorted by length, batches of B, bf16 on GPU with
-EnCodec in float32, FLAC encoding and shard writes on the writer thread) for several batch
-sizes, next to a naive baseline timed in the same run: batch 1, captions in file order,
-float32, each clip encoded and written before the next one starts. Prompts are real MusicCaps
-captions. `--model tiny` builds the test model from a config; `--model large` builds
-facebook/musicgen-large's architecture from the config written out in
-generation/tiny_musicgen.py (nothing is downloaded) with random weights, so its audio is noise
-but its cost is the real model's; any other value is a local checkpoint or a Hub id.
-
-"per device-second" divides by GPU-seconds (wall time x 1 GPU) on a GPU and by the process's
-CPU-seconds on CPU. Not a test: it prints a table and the hardware it ran on.
+For each path (`generate`: MusicgenForConditionalGeneration.generate; `static`: the audio stage's
+default, generation/musicgen_decode.py, CUDA graphs on a GPU) and batch size, in one run: ms per
+decode step, audio-seconds per device-second (decoding and the codec), host ops and host syncs
+per step (aten ops dispatched by Python, counted; on a GPU each is a kernel launch), and the
+ratio to the bandwidth floor (the time to read the decoder's weights and the filled KV cache
+once per step at the device's bandwidth), with the projected device-hours for the paper preset
+(23,815 clips of 30 s, guidance 3.3). `--model large` builds facebook/musicgen-large's
+architecture from the config written out in generation/tiny_musicgen.py with random weights:
+the real model's cost, nothing downloaded. On a CPU (tiny model) the figures that mean something
+are the static/generate ratios and the ops per step. Prints a table; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-DEFAULT_CSV = ROOT.parent / "shared" / "data" / "musiccaps" / "musiccaps-public.csv"
-
-
-def hardware(device) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        text += f"; GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{text}; load average {load:.2f}; torch {torch.__version__}"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+DEFAULT_CSV = HERE.parent.parent / "shared" / "data" / "musiccaps" / "musiccaps-public.csv"
+PAPER_CLIPS, PAPER_SECONDS = 23_815, 30.0
 
 
-def build_model(name: str, captions: list[str], device, workdir: Path):
-    """(model in float32 on device, processor) for `tiny`, `large` or a checkpoint path / Hub id."""
+def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
+    """(model, processor) for `tiny`, `large` (random weights) or a checkpoint, in `dtype` with EnCodec in float32."""
     import torch
     from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
@@ -65,135 +45,135 @@ def build_model(name: str, captions: list[str], device, workdir: Path):
     )
 
     if name == "tiny":
-        return load_musicgen(str(build_tiny_musicgen(workdir / "tiny", captions)), device, torch.float32)
-    if name == "large":
-        config = musicgen_large_config()
-        # A tokenizer trained on the captions stands in for t5-base's (same T5 class; ids < 32128).
-        tokenizer = train_t5_tokenizer(captions, vocab_size=2000)
-        processor = MusicgenProcessor(
-            EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate), tokenizer)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = MusicgenForConditionalGeneration(config)
-        make_audible(model)
-        model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
-        return model.eval(), processor
-    return load_musicgen(name, device, torch.float32)
+        return load_musicgen(str(build_tiny_musicgen(workdir / "tiny", captions)), device, dtype)
+    if name != "large":
+        return load_musicgen(name, device, dtype)
+    config = musicgen_large_config()
+    # A tokenizer trained on the captions stands in for t5-base's (same T5 class; ids < 32128).
+    processor = MusicgenProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate),
+                                  train_t5_tokenizer(captions, vocab_size=2000))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MusicgenForConditionalGeneration(config)
+    make_audible(model)
+    model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
+    model.to(dtype)
+    model.audio_encoder.to(torch.float32)
+    return model.eval(), processor
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def naive(model, processor, prompts, steps, out: Path, device) -> None:
-    """Batch 1, file order, float32, encode and write each clip before generating the next."""
-    from generation.audio_generate import synthesize
-    from generation.audio_shards import encode_flac
-
-    rate = model.config.audio_encoder.sampling_rate
-    for i, prompt in enumerate(prompts):
-        audio = synthesize(model, processor, [prompt], seed=i, max_new_tokens=steps)
-        (out / f"naive-{i:05d}.flac").write_bytes(encode_flac(audio[0], rate))
-    synchronize(device)
-
-
-def pipeline(model, processor, prompts, steps, batch_size: int, out: Path, device) -> None:
-    """What `audio generate` does on one process: sorted batches, writer thread."""
-    from generation.audio_generate import batch_seed, plan_batches, synthesize
-    from generation.audio_shards import Batch, ShardWriter
-
-    by_id = {f"b-{i:05d}": p for i, p in enumerate(prompts)}
-    writer = ShardWriter(out, rank=batch_size, sampling_rate=model.config.audio_encoder.sampling_rate, model_id="bench")
-    for ids in plan_batches(list(by_id), by_id, processor.tokenizer, batch_size):
-        seed = batch_seed(0, ids[0])
-        writer.put(Batch(ids=ids, audio=synthesize(model, processor, [by_id[i] for i in ids], seed=seed,
-                                                   max_new_tokens=steps), seed=seed))
-    synchronize(device)
-    writer.close()
-
-
-def timed(run, device) -> tuple[float, float]:
-    synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - wall, time.process_time() - cpu
+def floor_seconds_per_step(model, batch: int, steps: int, bandwidth: float, dtype_bytes: int) -> float:
+    """Bytes one step must read (decoder weights, and on average half the final KV cache of both CFG halves) / bandwidth."""
+    decoder = model.decoder
+    weights = sum(p.numel() for p in decoder.parameters()) * dtype_bytes
+    config = decoder.config
+    kv = 2 * config.num_hidden_layers * config.hidden_size * (2 * batch) * (steps / 2) * dtype_bytes
+    return (weights + kv) / bandwidth
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="tiny, large, or a checkpoint (default: large on GPU, tiny on CPU)")
     parser.add_argument("--captions", default=str(DEFAULT_CSV), help="MusicCaps CSV (prompts and tokenizer)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per clip (default 10 GPU, 5 CPU)")
-    parser.add_argument("--batch-sizes", default=None, help="comma list (default 4,8,16,32 GPU; 2,4,8,16 CPU)")
-    parser.add_argument("--prompts", type=int, default=None, help="clips per setting (default: largest batch)")
-    parser.add_argument("--baseline-prompts", type=int, default=None, help="clips for the naive baseline")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per clip (default 30 GPU, 5 CPU)")
+    parser.add_argument("--batch_sizes", default=None, help="comma list (default 8,32,48 GPU; 1,8,32 CPU)")
+    parser.add_argument("--paths", default="generate,static", help="comma list of generate, static")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 stays fast on shared cores)")
     args = parser.parse_args(argv)
+
+    import tempfile
 
     import pandas as pd
     import torch
+    from bandwidth_floor import OpCounter, describe_device, device_bandwidth, per_step, synchronize
 
     from generation.audio_generate import codec_timing, decoding_steps
+    from generation.musicgen_decode import StaticMusicgenDecoder
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
     name = args.model or ("large" if gpu else "tiny")
-    duration = args.duration or (10.0 if gpu else 5.0)
-    sizes = [int(b) for b in (args.batch_sizes or ("4,8,16,32" if gpu else "2,4,8,16")).split(",")]
-    n = args.prompts or max(sizes)
-    n_naive = args.baseline_prompts or (min(n, 8) if gpu else n)
+    duration = args.duration or (30.0 if gpu else 5.0)
+    sizes = [int(b) for b in (args.batch_sizes or ("8,32,48" if gpu else "1,8,32")).split(",")]
+    paths = args.paths.split(",")
     captions = pd.read_csv(args.captions)["caption"].dropna().astype(str).tolist()
-    prompts = captions[:n]  # file order: the baseline's "unsorted"
+    bandwidth, source = device_bandwidth(device)
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model, processor = build_model(name, captions, device, work)
+        model, processor = build_model(name, captions, device, dtype, Path(tmp))
         timing = codec_timing(model.config)
         steps = decoding_steps(duration, timing)[1]
-        print(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{timing['sampling_rate']} Hz, {timing['frame_rate']:g} frames/s, {duration:g} s clips "
-              f"({steps} decoder steps); {hardware(device)}", flush=True)
-        rows = []
+        paper_steps = decoding_steps(PAPER_SECONDS, timing)[1]
+        dtype_bytes = torch.finfo(dtype).bits // 8
+        print(f"# model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {duration:g} s clips "
+              f"({steps} decoder steps), {str(dtype).replace('torch.', '')}; {describe_device(device)}; bandwidth "
+              f"{bandwidth / 1e9:.0f} GB/s ({source})", flush=True)
+        print(f"{'path':<9}{'batch':>6}{'ms/step':>10}{'audio-s/dev-s':>15}{'ops/step':>10}{'syncs/step':>11}"
+              f"{'x floor':>9}{'paper h':>9}")
+        static = StaticMusicgenDecoder(model)
+        results = {}
+        for batch in sizes:
+            prompts = captions[:batch]
+            inputs = processor(text=prompts, padding=True, return_tensors="pt").to(device)
+            for path in paths:
+                decoder = static if path == "static" else None
 
-        def record(label, wall, cpu, clips):
-            audio_s = clips * duration
-            per_device = audio_s / wall if gpu else audio_s / max(cpu, 1e-9)
-            rows.append((label, clips, wall, audio_s / wall, per_device))
-            print(f"  {label:<44} {clips:>5} clips {wall:>9.2f} s wall {audio_s / wall:>9.3f} audio-s/s "
-                  f"{per_device:>9.3f} audio-s/{'GPU' if gpu else 'CPU'}-s", flush=True)
+                def decode(n, decoder=decoder, inputs=inputs):
+                    torch.manual_seed(0)
+                    if decoder is None:
+                        return model.generate(**inputs, do_sample=True, top_k=250, guidance_scale=3.3, max_new_tokens=n)
+                    return decoder.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=n,
+                                                  guidance_scale=3.3, top_k=250)
 
-        # Warm-up (kernels, allocator), then the naive baseline in float32.
-        synthesize_warmup(model, processor, prompts[:2], device)
-        (work / "naive").mkdir()
-        wall, cpu = timed(lambda: naive(model, processor, prompts[:n_naive], steps, work / "naive", device), device)
-        record("naive: batch 1, unsorted, float32", wall, cpu, n_naive)
-
-        if gpu:  # the stage's dtype on GPU: bf16 transformer, float32 EnCodec
-            model.to(torch.bfloat16)
-            model.audio_encoder.to(torch.float32)
-        dtype = "bf16" if gpu else "float32"
-        for size in sizes:
-            synthesize_warmup(model, processor, prompts[:size], device)
-            out = work / f"b{size}"
-            wall, cpu = timed(lambda s=size, o=out: pipeline(model, processor, prompts, steps, s, o, device), device)
-            record(f"pipeline: batch {size}, sorted, {dtype}, writer", wall, cpu, n)
-        if gpu:
-            print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-        best = max(rows[1:], key=lambda r: r[3])
-        print(f"best: {best[0]} = {best[3] / rows[0][3]:.1f}x the naive baseline's audio-s per wall-s")
-
-
-def synthesize_warmup(model, processor, prompts, device) -> None:
-    from generation.audio_generate import synthesize
-
-    synthesize(model, processor, prompts, seed=0, max_new_tokens=8)
-    synchronize(device)
+                with torch.inference_mode():
+                    decode(8)  # warm-up: kernels, allocator (and on a GPU the graph capture of the static step)
+                    if path == "static":  # count the steps alone: the batch's setup is not a step
+                        prepared = static.prepare(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=16,
+                                                  guidance_scale=3.3)
+                        with OpCounter() as counted:
+                            static.run(prepared, max_new_tokens=16, guidance_scale=3.3, top_k=250)
+                        ops, syncs = (counted.total / 16, counted.syncs / 16) if not gpu else (float("nan"), 0.0)
+                    else:  # generate: the difference of two lengths, less the delay pattern's setup (it scales too)
+                        ops, syncs = per_step(decode, 8, 24)
+                        pattern_ops, pattern_syncs = per_step(lambda n, i=inputs: model.decoder.build_delay_pattern_mask(
+                            torch.full((i["input_ids"].shape[0] * model.decoder.num_codebooks, 1), 2048, device=device),
+                            pad_token_id=2048, max_length=n + 1), 8, 24)
+                        ops, syncs = ops - pattern_ops, syncs - pattern_syncs
+                    synchronize(device)
+                    started = time.perf_counter()
+                    decode(steps)
+                    synchronize(device)
+                    seconds = time.perf_counter() - started
+                    # The codec's share, timed once per batch on the static path's codes.
+                    if path == paths[-1]:
+                        codes = static.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=steps)
+                        synchronize(device)
+                        tick = time.perf_counter()
+                        static.decode_audio(codes)
+                        synchronize(device)
+                        results[("codec", batch)] = time.perf_counter() - tick
+                results[(path, batch)] = (seconds, ops, syncs)
+            codec = results[("codec", batch)]
+            floor = floor_seconds_per_step(model, batch, steps, bandwidth, dtype_bytes)
+            for path in paths:
+                seconds, ops, syncs = results[(path, batch)]
+                per_step_s = (seconds - (codec if path == "generate" else 0.0)) / steps if path == "generate" \
+                    else seconds / steps
+                audio_rate = batch * duration / (per_step_s * steps + codec)
+                paper_floor = floor_seconds_per_step(model, batch, paper_steps, bandwidth, dtype_bytes)
+                paper_hours = PAPER_CLIPS / batch * (per_step_s / floor * paper_floor * paper_steps
+                                                     + codec * PAPER_SECONDS / duration) / 3600
+                print(f"{path:<9}{batch:>6}{per_step_s * 1e3:>10.2f}{audio_rate:>15.2f}{ops:>10.0f}{syncs:>11.1f}"
+                      f"{per_step_s / floor:>9.1f}{paper_hours:>9.1f}", flush=True)
+            if len(paths) == 2:
+                ratio = results[("generate", batch)][0] / results[("static", batch)][0]
+                print(f"# batch {batch}: static is {ratio:.2f}x as fast as generate (decoding, same run)")
+    print("# paper h: device-hours for 23,815 clips of 30 s at that batch, scaling each step's time with the floor "
+          "(the KV cache grows with the clip) and the codec's time with the clip length; ops per step are not "
+          "counted for the compiled step (its graph replays without Python).")
 
 
 if __name__ == "__main__":

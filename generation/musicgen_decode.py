@@ -95,10 +95,9 @@ class StaticMusicgenDecoder:
 
     # -- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_codes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                       guidance_scale: float = 3.0, top_k: int = 250, temperature: float = 1.0,
-                       do_sample: bool = True) -> torch.Tensor:
-        """Audio codes (1, B, K, frames) exactly as `generate` makes them before the codec."""
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                guidance_scale: float = 3.0) -> dict:
+        """Everything the steps of one batch share: encoder states, masks, positions, the delay pattern, the cache."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
         guidance = guidance_scale is not None and guidance_scale > 1
@@ -108,28 +107,46 @@ class StaticMusicgenDecoder:
         length = max_new_tokens + 1
         start = torch.full((batch * self.num_codebooks, 1), self.start, dtype=torch.long, device=device)
         _, pattern = self.model.decoder.build_delay_pattern_mask(start, pad_token_id=self.start, max_length=length)
-        rows = states.shape[0]
-        dtype = states.dtype
-        causal, cross = self._masks(rows, length, encoder_mask, dtype, device)
+        causal, cross = self._masks(states.shape[0], length, encoder_mask, states.dtype, device)
         # Sinusoidal positions for the whole clip, built by the model's own module.
         positions_table = self.decoder.embed_positions(
             torch.zeros((1, self.num_codebooks, length), dtype=torch.long, device=device)).to(device)
-        cache = EncoderDecoderCache(StaticCache(config=self.config, max_cache_len=length), DynamicCache(config=self.config))
         tokens = torch.full((batch * self.num_codebooks, length), self.pad, dtype=torch.long, device=device)
         tokens[:, 0] = self.start
-        position = torch.zeros(1, dtype=torch.long, device=device)
+        return {"states": states, "pattern": pattern, "causal": causal, "cross": cross, "positions": positions_table,
+                "cache": EncoderDecoderCache(StaticCache(config=self.config, max_cache_len=length),
+                                             DynamicCache(config=self.config)),
+                "tokens": tokens, "position": torch.zeros(1, dtype=torch.long, device=device), "guidance": guidance,
+                "batch": batch}
+
+    @torch.inference_mode()
+    def run(self, prepared: dict, *, max_new_tokens: int, guidance_scale: float = 3.0, top_k: int = 250,
+            temperature: float = 1.0, do_sample: bool = True) -> torch.Tensor:
+        """The decode steps (no host sync inside): fills and returns prepared["tokens"]."""
+        p = prepared
+        tokens, pattern = p["tokens"], p["pattern"]
         for step in range(max_new_tokens):
             current = torch.where(pattern[:, step] == -1, tokens[:, step], pattern[:, step])
-            scores = self._step(current, position, causal, cross, states, cache, positions_table,
-                                guidance_scale, temperature, top_k, guidance)
+            scores = self._step(current, p["position"], p["causal"], p["cross"], p["states"], p["cache"],
+                                p["positions"], guidance_scale, temperature, top_k, p["guidance"])
             if do_sample:
                 probs = torch.nn.functional.softmax(scores, dim=-1)
                 tokens[:, step + 1] = torch.multinomial(probs, num_samples=1).squeeze(1)
             else:
                 tokens[:, step + 1] = torch.argmax(scores, dim=-1)
-            position += 1
-        codes = torch.where(pattern == -1, tokens, pattern)
-        codes = codes[codes != self.pad].reshape(batch, self.num_codebooks, -1)
+            p["position"] += 1
+        return tokens
+
+    @torch.inference_mode()
+    def generate_codes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                       guidance_scale: float = 3.0, top_k: int = 250, temperature: float = 1.0,
+                       do_sample: bool = True) -> torch.Tensor:
+        """Audio codes (1, B, K, frames) exactly as `generate` makes them before the codec."""
+        prepared = self.prepare(input_ids, attention_mask, max_new_tokens=max_new_tokens, guidance_scale=guidance_scale)
+        tokens = self.run(prepared, max_new_tokens=max_new_tokens, guidance_scale=guidance_scale, top_k=top_k,
+                          temperature=temperature, do_sample=do_sample)
+        codes = torch.where(prepared["pattern"] == -1, tokens, prepared["pattern"])
+        codes = codes[codes != self.pad].reshape(prepared["batch"], self.num_codebooks, -1)
         return codes[None, ...]
 
     def decode_audio(self, codes: torch.Tensor) -> torch.Tensor:
