@@ -46,12 +46,21 @@ def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
 
     if name == "tiny":
         return load_musicgen(str(build_tiny_musicgen(workdir / "tiny", captions)), device, dtype)
-    if name != "large":
+    if name not in ("large", "probe48"):
         return load_musicgen(name, device, dtype)
-    config = musicgen_large_config()
+    if name == "probe48":  # musicgen-large's 48 decoder layers at toy width: its host ops per step, cheaply
+        from generation.tiny_musicgen import tiny_musicgen_config
+
+        tokenizer = train_t5_tokenizer(captions, vocab_size=512)
+        config = tiny_musicgen_config(len(tokenizer), layers=48)
+        processor = MusicgenProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=8000), tokenizer)
+    else:
+        config = musicgen_large_config()
+        processor = None
     # A tokenizer trained on the captions stands in for t5-base's (same T5 class; ids < 32128).
-    processor = MusicgenProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate),
-                                  train_t5_tokenizer(captions, vocab_size=2000))
+    processor = processor or MusicgenProcessor(
+        EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate),
+        train_t5_tokenizer(captions, vocab_size=2000))
     torch.manual_seed(0)
     with torch.device(device):
         model = MusicgenForConditionalGeneration(config)
@@ -73,7 +82,8 @@ def floor_seconds_per_step(model, batch: int, steps: int, bandwidth: float, dtyp
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="tiny, large, or a checkpoint (default: large on GPU, tiny on CPU)")
+    parser.add_argument("--model", default=None, help="tiny, probe48 (large's 48 layers at toy width: its ops per "
+                                                       "step), large, or a checkpoint (default: large on GPU, tiny on CPU)")
     parser.add_argument("--captions", default=str(DEFAULT_CSV), help="MusicCaps CSV (prompts and tokenizer)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per clip (default 30 GPU, 5 CPU)")
     parser.add_argument("--batch_sizes", default=None, help="comma list (default 8,32,48 GPU; 1,8,32 CPU)")

@@ -95,3 +95,15 @@ def test_batch_size_from_memory():
     assert batch_size_from_memory(130 * 2**30, large, 1503, True, 2) == 92  # H200
     assert batch_size_from_memory(2**30, large, 1503, True, 2) == 1  # never below one
     assert batch_size_from_memory(72 * 2**30, large, 1503, False, 2) == 102  # no guidance: half the cache
+
+
+def test_the_compiled_step_gives_the_same_clips(tiny):
+    """The step torch.compile captures (CUDA graphs on a GPU) compiles on a CPU too (inductor): same audio, no graph break."""
+    model, processor = tiny
+    steps = decoding_steps(0.3, codec_timing(model.config))[1]
+    settings = {"seed": 5, "max_new_tokens": steps, "guidance_scale": 3.3, "top_k": 250}
+    reference = synthesize(model, processor, PROMPTS[:2], **settings)
+    compiled = StaticMusicgenDecoder(model, compile_step=True)
+    first = synthesize(model, processor, PROMPTS[:2], **settings, decoder=compiled)
+    again = synthesize(model, processor, PROMPTS[:2], **settings, decoder=compiled)  # the compiled graph, reused
+    assert np.array_equal(first, reference) and np.array_equal(again, reference)
