@@ -13,10 +13,12 @@ that is needed. This module runs the same computation with:
   and values are computed once), so every step has the same shapes and tensor addresses;
 - masks and position embeddings precomputed for every position and picked by a device-side
   position counter, so a step makes no host sync;
+- attention over the filled part of the cache only, in buckets of 128 positions (`bucketed_cache`),
+  so the KV cache read per step grows with the clip instead of always being the whole clip's;
 - exactly `max_new_tokens` steps (a clip's length is fixed), MusicGen's delay pattern,
   classifier-free guidance, temperature and top-k done as transformers does them;
 - on CUDA, the step compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs: one
-  launch per step instead of ~1,000 kernels driven by Python).
+  launch per step instead of ~1,000 kernels driven by Python; one graph per length bucket).
 The layers, embeddings, heads and codec are the model's own modules. tests/test_musicgen_decode.py
 checks that the tokens and audio equal `generate`'s for the same seed.
 """
@@ -24,6 +26,26 @@ checks that the tokens and audio equal `generate`'s for the same seed.
 from __future__ import annotations
 
 import torch
+
+BUCKET = 128  # cache positions per attention length bucket: one captured graph per bucket
+
+
+def bucketed_cache(config, max_cache_len: int):
+    """A StaticCache whose layers hand attention only the first `visible` positions (set per bucket).
+
+    Why: a static cache's attention would otherwise read all `max_cache_len` positions every step,
+    masked or not: twice the KV traffic of the filled part on average over a clip.
+    """
+    from transformers.cache_utils import Cache, StaticLayer
+
+    class BucketedLayer(StaticLayer):
+        visible = max_cache_len
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return keys[:, :, : self.visible], values[:, :, : self.visible]
+
+    return Cache(layers=[BucketedLayer(max_cache_len=max_cache_len) for _ in range(config.num_hidden_layers)])
 
 
 class StaticMusicgenDecoder:
@@ -70,15 +92,18 @@ class StaticMusicgenDecoder:
 
     # -- one step ----------------------------------------------------------------------------------
     def _decode_step(self, tokens, position, causal, cross, states, cache, positions_table, guidance_scale,
-                     temperature, top_k: int, guidance: bool):
-        """tokens (B*K,) at `position` -> scores (B*K, V) after guidance, temperature and top-k."""
+                     temperature, top_k: int, guidance: bool, visible: int):
+        """tokens (B*K,) at `position` -> scores (B*K, V) after guidance, temperature and top-k.
+
+        `visible` (a Python int: one compiled graph per value) is how many cache positions attention reads.
+        """
         batch = tokens.shape[0] // self.num_codebooks
         codes = tokens.reshape(batch, self.num_codebooks)
         if guidance:
             codes = codes.repeat(2, 1)
         embeds = sum(self.decoder.embed_tokens[k](codes[:, k]) for k in range(self.num_codebooks))
         hidden = (embeds + positions_table.index_select(0, position).to(embeds.dtype))[:, None, :]
-        mask = causal.index_select(0, position)[0]
+        mask = causal.index_select(0, position)[0][..., :visible]
         for layer in self.decoder.layers:
             hidden = layer(hidden, mask, states, encoder_attention_mask=cross, past_key_values=cache, use_cache=True)
         hidden = self.decoder.layer_norm(hidden)
@@ -98,7 +123,7 @@ class StaticMusicgenDecoder:
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                 guidance_scale: float = 3.0) -> dict:
         """Everything the steps of one batch share: encoder states, masks, positions, the delay pattern, the cache."""
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         guidance = guidance_scale is not None and guidance_scale > 1
         device = input_ids.device
@@ -114,8 +139,8 @@ class StaticMusicgenDecoder:
         tokens = torch.full((batch * self.num_codebooks, length), self.pad, dtype=torch.long, device=device)
         tokens[:, 0] = self.start
         return {"states": states, "pattern": pattern, "causal": causal, "cross": cross, "positions": positions_table,
-                "cache": EncoderDecoderCache(StaticCache(config=self.config, max_cache_len=length),
-                                             DynamicCache(config=self.config)),
+                "cache": EncoderDecoderCache(bucketed_cache(self.config, length), DynamicCache(config=self.config)),
+                "length": length,
                 "tokens": tokens, "position": torch.zeros(1, dtype=torch.long, device=device), "guidance": guidance,
                 "batch": batch}
 
@@ -125,10 +150,14 @@ class StaticMusicgenDecoder:
         """The decode steps (no host sync inside): fills and returns prepared["tokens"]."""
         p = prepared
         tokens, pattern = p["tokens"], p["pattern"]
+        layers = p["cache"].self_attention_cache.layers
         for step in range(max_new_tokens):
+            visible = min(p["length"], (step // BUCKET + 1) * BUCKET)
+            for layer in layers:
+                layer.visible = visible
             current = torch.where(pattern[:, step] == -1, tokens[:, step], pattern[:, step])
             scores = self._step(current, p["position"], p["causal"], p["cross"], p["states"], p["cache"],
-                                p["positions"], guidance_scale, temperature, top_k, p["guidance"])
+                                p["positions"], guidance_scale, temperature, top_k, p["guidance"], visible)
             if do_sample:
                 probs = torch.nn.functional.softmax(scores, dim=-1)
                 tokens[:, step + 1] = torch.multinomial(probs, num_samples=1).squeeze(1)

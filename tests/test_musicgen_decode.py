@@ -49,6 +49,7 @@ def stereo(tiny):
     (PROMPTS[:1], 3.0, 250, 0.3),  # one clip
     (PROMPTS, 1.0, 0, 0.4),        # no guidance, no top-k
     (PROMPTS[1:], 5.0, 8, 0.5),    # a strong guidance and a small top-k
+    (PROMPTS[:2], 3.3, 250, 3.0),  # 153 steps: attention over two length buckets of the cache
 ])
 def test_static_decoding_equals_generate(tiny, prompts, guidance, top_k, seconds):
     model, processor = tiny
