@@ -176,14 +176,15 @@ def main(argv: list[str] | None = None) -> None:
                 paper_floor = floor_seconds_per_step(model, batch, paper_steps, bandwidth, dtype_bytes)
                 paper_hours = PAPER_CLIPS / batch * (per_step_s / floor * paper_floor * paper_steps
                                                      + codec * PAPER_SECONDS / duration) / 3600
+                hours = f"{paper_hours:>9.1f}" if name == "large" else f"{'-':>9}"  # only the real architecture's
                 print(f"{path:<9}{batch:>6}{per_step_s * 1e3:>10.2f}{audio_rate:>15.2f}{ops:>10.0f}{syncs:>11.1f}"
-                      f"{per_step_s / floor:>9.1f}{paper_hours:>9.1f}", flush=True)
+                      f"{per_step_s / floor:>9.1f}{hours}", flush=True)
             if len(paths) == 2:
                 ratio = results[("generate", batch)][0] / results[("static", batch)][0]
                 print(f"# batch {batch}: static is {ratio:.2f}x as fast as generate (decoding, same run)")
-    print("# paper h: device-hours for 23,815 clips of 30 s at that batch, scaling each step's time with the floor "
-          "(the KV cache grows with the clip) and the codec's time with the clip length; ops per step are not "
-          "counted for the compiled step (its graph replays without Python).")
+    print("# paper h (--model large only): device-hours for 23,815 clips of 30 s at that batch, scaling each step's "
+          "time with the floor (the KV cache grows with the clip) and the codec's time with the clip length; ops per "
+          "step are not counted for the compiled step (its graph replays without Python).")
 
 
 if __name__ == "__main__":

@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                 paper_context = PROMPT_TOKENS + CAPTION_TOKENS / 2
                 paper_floor = (weight_bytes + batch * paper_context * kv_per_token) / bandwidth
                 paper_hours = PAPER_CAPTIONS / batch * CAPTION_TOKENS * step / floor * paper_floor / 3600
+                hours = f"{paper_hours:>9.2f}" if name == "llama-8b" else f"{'-':>9}"
                 print(f"{path:<9}{batch:>6}{step * 1e3:>10.2f}{batch * tokens / seconds:>14.1f}{ops:>10.0f}"
-                      f"{syncs:>11.1f}{step / floor:>9.1f}{paper_hours:>9.2f}", flush=True)
+                      f"{syncs:>11.1f}{step / floor:>9.1f}{hours}", flush=True)
             print(f"# batch {batch}: merged is {times['lora'] / times['merged']:.2f}x as fast as the unmerged adapter")
-    print("# paper h: device-hours for 23,815 captions of 80 tokens after a 120-token prompt at that batch, each step's "
+    print("# paper h (--model llama-8b only): device-hours for 23,815 captions of 80 tokens after a 120-token prompt at that batch, each step's "
           "time scaled with the floor; the prompt's prefill is left out.")
 
 

@@ -326,6 +326,8 @@ def write_manifest(
         "inputs": hashes,
         "counts": counts or {},
         "wall_time_s": round(time.time() - started, 3),
+        # The thread count changes a CPU run's speed, and its exact floats (docs/audio.md).
+        "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if extra:

@@ -41,9 +41,9 @@ class VaeTrainArguments:
     min_categories: int = field(default=3, metadata={"help": "Decoded sets cover at least this many categories."})
     diversity_samples: int = field(default=1000, metadata={"help": "Prior samples for diversity/co-occurrence."})
     num_threads: int = field(
-        default=0,
-        metadata={"help": "Torch CPU threads; 0 = torch's default (all cores). Use 1 when other jobs share the "
-                          "cores: oversubscribed threads slow this small model down many times over."},
+        default=1,
+        metadata={"help": "Torch CPU threads (0: as the command chose from the free cores). One suits this small "
+                          "model: more threads on shared cores slow it down many times over."},
     )
     force: bool = field(default=False, metadata={"help": "Retrain even if RUN/vae is up to date."})
 

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["generation.concepts", "generation.tcav_stats"])
+@pytest.mark.parametrize("name", ["generation.concepts", "generation.tcav_stats", "generation.cli", "generation.audio_generate"])
 def test_module_examples(name):
     module = importlib.import_module(name)
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
