@@ -22,7 +22,6 @@ written as a caption. At the end the good captions, with their attribute coverag
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "captions_generate"
 SHARD_DIR = "captions"
-COVERAGE_MODULE = Path(__file__).resolve().parents[1] / "eval" / "attribute_coverage" / "attribute_coverage.py"
 
 
 @dataclass
@@ -90,16 +88,10 @@ class CaptionsArguments:
 
 # -- coverage: the one implementation lives in the evaluate module ---------------------------
 def load_coverage_module():
-    """eval/attribute_coverage/attribute_coverage.py as a module (its `caption_coverage`, `summarize`)."""
-    if not COVERAGE_MODULE.exists():
-        raise ConceptCapsError(
-            f"{COVERAGE_MODULE} not found: the captions stage needs the repository's eval/ folder "
-            "(install ConceptCaps from a checkout: `pip install -e .`)."
-        )
-    spec = importlib.util.spec_from_file_location("conceptcaps_attribute_coverage", COVERAGE_MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The attribute_coverage metric's script as a module (its `caption_coverage`, `summarize`)."""
+    from conceptcaps_eval.attribute_coverage import attribute_coverage
+
+    return attribute_coverage
 
 
 # -- cleaning and degeneracy ------------------------------------------------------------------

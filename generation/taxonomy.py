@@ -12,38 +12,20 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from conceptcaps_eval.attribute_coverage.tag_mentions import CATEGORIES, TagMentions, normalize
+
 from .errors import ConceptCapsError
 
-CATEGORIES = ("genre", "mood", "instrument", "tempo")
 DEFAULT_TAXONOMY = Path(__file__).parent / "data" / "taxonomy.yaml"
 NEGATIONS = ("no ", "without ", "lack of ", "not ", "absence of ")
-_PUNCT = re.compile(r"[^\w\s&']")
-_SEPARATORS = re.compile(r"[-_/]")
-
-
-def normalize(text: str) -> str:
-    """Lower-case; '-', '_', '/' to spaces; drop punctuation but '&' and "'"; one space."""
-    text = text.lower().replace("’", "'")
-    text = _SEPARATORS.sub(" ", text)
-    text = _PUNCT.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _plural(phrase: str) -> str:
-    head, _, last = phrase.rpartition(" ")
-    if last.endswith(("s", "x", "ch", "sh")):
-        last = last + "es"
-    elif last.endswith("y") and len(last) > 2 and last[-2] not in "aeiou":
-        last = last[:-1] + "ies"
-    else:
-        last = last + "s"
-    return f"{head} {last}".strip()
+# The text-matching rule lives beside the attribute_coverage metric, which must run without
+# this package; the pipeline and the metric share it.
+__all__ = ["CATEGORIES", "DEFAULT_TAXONOMY", "Taxonomy", "normalize"]
 
 
 @dataclass
@@ -134,21 +116,14 @@ class Taxonomy:
         return {tag: i for i, tag in enumerate(self.tags)}
 
     @cached_property
+    def mentions(self) -> TagMentions:
+        """The tag matcher for free text (shared with the attribute_coverage metric)."""
+        return TagMentions(self.categories)
+
+    @property
     def _phrases(self) -> dict[str, str]:
         """Normalised phrase (canonical, alias, and their plurals) -> canonical tag."""
-        phrases: dict[str, str] = {}
-        for tag in self.tags:
-            for phrase in [tag, *self.categories[self.category_of[tag]][tag]]:
-                key = normalize(phrase)
-                phrases.setdefault(key, tag)
-                phrases.setdefault(_plural(key), tag)
-        return phrases
-
-    @cached_property
-    def _phrase_pattern(self) -> re.Pattern:
-        # Longest phrases first so that "bass drum" wins over "bass" inside a tag.
-        alternatives = sorted(self._phrases, key=len, reverse=True)
-        return re.compile(r"(?<![\w&'])(" + "|".join(map(re.escape, alternatives)) + r")(?![\w&'])")
+        return self.mentions.phrases
 
     @cached_property
     def _excluded(self) -> set[str]:
@@ -171,12 +146,7 @@ class Taxonomy:
 
     def find_mentions(self, text: str) -> list[str]:
         """Canonical tags mentioned anywhere in free text (captions), in order, unique."""
-        found = []
-        for match in self._phrase_pattern.finditer(normalize(text)):
-            tag = self._phrases[match.group(1)]
-            if tag not in found:
-                found.append(tag)
-        return found
+        return self.mentions.find(text)
 
     def canonicalize(self, raw_tags: list[str]) -> list[str]:
         """Map a raw tag list to unique canonical tags, in taxonomy order."""

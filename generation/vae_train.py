@@ -22,7 +22,6 @@ from .errors import ConceptCapsError
 from .run_dir import atomic_dir, finished, require, write_manifest
 
 logger = logging.getLogger(__name__)
-EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
 
 PAPER_VAE_METRICS = {"jaccard": 0.716, "hamming_loss": 0.005, "diversity": 96.03, "cooccurrence_cosine": 0.808}
 
@@ -49,10 +48,10 @@ class VaeTrainArguments:
 
 
 def load_metric(name: str):
-    """An `evaluate` module from this repository's eval/ folder, loaded by path."""
-    import evaluate
+    """A ConceptCaps `evaluate` module (eval/<name>, installed as conceptcaps_eval), loaded by path."""
+    from conceptcaps_eval import load_metric as load_conceptcaps_metric
 
-    return evaluate.load(str(EVAL_DIR / name))
+    return load_conceptcaps_metric(name)
 
 
 def score_vae(model, taxonomy, splits: dict[str, list[list[str]]], train_sets, args) -> dict:

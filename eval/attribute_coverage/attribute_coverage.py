@@ -6,11 +6,16 @@ for, and which other taxonomy tags does it mention?
     coverage.compute(predictions=["A slow jazz tune on piano."], references=[["jazz", "piano", "slow tempo"]])
 
 The stage `conceptcaps captions generate` imports `caption_coverage` from this file, so the
-numbers in RUN/captions.parquet and in this metric come from one implementation.
+numbers in RUN/captions.parquet and in this metric come from one implementation. The module
+needs only `evaluate` (tag matching is in tag_mentions.py beside it, standard library only);
+its default taxonomy is the one of an installed ConceptCaps, and any other is a
+`taxonomy=` argument (a release's taxonomy.json, a YAML, or a dict).
 """
 
 import datasets
 import evaluate
+
+from .tag_mentions import TagMentions
 
 _CITATION = """\
 @article{sienkiewicz2026conceptcaps,
@@ -43,8 +48,9 @@ Args:
     predictions (`list` of `str`): captions.
     references (`list` of `list` of `str`): the canonical taxonomy tags each caption was
         asked to describe, aligned with predictions.
-    taxonomy (`str`, optional): taxonomy file, a YAML like the repository's
-        generation/data/taxonomy.yaml (the default) or a RUN/taxonomy.json written by distill.
+    taxonomy (`str` or `dict`, optional): the taxonomy: a taxonomy.json (every ConceptCaps
+        release and run has one), a YAML like the repository's generation/data/taxonomy.yaml
+        (the default, where ConceptCaps is installed), or a dict {category: {tag: [aliases]}}.
 Returns:
     coverage (`float`), full_coverage_rate (`float`), coverage_genre, coverage_mood,
     coverage_instrument, coverage_tempo (`float`, or None when no caption requested that
@@ -64,20 +70,22 @@ CATEGORIES = ("genre", "mood", "instrument", "tempo")
 
 
 def load_taxonomy(taxonomy=None):
-    """A `generation.taxonomy.Taxonomy` from a path (default: the repository's YAML) or as given."""
-    from generation.taxonomy import Taxonomy
-
-    return taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.load(taxonomy)
+    """A tag matcher (`find(text)`, `category_of`): as given, or from a path, a dict or the default."""
+    if hasattr(taxonomy, "find") and hasattr(taxonomy, "category_of"):
+        return taxonomy
+    if hasattr(taxonomy, "mentions"):  # a generation.taxonomy.Taxonomy
+        return taxonomy.mentions
+    return TagMentions.from_file(taxonomy)
 
 
 def caption_coverage(caption, attributes, taxonomy):
     """(coverage, missing, unrequested) of one caption against its requested attributes.
 
-    `coverage` is the fraction of `attributes` mentioned (1.0 when `attributes` is empty);
-    `missing` lists the requested tags not mentioned, `unrequested` the mentioned tags that
-    were not requested, both in order.
+    `taxonomy` is anything `load_taxonomy` takes (load it once for many captions). `coverage` is the fraction of
+    `attributes` mentioned (1.0 when `attributes` is empty); `missing` lists the requested
+    tags not mentioned, `unrequested` the mentioned tags that were not requested, both in order.
     """
-    mentioned = taxonomy.find_mentions(caption or "")
+    mentioned = load_taxonomy(taxonomy).find(caption or "")
     requested = list(dict.fromkeys(attributes))
     missing = [tag for tag in requested if tag not in mentioned]
     unrequested = [tag for tag in mentioned if tag not in requested]

@@ -6,19 +6,17 @@
 
 Texts are the predictions, audio clips the references (file paths, encoded bytes, arrays,
 or the decoded `Audio` items of a dataset). Clips are resampled to the model's rate and
-embedded in fixed windows from the start; see `_DESCRIPTION` for the exact procedure.
+embedded in fixed windows from the start; see `_DESCRIPTION` for the exact procedure. That
+code is clap_windows.py beside this file, the one copy eval/fad uses too (its clap_windows.py
+is a symlink to this folder's).
 """
-
-import logging
-from collections.abc import Mapping
 
 import datasets
 import evaluate
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "laion/larger_clap_music"
+# The audio and text embedding code, shared with eval/fad (whose clap_windows.py links here).
+from .clap_windows import DEFAULT_MODEL, as_audio_record, embed_audio_items, embed_texts, load_clap
 
 _CITATION = """\
 @inproceedings{wu2023clap,
@@ -96,150 +94,6 @@ Examples:
 """
 
 
-# ---- audio input -------------------------------------------------------------------------
-
-def _mono(array) -> np.ndarray:
-    """Float32 mono samples; a 2-D array is averaged over its channel axis (the shorter one)."""
-    wave = np.asarray(array, dtype=np.float32)
-    if wave.ndim == 2:
-        wave = wave.mean(axis=int(np.argmin(wave.shape)))
-    if wave.ndim != 1:
-        raise ValueError(f"audio must be a 1-D (mono) or 2-D (multi-channel) array, got shape {wave.shape}.")
-    return wave
-
-
-def as_audio_record(item) -> dict:
-    """Normalise one audio reference to {"path", "bytes", "array", "sampling_rate"}.
-
-    Unused fields are None, but an unused path is "" (evaluate refuses None for a string field)."""
-    record = {"path": "", "bytes": None, "array": None, "sampling_rate": None}
-    if isinstance(item, str):
-        record["path"] = item
-    elif hasattr(item, "get_all_samples"):
-        # A torchcodec AudioDecoder, as datasets' `Audio` feature decodes to: it indexes like a dict.
-        record["array"], record["sampling_rate"] = _mono(item["array"]), int(item["sampling_rate"])
-    elif isinstance(item, Mapping):
-        if item.get("array") is not None:
-            record["array"], record["sampling_rate"] = _mono(item["array"]), item.get("sampling_rate")
-        elif item.get("bytes") is not None or item.get("path"):
-            record["bytes"], record["path"] = item.get("bytes"), item.get("path") or ""
-        else:
-            raise ValueError(f"audio dict with keys {sorted(item)}: give 'array' and 'sampling_rate', or 'bytes'/'path'.")
-    else:
-        record["array"] = _mono(item)
-    return record
-
-
-def load_audio(record: dict, sampling_rate: int | None, target_rate: int, where: str) -> np.ndarray:
-    """Decode a normalised record to mono float32 samples at `target_rate`."""
-    import io
-
-    import soundfile as sf
-
-    if record["array"] is not None:
-        wave = np.asarray(record["array"], dtype=np.float32)
-        rate = record["sampling_rate"] or sampling_rate
-        if rate is None:
-            raise ValueError(f"{where} is a bare array: pass `sampling_rate=` (its samples per second).")
-    else:
-        source = io.BytesIO(record["bytes"]) if record["bytes"] is not None else record["path"]
-        try:
-            wave, rate = sf.read(source, dtype="float32", always_2d=True)
-        except Exception as err:  # soundfile raises LibsndfileError, OSError, TypeError...
-            raise ValueError(f"{where} ({record['path'] or 'bytes'}) cannot be decoded as audio: {err}") from err
-        wave = wave.mean(axis=1)
-    if wave.size == 0:
-        raise ValueError(f"{where} has no samples; every clip needs audio.")
-    return resample(wave, int(rate), target_rate)
-
-
-def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Polyphase resampling (deterministic, no torchaudio needed)."""
-    from math import gcd
-
-    from scipy.signal import resample_poly
-
-    if rate == target_rate:
-        return wave.astype(np.float32)
-    g = gcd(rate, target_rate)
-    return resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
-
-
-def split_windows(wave: np.ndarray, window: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Consecutive windows from sample 0, and each window's weight (its length / `window`)."""
-    windows = [wave[start : start + window] for start in range(0, len(wave), window)]
-    return windows, np.array([len(w) / window for w in windows], dtype=np.float64)
-
-
-# ---- model -------------------------------------------------------------------------------
-
-def load_clap(model: str, device: str | None = None):
-    """(ClapModel in eval mode on `device`, ClapProcessor, device); a clear error when it cannot be loaded."""
-    import torch
-    from transformers import ClapModel, ClapProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        clap = ClapModel.from_pretrained(model).eval().to(device)
-        processor = ClapProcessor.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load the CLAP model {model!r} ({err}). Pass `model=` a Hub id or a local folder holding a "
-            f"ClapModel and its ClapProcessor (config.json, weights, preprocessor_config.json, tokenizer files); "
-            f"the default {DEFAULT_MODEL!r} needs the Hub or a local copy."
-        ) from err
-    return clap, processor, device
-
-
-def _embed_window_batch(clap, processor, windows: list[np.ndarray], device: str) -> np.ndarray:
-    import torch
-
-    extractor = processor.feature_extractor
-    # Every window fits the model window, so neither truncation mode crops at random; the
-    # mode only picks the mel layout the checkpoint expects (4 stacked mels when fused).
-    truncation = "fusion" if clap.config.audio_config.enable_fusion else "rand_trunc"
-    inputs = extractor(windows, sampling_rate=extractor.sampling_rate, truncation=truncation, return_tensors="pt")
-    is_longer = torch.zeros_like(inputs["is_longer"], dtype=torch.bool)  # undo the extractor's random pick
-    with torch.no_grad():
-        out = clap.get_audio_features(input_features=inputs["input_features"].to(device), is_longer=is_longer.to(device))
-    return out.pooler_output.float().cpu().numpy()
-
-
-def embed_audio_clips(clap, processor, waves: list[np.ndarray], batch_size: int, device: str) -> np.ndarray:
-    """Unit CLAP embeddings (n, d) of mono clips already at the extractor's rate (windowed, weighted mean)."""
-    window = processor.feature_extractor.nb_max_samples
-    pieces, weights, owner = [], [], []
-    for index, wave in enumerate(waves):
-        clip_windows, clip_weights = split_windows(wave, window)
-        pieces += clip_windows
-        weights.append(clip_weights)
-        owner += [index] * len(clip_windows)
-    embedded = np.concatenate(
-        [_embed_window_batch(clap, processor, pieces[i : i + batch_size], device) for i in range(0, len(pieces), batch_size)]
-    )
-    weights = np.concatenate(weights)
-    owner = np.asarray(owner)
-    clips = np.stack([(embedded[owner == i] * weights[owner == i, None]).sum(axis=0) for i in range(len(waves))])
-    return clips / np.linalg.norm(clips, axis=1, keepdims=True)
-
-
-def embed_texts(clap, processor, texts: list[str], batch_size: int, device: str) -> np.ndarray:
-    """Unit CLAP text embeddings (n, d)."""
-    import torch
-
-    tokenizer = processor.tokenizer
-    out = []
-    for i in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            features = clap.get_text_features(
-                input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
-            )
-        out.append(features.pooler_output.float().cpu().numpy())
-    embedded = np.concatenate(out)
-    return embedded / np.linalg.norm(embedded, axis=1, keepdims=True)
-
-
 # ---- the metric --------------------------------------------------------------------------
 
 _AUDIO_RECORD = {
@@ -285,19 +139,8 @@ class ClapScore(evaluate.Metric):
 
     def embed_audio(self, audio, model=DEFAULT_MODEL, sampling_rate=None, batch_size=8, device=None) -> np.ndarray:
         """Unit CLAP audio embeddings (n, d) of clips given in any of the `references` forms."""
-        from tqdm.auto import tqdm
-
         clap, processor, device = self._model(model, device)
-        rate = processor.feature_extractor.sampling_rate
-        records = [as_audio_record(item) for item in audio]
-        out = []
-        for start in tqdm(range(0, len(records), batch_size), desc="CLAP audio", unit="batch", disable=None):
-            waves = [
-                load_audio(record, sampling_rate, rate, f"clip {start + i}")
-                for i, record in enumerate(records[start : start + batch_size])
-            ]
-            out.append(embed_audio_clips(clap, processor, waves, batch_size, device))
-        return np.concatenate(out) if out else np.zeros((0, clap.config.projection_dim), dtype=np.float32)
+        return embed_audio_items(clap, processor, audio, sampling_rate, batch_size, device)
 
     def embed_text(self, texts, model=DEFAULT_MODEL, batch_size=8, device=None) -> np.ndarray:
         """Unit CLAP text embeddings (n, d)."""

@@ -10,15 +10,16 @@
 """
 
 import logging
-from collections.abc import Mapping
 
 import datasets
 import evaluate
 import numpy as np
 
-logger = logging.getLogger(__name__)
+# CLAP audio embeddings exactly as eval/clap_score computes them: clap_windows.py here is a
+# symlink to eval/clap_score/clap_windows.py, and evaluate.load copies it into its cache.
+from .clap_windows import DEFAULT_MODEL, embed_audio_items, load_clap
 
-DEFAULT_MODEL = "laion/larger_clap_music"
+logger = logging.getLogger(__name__)
 
 _CITATION = """\
 @inproceedings{kilgour2019fad,
@@ -124,100 +125,6 @@ def _as_matrix(values, name: str) -> np.ndarray:
     return matrix
 
 
-# ---- CLAP audio embeddings (the same procedure as eval/clap_score; modules stay standalone) ----
-
-def _mono(array) -> np.ndarray:
-    wave = np.asarray(array, dtype=np.float32)
-    if wave.ndim == 2:
-        wave = wave.mean(axis=int(np.argmin(wave.shape)))
-    if wave.ndim != 1:
-        raise ValueError(f"audio must be a 1-D (mono) or 2-D (multi-channel) array, got shape {wave.shape}.")
-    return wave
-
-
-def _load_clip(item, sampling_rate, target_rate: int, where: str) -> np.ndarray:
-    """Mono float32 samples at `target_rate` from a path, {"bytes"|"path"}, {"array", "sampling_rate"},
-    a decoded datasets `Audio` item, or a bare array (with `sampling_rate`)."""
-    import io
-    from math import gcd
-
-    import soundfile as sf
-    from scipy.signal import resample_poly
-
-    if isinstance(item, str) or (isinstance(item, Mapping) and item.get("array") is None):
-        source = item if isinstance(item, str) else (io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path"))
-        try:
-            wave, rate = sf.read(source, dtype="float32", always_2d=True)
-        except Exception as err:  # soundfile raises LibsndfileError, OSError, TypeError...
-            raise ValueError(f"{where} cannot be decoded as audio: {err}") from err
-        wave = wave.mean(axis=1)
-    elif isinstance(item, Mapping) or hasattr(item, "get_all_samples"):
-        wave, rate = _mono(item["array"]), item["sampling_rate"]
-    else:
-        wave, rate = _mono(item), sampling_rate
-    if rate is None:
-        raise ValueError(f"{where} is a bare array: pass `sampling_rate=` (its samples per second).")
-    if wave.size == 0:
-        raise ValueError(f"{where} has no samples; every clip needs audio.")
-    rate = int(rate)
-    if rate != target_rate:
-        g = gcd(rate, target_rate)
-        wave = resample_poly(wave, target_rate // g, rate // g)
-    return np.asarray(wave, dtype=np.float32)
-
-
-def load_clap(model: str = DEFAULT_MODEL, device: str | None = None):
-    """(ClapModel in eval mode on `device`, ClapProcessor, device); a clear error when it cannot be loaded."""
-    import torch
-    from transformers import ClapModel, ClapProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return ClapModel.from_pretrained(model).eval().to(device), ClapProcessor.from_pretrained(model), device
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load the CLAP model {model!r} ({err}). Pass `model=` a Hub id or a local folder holding a "
-            f"ClapModel and its ClapProcessor; the default {DEFAULT_MODEL!r} needs the Hub or a local copy."
-        ) from err
-
-
-def embed_audio_with_clap(audio, clap, processor, sampling_rate=None, batch_size=8, device="cpu") -> np.ndarray:
-    """Unit CLAP audio embeddings (n, d) from a loaded `ClapModel` and `ClapProcessor`: consecutive
-    model-length windows from sample 0, length-weighted mean of the unit window embeddings, renormalised."""
-    import torch
-    from tqdm.auto import tqdm
-
-    extractor = processor.feature_extractor
-    window = extractor.nb_max_samples
-    # Windows never exceed the model length, so no truncation mode crops at random; fused
-    # checkpoints get their 4-mel layout, and is_longer is False for every window.
-    truncation = "fusion" if clap.config.audio_config.enable_fusion else "rand_trunc"
-    audio = list(audio)
-    out = []
-    for start in tqdm(range(0, len(audio), batch_size), desc="CLAP audio", unit="batch", disable=None):
-        pieces, weights, owner = [], [], []
-        for offset, item in enumerate(audio[start : start + batch_size]):
-            wave = _load_clip(item, sampling_rate, extractor.sampling_rate, f"clip {start + offset}")
-            for begin in range(0, len(wave), window):
-                pieces.append(wave[begin : begin + window])
-                weights.append(len(pieces[-1]) / window)
-                owner.append(offset)
-        embedded = []
-        for i in range(0, len(pieces), batch_size):
-            inputs = extractor(pieces[i : i + batch_size], sampling_rate=extractor.sampling_rate, truncation=truncation,
-                               return_tensors="pt")
-            with torch.no_grad():
-                features = clap.get_audio_features(
-                    input_features=inputs["input_features"].to(device),
-                    is_longer=torch.zeros_like(inputs["is_longer"], dtype=torch.bool).to(device),
-                )
-            embedded.append(features.pooler_output.float().cpu().numpy())
-        embedded, weights, owner = np.concatenate(embedded), np.asarray(weights), np.asarray(owner)
-        clips = np.stack([(embedded[owner == i] * weights[owner == i, None]).sum(axis=0) for i in range(owner.max() + 1)])
-        out.append(clips / np.linalg.norm(clips, axis=1, keepdims=True))
-    return np.concatenate(out) if out else np.zeros((0, clap.config.projection_dim), dtype=np.float32)
-
-
 # ---- the metric --------------------------------------------------------------------------
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -256,7 +163,7 @@ class FAD(evaluate.Metric):
         if (model, device) not in cache:
             cache[(model, device)] = load_clap(model, device)
         clap, processor, loaded_device = cache[(model, device)]
-        return embed_audio_with_clap(audio, clap, processor, sampling_rate, batch_size, loaded_device)
+        return embed_audio_items(clap, processor, audio, sampling_rate, batch_size, loaded_device)
 
     def _compute(self, predictions, references, min_samples=2):
         sets = {}

@@ -1,0 +1,1 @@
+../clap_score/clap_windows.py
