@@ -37,6 +37,9 @@ class Taxonomy:
     excluded: list[str] = field(default_factory=list)
     version: str = "unversioned"
     path: str | None = None
+    # Latent attributes of a tag set (tempo order, vocal tags, mood affect): read by the
+    # attribute-regularised VAE (generation/vae_lsr.py), which checks them.
+    attributes: dict = field(default_factory=dict)
 
     # -- loading ----------------------------------------------------------------
     @classmethod
@@ -75,6 +78,7 @@ class Taxonomy:
             excluded=list(raw.get("excluded", [])),
             version=str(raw.get("version", "unversioned")),
             path=str(path),
+            attributes=dict(raw.get("attributes") or {}),
         )
         taxonomy.validate()
         return taxonomy
@@ -205,4 +209,5 @@ class Taxonomy:
             },
             "contradictions": [[left, right] for left, right in self.contradictions],
             "excluded": self.excluded,
+            "attributes": self.attributes,
         }

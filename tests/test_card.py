@@ -76,7 +76,7 @@ def test_card_body_comes_from_the_run(release_run):
     assert not re.search(r"(?<![\w.:/])/(?:tmp|root|home|work|usr|var)/", text), re.findall(r"\S*/tmp/\S*", text)[:3]
     assert str(release_run) not in text and 'load_dataset("RUN/release")' in body
     assert f"transformers {audio['packages']['transformers']}" in body
-    assert "taxonomy version 1.0.0" in body and "154 tags" in body
+    assert "taxonomy version 1.1.0" in body and "154 tags" in body
     assert f"{distill['counts']['kept']:,} (label set, caption) pairs" in body
     assert "no `vae sample` manifest" in body  # this run's captions are MusicCaps ones, and the card says so
     for figure in ("figures/tag_frequency.png", "figures/tags_per_sample.png"):
