@@ -2,12 +2,16 @@
 
     conceptcaps vae train --run runs/demo
     conceptcaps vae train --run runs/demo --epochs 300 --lr 1e-4 --beta 0.25
+    conceptcaps vae train --run runs/demo --lsr tempo instrument_count vocal arousal valence   # docs/latent.md
 
 Reads RUN/distilled.parquet and RUN/taxonomy.json. Writes RUN/vae/ (model.safetensors +
 config.json via PyTorchModelHubMixin, loss curve and metrics.json) and
 RUN/manifests/vae_train.json. Metrics come from the `eval/vae_metrics` module: Jaccard and
 Hamming loss of reconstructions on the validation and train splits, diversity of 1,000
 prior samples, and the cosine between their tag co-occurrence and the training set's.
+With `--lsr`, chosen attributes of the tag sets get one latent dimension each
+(generation/vae_lsr.py): RUN/vae/lsr.json holds their maps, and metrics.json the
+interpretability of this model and of a plain one trained alike (`--lsr_compare`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ class VaeTrainArguments:
         default=1,
         metadata={"help": "Torch CPU threads (0: as the command chose from the free cores). One suits this small "
                           "model: more threads on shared cores slow it down many times over."},
+    )
+    lsr: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Latent attributes to regularise, one latent dimension each (AR-VAE, generation/vae_lsr.py): "
+                          "tempo, instrument_count, vocal, arousal, valence. Off by default."},
+    )
+    lsr_gamma: float = field(default=10.0, metadata={"help": "Weight of the attribute loss (AR-VAE's gamma)."})
+    lsr_delta: float = field(default=10.0, metadata={"help": "Spread of the attribute loss: tanh(delta * latent "
+                                                             "difference) (AR-VAE's delta)."})
+    lsr_compare: bool = field(
+        default=True,
+        metadata={"help": "With --lsr, also train a plain VAE with the same settings and seed and record its Jaccard "
+                          "and interpretability in metrics.json (doubles the training time)."},
     )
     force: bool = field(default=False, metadata={"help": "Retrain even if RUN/vae is up to date."})
 
@@ -91,10 +108,16 @@ def check_arguments(args: VaeTrainArguments) -> None:
         (1 <= args.min_categories <= 4, f"--min_categories {args.min_categories}: give 1 to 4."),
         (args.diversity_samples >= 1, f"--diversity_samples {args.diversity_samples}: give at least 1."),
         (args.num_threads >= 0, f"--num_threads {args.num_threads}: give 0 (torch's default) or more."),
+        (args.lsr_gamma >= 0 and args.lsr_delta > 0, (f"--lsr_gamma {args.lsr_gamma} and --lsr_delta "
+                                                      f"{args.lsr_delta}: give gamma >= 0 and delta > 0.")),
     ]
     for ok, message in checks:
         if not ok:
             raise ConceptCapsError(message)
+    if args.lsr:
+        from .vae_lsr import check_lsr_names
+
+        check_lsr_names(args.lsr)
 
 
 def train_vae(args: VaeTrainArguments) -> dict:
@@ -141,6 +164,12 @@ def _train(args: VaeTrainArguments) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     x_train = multi_hot(sets["train"], tags)
     x_val = multi_hot(sets["validation"], tags) if sets["validation"] else x_train[:0]
+    lsr = None
+    if args.lsr:  # attribute-regularised latent dimensions (generation/vae_lsr.py)
+        from .vae_lsr import LatentRegulariser, attribute_matrix, attribute_spec
+
+        lsr = LatentRegulariser(model, args.lsr, attribute_matrix(sets["train"], args.lsr, attribute_spec(taxonomy)),
+                                args.lsr_gamma, args.lsr_delta)
     generator = torch.Generator().manual_seed(args.seed)
     history = []
     bar = tqdm(range(args.epochs), desc="vae train", unit="epoch")
@@ -149,7 +178,10 @@ def _train(args: VaeTrainArguments) -> dict:
         order = torch.randperm(len(x_train), generator=generator)
         total, batches = 0.0, 0
         for start in range(0, len(order), args.batch_size):
-            losses = model.loss(x_train[order[start:start + args.batch_size]], generator)
+            batch = order[start:start + args.batch_size]
+            losses = model.loss(x_train[batch], generator)
+            if lsr is not None:
+                losses = lsr.add(losses, batch)
             optimizer.zero_grad()
             losses["loss"].backward()
             optimizer.step()
@@ -157,12 +189,19 @@ def _train(args: VaeTrainArguments) -> dict:
         model.eval()
         with torch.no_grad():
             val = model.loss(x_val, torch.Generator().manual_seed(args.seed))["loss"].item() if len(x_val) else None
-        history.append({"epoch": epoch + 1, "train_loss": total / batches, "validation_loss": val})
+        history.append({"epoch": epoch + 1, "train_loss": total / batches, "validation_loss": val,
+                        **({"lsr_loss": lsr.epoch_mean()} if lsr is not None else {})})
         bar.set_postfix(train=f"{total / batches:.3f}", val=f"{val:.3f}" if val is not None else "-")
 
     scores = score_vae(model, taxonomy, {k: v for k, v in sets.items() if v}, sets["train"], args)
+    from .vae_lsr import latent_scores
+
+    latent, lsr_file = latent_scores(model, taxonomy, sets, args, lsr, scores, retrain=_train)
+    scores.update(latent)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+        if lsr_file is not None:
+            (tmp / "lsr.json").write_text(json.dumps(lsr_file, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
         (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     logger.info("vae train: validation %s; samples %s", scores.get("validation"), scores["samples"])
