@@ -1,8 +1,10 @@
 """Score a run with the eval/ metric modules; write RUN/eval/metrics.json, report.md and figures.
 
     conceptcaps evaluate --run runs/demo
-    conceptcaps evaluate --run runs/demo --reference_audio data/gtzan_clips            # + FAD
-    conceptcaps evaluate --run runs/demo --reference_audio some-org/some-audio-set --reference_split test \
+    conceptcaps evaluate --run runs/demo --reference_audio data/gtzan_clips            # + FAD, FAD∞
+    conceptcaps evaluate --run runs/demo --reference_audio sanchit-gandhi/gtzan --reference_split train \\
+        --reference_column audio                                                       # GTZAN from the Hub
+    conceptcaps evaluate --run runs/demo --reference_audio some-org/some-audio-set --reference_split test \\
         --clap_model /models/larger_clap_music --bertscore_model /models/roberta-large --mauve_model /models/gpt2-large
     conceptcaps evaluate --run runs/demo --skip caption_quality fad
 
@@ -17,8 +19,9 @@ Every metric that the run's artifacts allow is computed, each with its `evaluate
   compared with the MusicCaps experts' captions of the same clips.
 - attribute coverage (eval/attribute_coverage) of RUN/captions.parquet.
 - CLAP score (eval/clap_score) of each clip in RUN/audio/ against its caption.
-- FAD (eval/fad) between the CLAP embeddings of the run's clips and of --reference_audio
-  (a folder of audio files, a local dataset folder, or a Hub dataset id with an audio column).
+- FAD and FAD∞ (eval/fad) between the CLAP embeddings of the run's clips and of --reference_audio
+  (a folder of audio files, a local dataset folder, or a Hub dataset id: --reference_column of
+  --reference_split). FAD∞ extrapolates FAD to infinitely many clips, comparable across sample sizes.
 
 A metric whose inputs are missing is listed under "skipped" in metrics.json with the reason.
 RUN/eval/ is written atomically: metrics.json (rows: stage, metric, value, paper, better),
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 STAGE = "evaluate"
 GROUPS = ("vae", "caption_quality", "coverage", "clap", "fad")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff")  # what soundfile decodes
+# A --reference_audio folder holding any of these is a dataset (datasets.load_dataset or load_from_disk),
+# not a folder of clips: parquet/arrow/csv/json data files, an audiofolder's metadata.csv/jsonl.
+DATASET_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 
 # Table 1 of the paper (PAPER.md). BLEU there is on the 0-1 scale.
 PAPER = {
@@ -68,11 +74,17 @@ class EvaluateArguments:
     run: str = field(metadata={"help": "Run directory to score; writes RUN/eval/."})
     reference_audio: str | None = field(
         default=None,
-        metadata={"help": "Reference set for FAD: a folder of audio files (wav/flac/ogg/mp3), a local dataset "
-                          "folder, or a Hub dataset id with an audio column (the paper: GTZAN). No FAD without it."},
+        metadata={"help": "Reference set for FAD: a folder of audio files (wav/flac/ogg/mp3, read recursively), "
+                          "a dataset folder (parquet/arrow/csv/json files, an audiofolder with metadata, or "
+                          "save_to_disk output), or a Hub dataset id, e.g. sanchit-gandhi/gtzan (the paper: GTZAN); "
+                          "a dataset's clips are --reference_column of --reference_split. No FAD without it."},
     )
-    reference_split: str = field(default="train", metadata={"help": "Split of a --reference_audio dataset."})
-    reference_column: str = field(default="audio", metadata={"help": "Audio column of a --reference_audio dataset."})
+    reference_split: str = field(
+        default="train", metadata={"help": "Split of a --reference_audio dataset (not used for a folder of clips)."}
+    )
+    reference_column: str = field(
+        default="audio", metadata={"help": "Audio column of a --reference_audio dataset (not used for a folder of clips)."}
+    )
     max_reference_clips: int | None = field(default=None, metadata={"help": "Use at most N reference clips (first N)."})
     clap_model: str = field(
         default="laion/larger_clap_music",
@@ -374,36 +386,31 @@ def run_audio_embeddings(run: Path, clap, args: EvaluateArguments, model: str) -
 
 def reference_clips(args: EvaluateArguments, chunk: int = 256):
     """(description, iterator of lists of audio items) of --reference_audio: file paths, or the
-    {"bytes", "path"} items of a dataset's audio column, `chunk` at a time (memory stays bounded)."""
+    {"bytes", "path"} items of a dataset's audio column, `chunk` at a time (memory stays bounded).
+
+    A folder of audio files alone is read file by file (recursively, every clip); a folder holding
+    data files (parquet, arrow, csv, json, an audiofolder's metadata) or a dataset saved with
+    save_to_disk, and any other name (a Hub dataset id), are datasets: --reference_split and
+    --reference_column say where the clips are. The split and column are checked, and the dataset
+    loaded, here: call it before any long work."""
     source = args.reference_audio
     path = Path(source).expanduser()
     limit = args.max_reference_clips
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)[:limit]
-        if files:
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        if not any(p.suffix.lower() in DATASET_SUFFIXES for p in found):
+            files = [str(p) for p in found if p.suffix.lower() in AUDIO_SUFFIXES][:limit]
+            if not files:
+                raise ConceptCapsError(f"--reference_audio {source}: the folder holds no audio file "
+                                       f"({', '.join(AUDIO_SUFFIXES)}) and no dataset; pass a folder of clips.")
             return f"{len(files)} audio files under {path}", (files[i : i + chunk] for i in range(0, len(files), chunk))
     elif path.exists() or source.startswith((".", "/", "~")):
         raise ConceptCapsError(f"--reference_audio {source}: not a folder of audio files, a dataset folder or a Hub "
                                f"dataset id. Pass a folder holding {', '.join(AUDIO_SUFFIXES)} files.")
     import datasets
 
-    try:
-        if path.is_dir() and any((path / n).exists() for n in ("state.json", "dataset_dict.json")):
-            data = datasets.load_from_disk(str(path))
-            data = data[args.reference_split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            data = datasets.load_dataset(str(path) if path.is_dir() else source, split=args.reference_split)
-    except Exception as err:  # load_dataset raises many types (offline, missing split, bad files)
-        raise ConceptCapsError(
-            f"cannot load --reference_audio {source!r} split {args.reference_split!r} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local folder of audio files, a dataset saved "
-            f"with save_to_disk, or a Hub dataset id reachable from here (download it first where the Hub is "
-            f"reachable, `hf download {source} --repo-type dataset --local-dir DIR`, then pass --reference_audio DIR)."
-        ) from err
+    data = load_reference_dataset(args, path if path.is_dir() else None)
     column = args.reference_column
-    if column not in data.column_names:
-        raise ConceptCapsError(f"--reference_audio {source}: no column {column!r} (columns: {data.column_names}); "
-                               f"pass --reference_column with the audio column.")
     data = data.select_columns([column])
     if isinstance(data.features[column], datasets.Audio):
         data = data.cast_column(column, datasets.Audio(decode=False))  # encoded bytes: the CLAP module decodes them
@@ -412,7 +419,59 @@ def reference_clips(args: EvaluateArguments, chunk: int = 256):
     return f"{n} clips of {source} ({args.reference_split})", chunks
 
 
-def audio_metrics(args: EvaluateArguments, run: Path, models: dict, skipped: dict, run_fad: bool) -> tuple[list, dict]:
+def load_reference_dataset(args: EvaluateArguments, folder: Path | None):
+    """The --reference_split of the --reference_audio dataset (a local folder, or a Hub id when `folder`
+    is None), with --reference_column checked; one clear error when any of the three is wrong."""
+    import datasets
+
+    source, split, column = args.reference_audio, args.reference_split, args.reference_column
+
+    def cannot_load(err: Exception) -> ConceptCapsError:
+        return ConceptCapsError(
+            f"cannot load --reference_audio {source!r} split {split!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local folder of audio files, a dataset folder, "
+            f"or a Hub dataset id reachable from here (download it first where the Hub is reachable, "
+            f"`hf download {source} --repo-type dataset --local-dir DIR`, then pass --reference_audio DIR).")
+
+    def no_column(columns) -> ConceptCapsError:
+        return ConceptCapsError(f"--reference_audio {source}: no column {column!r} in split {split!r} (columns: "
+                                f"{', '.join(columns)}); pass --reference_column with the audio column.")
+
+    if folder is not None and any((folder / n).exists() for n in ("state.json", "dataset_dict.json")):
+        try:
+            data = datasets.load_from_disk(str(folder))
+        except Exception as err:  # a damaged save_to_disk folder
+            raise cannot_load(err) from err
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ConceptCapsError(f"--reference_audio {source}: no split {split!r} (splits: {', '.join(data)}); "
+                                       f"pass --reference_split with one of them.")
+            data = data[split]
+    else:
+        name = str(folder) if folder is not None else source
+        # The builder lists the splits (and, when the dataset card declares them, the columns) without
+        # downloading the data: a wrong split or column fails before gigabytes of audio arrive.
+        try:
+            builder = datasets.load_dataset_builder(name)
+        except Exception as err:  # not found, offline, a loading script (unsupported by datasets>=4), bad files
+            raise cannot_load(err) from err
+        splits = [str(s) for s in (builder.config.data_files or builder.info.splits or {})]
+        if splits and split not in splits:
+            raise ConceptCapsError(f"--reference_audio {source}: no split {split!r} (splits: {', '.join(splits)}); "
+                                   f"pass --reference_split with one of them.")
+        if builder.info.features is not None and column not in builder.info.features:
+            raise no_column(builder.info.features)
+        try:
+            data = datasets.load_dataset(name, split=split)
+        except Exception as err:  # load_dataset raises many types (offline, bad files)
+            raise cannot_load(err) from err
+    if column not in data.column_names:
+        raise no_column(data.column_names)
+    return data
+
+
+def audio_metrics(args: EvaluateArguments, run: Path, models: dict, skipped: dict, reference) -> tuple[list, dict]:
+    """CLAP score rows, and FAD and FAD∞ rows when `reference` (what reference_clips returned) is given."""
     clap = load_metric("clap_score")
     embedded = run_audio_embeddings(run, clap, args, models["clap"])
     rows, details = [], {"clips_scored": len(embedded["scores"]), "uncaptioned_clips": embedded["uncaptioned_clips"],
@@ -424,18 +483,22 @@ def audio_metrics(args: EvaluateArguments, run: Path, models: dict, skipped: dic
         rows.append(row("audio", "CLAP score (raw cosine)", scores.mean(), "clap_score", "higher"))
     else:
         skipped["CLAP"] = "no clip in RUN/audio has a caption in RUN/captions.parquet"
-    if run_fad:
-        description, chunks = reference_clips(args)
+    if reference is not None:
+        description, chunks = reference
         options = {"model": models["clap"], "batch_size": args.clap_batch_size, "device": args.device}
-        reference = [clap.embed_audio(chunk, **options) for chunk in chunks]
-        reference = np.concatenate(reference) if reference else np.zeros((0, 0))
+        embeddings = [clap.embed_audio(chunk, **options) for chunk in chunks]
+        embeddings = np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
         try:
-            fad = load_metric("fad").compute(predictions=embedded["embeddings"], references=reference)
+            fad = load_metric("fad").compute(predictions=embedded["embeddings"], references=embeddings, seed=args.seed)
         except ValueError as err:  # fewer than 2 clips on a side
             skipped["FAD"] = str(err)
         else:
-            details["fad"] = {**fad, "reference": description, "embedding_dim": int(reference.shape[1])}
+            details["fad"] = {**fad, "reference": description, "embedding_dim": int(embeddings.shape[1])}
             rows.append(row("audio", "FAD (CLAP embeddings)", fad["fad"], "fad", "lower"))
+            if fad["fad_inf"] is None:  # 2 clips: a single subset size, no line to extrapolate
+                skipped["FAD∞"] = f"{fad['n_predictions']} clips give a single subset size; FAD∞ needs more"
+            else:  # the paper reports no FAD∞: no paper value
+                rows.append(row("audio", "FAD∞ (CLAP embeddings)", fad["fad_inf"], None, "lower"))
     del clap
     _free_accelerator_memory()
     return rows, details
@@ -486,12 +549,21 @@ REPORT_NOTES = (
     "The paper column is Table 1 of Sienkiewicz et al. (arXiv 2601.14157). BLEU is sacreBLEU's 0-100 corpus score "
     "divided by 100, the paper's 0-1 scale. The CLAP score is the raw cosine (not 100 x cos). Hamming loss is per "
     "tag over this run's vocabulary, so it depends on its size. FAD depends on the reference set and on the number "
-    "of clips; compare it only between sets of similar sizes."
+    "of clips; compare it only between sets of similar sizes. FAD∞ is FAD extrapolated to infinitely many clips "
+    "(the intercept of FAD = a + b / n over random subsets of the run's clips, as fadtk computes it): it is "
+    "comparable across sample sizes, against the same reference set and CLAP model."
 )
 CAPTION_NOTE = (
     "Caption quality: {usable_captions} usable captions of {validation_sets} validation attribute sets, written by "
     "the run's captioner and compared with the MusicCaps experts' captions of the same clips "
     "(`validation_captions.parquet`); outputs the captions stage would refuse are not scored."
+)
+
+
+FAD_NOTE = (
+    "FAD∞: the line FAD = {fad_inf:.4g} + {fad_inf_slope:.4g} / n (r² {fad_inf_r2:.3f}) fitted to the FADs of "
+    "{points} random subsets of {smallest} to {n_predictions} of the run's clips against the {n_references} "
+    "reference clips ({reference}); `details.audio.fad.fad_inf_curve` in metrics.json holds the points."
 )
 
 
@@ -502,6 +574,10 @@ def write_report(path: Path, run: Path, metrics: dict) -> None:
              metrics_table(metrics), "", REPORT_NOTES, ""]
     if details.get("caption_quality"):
         lines += [CAPTION_NOTE.format(**details["caption_quality"]), ""]
+    fad = details.get("audio", {}).get("fad", {})
+    if fad.get("fad_inf") is not None:
+        curve = fad["fad_inf_curve"]
+        lines += [FAD_NOTE.format(**fad, points=len(curve), smallest=curve[0][0]), ""]
     tiny = sorted(set(tiny_models(run, list(details["models"].values()))))
     if tiny:
         warning = (f"**These models are tiny random-weight models built from configs ({', '.join(tiny)}): "
@@ -597,6 +673,7 @@ def _evaluate(args: EvaluateArguments) -> dict:
         models["mauve"] = check_model(args.mauve_model, "mauve_model", "MAUVE feature model")
     if plan["clap"] or plan["fad"]:
         models["clap"] = check_model(args.clap_model, "clap_model", "CLAP model")
+    reference = reference_clips(args) if plan["fad"] else None  # a wrong split or column fails here, early
 
     rows, details, records = [], {}, []
     if plan["vae"]:
@@ -610,7 +687,7 @@ def _evaluate(args: EvaluateArguments) -> dict:
         coverage, details["coverage"] = coverage_rows(run)
         rows += coverage
     if plan["clap"]:
-        audio_rows, details["audio"] = audio_metrics(args, run, models, skipped, plan["fad"])
+        audio_rows, details["audio"] = audio_metrics(args, run, models, skipped, reference)
         rows += audio_rows
 
     captioner = details.get("caption_quality", {}).get("captioner", {})

@@ -1,6 +1,7 @@
 """`conceptcaps evaluate` on a run with every artifact, made by the real stages on tiny models:
 metrics.json rows against the metric modules called directly, report.md and figures, skipped
-metrics, VAE metrics recomputed, reference audio from a dataset folder, clear errors."""
+metrics, VAE metrics recomputed, reference audio from dataset folders (save_to_disk, parquet,
+audiofolder) read by `datasets`, clear errors for a wrong split or column."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ EXPECTED_ROWS = [
     ("LLM", "BERTScore F1"), ("LLM", "BLEU (sacreBLEU / 100)"), ("LLM", "ROUGE-L"), ("LLM", "MAUVE"),
     ("LLM", "Attribute coverage (captions.parquet)"), ("LLM", "Full coverage rate"),
     ("LLM", "Unrequested tags per caption"),
-    ("audio", "CLAP score (raw cosine)"), ("audio", "FAD (CLAP embeddings)"),
+    ("audio", "CLAP score (raw cosine)"), ("audio", "FAD (CLAP embeddings)"), ("audio", "FAD∞ (CLAP embeddings)"),
 ]
 N_CAPTIONS = 12
 
@@ -99,6 +100,7 @@ def test_full_run_gets_every_row_and_a_complete_report(evaluated, tiny_eval, ref
     papers = {r["metric"]: r["paper"] for r in metrics["rows"]}
     assert papers["BLEU (sacreBLEU / 100)"] == PAPER["bleu"] == 0.2465 and papers["FAD (CLAP embeddings)"] == 0.4603
     assert papers["Jaccard (validation)"] == 0.716 and papers["Full coverage rate"] is None
+    assert papers["FAD∞ (CLAP embeddings)"] is None  # the paper reports no FAD∞
 
     report = (run / "eval" / "report.md").read_text()
     assert metrics_table(metrics) in report
@@ -113,6 +115,10 @@ def test_full_run_gets_every_row_and_a_complete_report(evaluated, tiny_eval, ref
     assert models["CLAP (CLAP score, FAD)"] == tiny_eval["clap"] and models["MAUVE features"] == tiny_eval["bert"]
     assert models["captioner adapter"] == str((run / "captioner").resolve())
     assert "Nothing was skipped." in report and f"- BERTScore: `{tiny_eval['bert']}`" in report
+    assert "FAD∞ is FAD extrapolated to infinitely many clips" in report and "comparable across sample sizes" in report
+    fad = metrics["details"]["audio"]["fad"]
+    assert f"FAD∞: the line FAD = {fad['fad_inf']:.4g} + {fad['fad_inf_slope']:.4g} / n" in report
+    assert f"| audio | FAD∞ (CLAP embeddings) | {fad['fad_inf']:.4g} | – | lower ↓ |" in report
     assert manifest["counts"] == {"rows": len(EXPECTED_ROWS), "skipped": 0, "figures": 4}
 
     again = evaluate_run(_arguments(run, tiny_eval, reference_audio=str(reference_folder)))
@@ -166,10 +172,16 @@ def test_rows_match_the_metric_modules_called_directly(evaluated, tiny_eval, ref
 
     # FAD: the run's clips against the reference folder, embedded and measured by eval/fad itself.
     fad = evaluate.load(str(ROOT / "eval" / "fad"))
-    ours = fad.embed_audio([{"bytes": clips[i]} for i in ids], model=tiny_eval["clap"])
+    # In shard order, as the stage embeds them: FAD ignores the order, FAD∞'s seeded subsets do not.
+    ours = fad.embed_audio([{"bytes": audio} for audio in clips.values()], model=tiny_eval["clap"])
     reference = fad.embed_audio(sorted(str(p) for p in reference_folder.iterdir()), model=tiny_eval["clap"])
-    expected = fad.compute(predictions=ours, references=reference)
+    expected = fad.compute(predictions=ours, references=reference, seed=0)  # --seed 0, the default
     assert value["FAD (CLAP embeddings)"] == pytest.approx(expected["fad"], rel=1e-4)
+    # FAD∞: the same subsets (seeded), the same line.
+    assert value["FAD∞ (CLAP embeddings)"] == pytest.approx(expected["fad_inf"], rel=1e-4, abs=1e-6)
+    assert details["audio"]["fad"]["fad_inf_r2"] == pytest.approx(expected["fad_inf_r2"], abs=1e-4)
+    sizes = [n for n, _ in details["audio"]["fad"]["fad_inf_curve"]]
+    assert sizes[0] == len(ids) // 2 and sizes[-1] == len(ids) and sizes == sorted(set(sizes))
     assert details["audio"]["fad"]["n_references"] == 6 and details["audio"]["fad"]["n_predictions"] == len(ids)
 
 
@@ -219,6 +231,79 @@ def test_reference_audio_from_a_dataset_folder(tmp_path, reference_folder, tiny_
         reference_clips(EvaluateArguments(run="unused", reference_audio=str(tmp_path / "reference")))
     with pytest.raises(ConceptCapsError, match="cannot load --reference_audio 'no-such-org/no-such-set'"):
         reference_clips(EvaluateArguments(run="unused", reference_audio="no-such-org/no-such-set"))
+
+
+def _write_reference_datasets(root: Path, reference_folder: Path) -> dict:
+    """The six reference clips as a parquet dataset (splits train/test, audio column `clip`) and as an
+    audiofolder (train/ with metadata.csv): the layouts of a Hub dataset downloaded with `hf download`."""
+    import datasets
+
+    files = sorted(reference_folder.iterdir())
+    features = datasets.Features({"clip": datasets.Audio(), "genre": datasets.Value("string")})
+    parquet = root / "parquet" / "data"
+    parquet.mkdir(parents=True)
+    for split, part in (("train", files[:4]), ("test", files[4:])):
+        records = {"clip": [{"bytes": f.read_bytes(), "path": f.name} for f in part], "genre": ["tone"] * len(part)}
+        datasets.Dataset.from_dict(records, features=features).to_parquet(str(parquet / f"{split}-00000-of-00001.parquet"))
+    audiofolder = root / "audiofolder" / "train"
+    audiofolder.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, audiofolder / f.name)
+    (audiofolder / "metadata.csv").write_text("file_name,genre\n" + "".join(f"{f.name},tone\n" for f in files))
+    return {"parquet": root / "parquet", "audiofolder": root / "audiofolder", "files": [str(f) for f in files]}
+
+
+def test_reference_audio_from_parquet_and_audiofolder_datasets(tmp_path, reference_folder, tiny_eval):
+    """Local dataset folders go through datasets.load_dataset, split and column chosen by the options."""
+    import evaluate
+
+    layouts = _write_reference_datasets(tmp_path, reference_folder)
+    clap = evaluate.load(str(ROOT / "eval" / "clap_score"))
+    from_files = clap.embed_audio(layouts["files"], model=tiny_eval["clap"])
+
+    args = EvaluateArguments(run="unused", reference_audio=str(layouts["parquet"]), reference_column="clip")
+    description, chunks = reference_clips(args)
+    items = [item for chunk in chunks for item in chunk]
+    assert description == f"4 clips of {layouts['parquet']} (train)" and len(items) == 4
+    np.testing.assert_allclose(clap.embed_audio(items, model=tiny_eval["clap"]), from_files[:4], atol=1e-6)
+    test_args = EvaluateArguments(run="unused", reference_audio=str(layouts["parquet"]), reference_split="test",
+                                  reference_column="clip")
+    items = [item for chunk in reference_clips(test_args)[1] for item in chunk]
+    np.testing.assert_allclose(clap.embed_audio(items, model=tiny_eval["clap"]), from_files[4:], atol=1e-6)
+
+    # An audiofolder: audio files with metadata.csv, read as a dataset (column `audio`), not file by file.
+    args = EvaluateArguments(run="unused", reference_audio=str(layouts["audiofolder"]), max_reference_clips=5)
+    description, chunks = reference_clips(args)
+    items = [item for chunk in chunks for item in chunk]
+    assert description == f"5 clips of {layouts['audiofolder']} (train)"
+    assert sorted(Path(item["path"]).name for item in items) == sorted(Path(f).name for f in layouts["files"])[:5]
+    by_name = dict(zip((Path(f).name for f in layouts["files"]), from_files))
+    embedded = clap.embed_audio(items, model=tiny_eval["clap"])
+    np.testing.assert_allclose(embedded, [by_name[Path(item["path"]).name] for item in items], atol=1e-6)
+
+
+def test_reference_dataset_errors_name_what_exists(tmp_path, reference_folder, full_run, tiny_eval, copy_run):
+    layouts = _write_reference_datasets(tmp_path, reference_folder)
+    parquet = str(layouts["parquet"])
+    with pytest.raises(ConceptCapsError, match=r"no split 'validation' \(splits: train, test\); pass --reference_split"):
+        reference_clips(EvaluateArguments(run="unused", reference_audio=parquet, reference_split="validation",
+                                          reference_column="clip"))
+    with pytest.raises(ConceptCapsError, match=r"no column 'audio' in split 'train' \(columns: clip, genre\); "
+                                               r"pass --reference_column"):
+        reference_clips(EvaluateArguments(run="unused", reference_audio=parquet))
+    with pytest.raises(ConceptCapsError, match=r"no split 'test' \(splits: train\)"):
+        reference_clips(EvaluateArguments(run="unused", reference_audio=str(layouts["audiofolder"]),
+                                          reference_split="test"))
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("no clips here")
+    with pytest.raises(ConceptCapsError, match="the folder holds no audio file"):
+        reference_clips(EvaluateArguments(run="unused", reference_audio=str(empty)))
+    # The stage stops on it with the same one-line message.
+    run = copy_run(full_run)
+    with pytest.raises(ConceptCapsError) as err:
+        evaluate_run(_arguments(run, tiny_eval, reference_audio=parquet, reference_split="dev", force=True))
+    assert "no split 'dev'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_offline_hub_model_id_names_the_option(full_run, tiny_eval, copy_run):

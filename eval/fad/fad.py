@@ -4,9 +4,10 @@
     fad = evaluate.load("eval/fad")                    # path from the repository root
     generated = fad.embed_audio(generated_clips)       # CLAP (laion/larger_clap_music) embeddings
     reference = fad.embed_audio(reference_clips)
-    fad.compute(predictions=generated, references=reference)
+    fad.compute(predictions=generated, references=reference)   # fad, and fad_inf (FAD∞) beside it
 
-`frechet_distance(mu1, sigma1, mu2, sigma2)` is the pure formula, usable on its own.
+`frechet_distance(mu1, sigma1, mu2, sigma2)` is the pure formula and `fad_infinity(predictions, references)`
+the FAD∞ extrapolation, usable on their own.
 """
 
 import logging
@@ -27,6 +28,18 @@ _CITATION = """\
   author={Kilgour, Kevin and Zuluaga, Mauricio and Roblek, Dominik and Sharifi, Matthew},
   booktitle={Interspeech},
   year={2019}
+}
+@inproceedings{chong2020fidinf,
+  title={Effectively Unbiased {FID} and Inception Score and Where to Find Them},
+  author={Chong, Min Jin and Forsyth, David},
+  booktitle={CVPR},
+  year={2020}
+}
+@inproceedings{gui2024fadtk,
+  title={Adapting Fr{\\'e}chet Audio Distance for Generative Music Evaluation},
+  author={Gui, Azalea and Gamper, Hannes and Braun, Sebastian and Emmanouilidou, Dimitra},
+  booktitle={ICASSP},
+  year={2024}
 }
 @article{sienkiewicz2026conceptcaps,
   title={ConceptCaps -- a Distilled Concept Dataset for Interpretability in Music Models},
@@ -56,7 +69,15 @@ A set needs at least 2 embeddings for a covariance (fewer is refused). With fewe
 embeddings than dimensions (n <= d) the covariance is rank-deficient: the value is still
 defined but biased upward and noisy, and a warning is logged; use well over d embeddings
 (d = 512 for the LAION CLAPs) for numbers comparable across papers, and compare FADs only
-between sets of similar sizes.
+between sets of similar sizes, or compare FAD∞.
+
+FAD∞ (Chong & Forsyth 2020 for FID; Gui et al. 2024 and their fadtk for FAD): the expected FAD
+of n embeddings is about FAD∞ + b / n, so the FADs of seeded random subsets of the predictions
+(sizes from `inf_min_samples` to all of them) against the whole reference set are fitted with a
+least-squares line in 1 / n, and its intercept is reported as `fad_inf` with the line's r²,
+slope and points. It removes the evaluated set's size from the number; the reference set's own
+finite-size bias stays (the same for every evaluated set scored against that reference) unless
+`inf_subsample_references` extrapolates both sets.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -65,9 +86,24 @@ Args:
     references (2-D array or `list` of `list` of `float`): embeddings of the reference set
         (same dimension; any number of rows).
     min_samples (`int`): refuse a set with fewer rows than this (never below 2). Defaults to 2.
+    inf_points (`int`): subset sizes for FAD∞ (one seeded random subset of the predictions each,
+        sizes evenly spaced from `inf_min_samples` to all predictions). Defaults to 20; 0 turns FAD∞ off.
+    inf_min_samples (`int`): the smallest subset for FAD∞. Defaults to fadtk's 500, or half the
+        predictions when that is smaller (and never below `min_samples`).
+    seed (`int`): seed of the FAD∞ subsets (the same seed gives the same value). Defaults to 0.
+    inf_subsample_references (`bool`): also subsample the references, at the same fraction as the
+        predictions, so FAD∞ extrapolates both set sizes to infinity (for a reference set that is not
+        much larger than the predictions). Defaults to False: the whole reference set, as in fadtk.
 Returns:
     fad (`float`): the Fréchet distance, >= 0.
     n_predictions (`int`), n_references (`int`): the set sizes.
+    fad_inf (`float`): FAD∞, the intercept a of the least-squares line FAD = a + b / n through the
+        subsets' FADs: the FAD of an infinite evaluated set, comparable across sample sizes. An
+        extrapolation, so it can fall slightly below 0 for matching distributions. None when off or
+        when fewer than 2 subset sizes fit.
+    fad_inf_slope (`float`): b, the sample-size bias (FAD at n is about fad_inf + fad_inf_slope / n).
+    fad_inf_r2 (`float`): r² of the line (near 1: FAD follows 1/n well and FAD∞ is trustworthy).
+    fad_inf_curve (`list` of `[n, fad]`): the subsets' sizes and FADs the line was fitted to.
 Examples:
     >>> import evaluate
     >>> import numpy as np
@@ -81,6 +117,14 @@ Examples:
     4.0
     >>> fad.compute(predictions=a[:50], references=a)["n_predictions"]
     50
+    >>> generated = rng.normal(size=(400, 16))                # N(0, I)
+    >>> reference = rng.normal(loc=0.25, size=(20000, 16))    # N(0.25, I): distance 16 * 0.25**2 = 1.0
+    >>> small = fad.compute(predictions=generated[:40], references=reference, inf_points=20, seed=0)
+    >>> round(small["fad"], 2), round(small["fad_inf"], 2)   # 40 embeddings: FAD biased upward, FAD∞ near 1
+    (3.69, 1.21)
+    >>> large = fad.compute(predictions=generated, references=reference, inf_min_samples=80)
+    >>> round(large["fad"], 2), round(large["fad_inf"], 2), len(large["fad_inf_curve"])
+    (1.15, 1.04, 20)
 """
 
 
@@ -92,7 +136,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise ValueError(
             f"shapes do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}."
         )
-    sqrt_sigma1 = _psd_sqrt(sigma1)
+    return _frechet(mu1, sigma1, _psd_sqrt(sigma1), mu2, sigma2)
+
+
+def _frechet(mu1, sigma1, sqrt_sigma1, mu2, sigma2) -> float:
+    """frechet_distance with the square root of sigma1 given (FAD∞ reuses the reference's for every subset)."""
     middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
     # eigvalsh needs exact symmetry; round-off may leave tiny negative eigenvalues, which are 0.
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -112,6 +160,56 @@ def gaussian_stats(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased, ddof=1) covariance of the rows."""
     embeddings = np.asarray(embeddings, np.float64)
     return embeddings.mean(axis=0), np.cov(embeddings, rowvar=False, ddof=1).reshape(embeddings.shape[1], -1)
+
+
+def default_inf_min_samples(n: int) -> int:
+    """Smallest subset of FAD∞ when none is given: fadtk's 500, or half the set when that is smaller."""
+    return max(2, min(500, n // 2))
+
+
+def fad_infinity(predictions, references, points: int = 20, min_samples: int | None = None, seed: int = 0,
+                 subsample_references: bool = False) -> dict:
+    """FAD extrapolated to an infinite evaluated set (FAD∞, Chong & Forsyth 2020; Gui et al. 2024, fadtk).
+
+    FAD of `points` random subsets of the predictions (sizes evenly spaced from `min_samples`
+    to all of them, one draw each from a generator seeded with `seed`) against the whole
+    reference set, then the least-squares line FAD = a + b / n: FAD∞ = a. With
+    `subsample_references` the references are subsampled at the same fraction as the
+    predictions, so the line extrapolates both sets to infinity.
+
+    Returns {"fad_inf": a, "fad_inf_slope": b, "fad_inf_r2": r² of the line, "fad_inf_curve":
+    [[n, fad], ...]}; `fad_inf` and `fad_inf_r2` are None when fewer than 2 distinct sizes fit.
+    """
+    predictions, references = np.asarray(predictions, np.float64), np.asarray(references, np.float64)
+    n = predictions.shape[0]
+    low = default_inf_min_samples(n) if min_samples is None else max(2, int(min_samples))
+    if low > n:
+        raise ValueError(f"FAD∞: the smallest subset ({low}) is larger than the {n} predictions; "
+                         f"pass inf_min_samples <= {n}.")
+    sizes = np.unique(np.linspace(low, n, max(int(points), 1)).round().astype(int))
+    rng = np.random.default_rng(seed)
+    mu_r, sigma_r = gaussian_stats(references)
+    sqrt_r = _psd_sqrt(sigma_r)
+    curve = []
+    for size in sizes:
+        mu_p, sigma_p = gaussian_stats(predictions[rng.choice(n, size=size, replace=False)])
+        if subsample_references:
+            n_ref = max(2, round(references.shape[0] * size / n))
+            mu_r, sigma_r = gaussian_stats(references[rng.choice(references.shape[0], size=n_ref, replace=False)])
+            sqrt_r = _psd_sqrt(sigma_r)
+        # The reference first: its square root is computed once, not once per subset.
+        curve.append([int(size), _frechet(mu_r, sigma_r, sqrt_r, mu_p, sigma_p)])
+    result = {"fad_inf": None, "fad_inf_slope": None, "fad_inf_r2": None, "fad_inf_curve": curve}
+    if len(curve) < 2:
+        logger.warning("FAD∞: %d prediction(s) give a single subset size; no line to extrapolate.", n)
+        return result
+    x, y = 1.0 / sizes, np.array([value for _, value in curve])
+    slope, intercept = np.polyfit(x, y, 1)
+    total = float(np.sum((y - y.mean()) ** 2))
+    residual = float(np.sum((y - (intercept + slope * x)) ** 2))
+    result.update(fad_inf=float(intercept), fad_inf_slope=float(slope),
+                  fad_inf_r2=1.0 - residual / total if total > 0 else 1.0)
+    return result
 
 
 def _as_matrix(values, name: str) -> np.ndarray:
@@ -165,7 +263,8 @@ class FAD(evaluate.Metric):
         clap, processor, loaded_device = cache[(model, device)]
         return embed_audio_items(clap, processor, audio, sampling_rate, batch_size, loaded_device)
 
-    def _compute(self, predictions, references, min_samples=2):
+    def _compute(self, predictions, references, min_samples=2, inf_points=20, inf_min_samples=None, seed=0,
+                 inf_subsample_references=False):
         sets = {}
         for name, rows in (("predictions", predictions), ("references", references)):
             sets[name] = _as_matrix([vector for batch in rows for vector in batch], name)
@@ -189,8 +288,15 @@ class FAD(evaluate.Metric):
                 )
         mu_p, sigma_p = gaussian_stats(sets["predictions"])
         mu_r, sigma_r = gaussian_stats(sets["references"])
-        return {
+        result = {
             "fad": frechet_distance(mu_p, sigma_p, mu_r, sigma_r),
             "n_predictions": int(sets["predictions"].shape[0]),
             "n_references": int(sets["references"].shape[0]),
         }
+        if int(inf_points) <= 0:  # FAD∞ off: the keys stay, empty
+            return {**result, "fad_inf": None, "fad_inf_slope": None, "fad_inf_r2": None, "fad_inf_curve": []}
+        low = max(needed, default_inf_min_samples(result["n_predictions"]) if inf_min_samples is None
+                  else int(inf_min_samples))
+        result.update(fad_infinity(sets["predictions"], sets["references"], points=inf_points, min_samples=low,
+                                   seed=seed, subsample_references=inf_subsample_references))
+        return result
