@@ -6,7 +6,14 @@
 Every raw `aspect_list` tag is mapped to canonical taxonomy tags (generation/taxonomy.py);
 a row is kept when its tags cover at least `min_categories` of genre/mood/instrument/tempo,
 its tag set holds no contradiction (two tempos, "instrumental" with a vocal, ...), and its
-caption has at least `min_caption_words` words. Writes RUN/taxonomy.json,
+caption has at least `min_caption_words` words.
+
+Captions are cleaned of remarks on recording quality ("The low quality recording features
+...", "It is noisy and in mono."), which the taxonomy excludes and the captioner's prompt
+forbids: about a third of the MusicCaps captions make one (generation/caption_cleaning.py).
+`caption` is the cleaned text (what the captioner learns from) and `caption_original` the
+source's; `--clean_captions false` keeps the source text in both. The manifest counts the
+changed captions (`counts.caption_cleaning`). Writes RUN/taxonomy.json,
 RUN/distilled.parquet and RUN/manifests/distill.json.
 """
 
@@ -38,7 +45,14 @@ class DistillArguments:
     min_categories: int = field(
         default=3, metadata={"help": "Keep rows whose canonical tags cover at least this many categories."}
     )
-    min_caption_words: int = field(default=8, metadata={"help": "Drop rows whose caption is shorter (not a clear caption)."})
+    min_caption_words: int = field(
+        default=8, metadata={"help": "Drop rows whose caption (after cleaning) is shorter (not a clear caption)."}
+    )
+    clean_captions: bool = field(
+        default=True,
+        metadata={"help": "Remove remarks on recording quality ('low quality', 'noisy', 'in mono', ...) from the "
+                          "captions; the source text stays in `caption_original`."},
+    )
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Share of rows in the validation split (chosen by a hash of the id)."}
     )
@@ -92,7 +106,10 @@ def _distill(args: DistillArguments) -> dict:
         logger.warning("distill: skipping %s", b.describe())
 
     # Map every row, counting why rows are left out so that nothing disappears unexplained.
+    from .caption_cleaning import CleaningCounts, clean_caption_with_counts
+
     reasons: Counter = Counter()
+    cleaning = CleaningCounts()
     coverage_histogram: Counter = Counter()
     source_tag_counts: Counter = Counter()
     alias_counts: dict[str, Counter] = {tag: Counter() for tag in taxonomy.tags}
@@ -118,9 +135,17 @@ def _distill(args: DistillArguments) -> dict:
         elif len(row.caption.split()) < args.min_caption_words:
             reasons["short_caption"] += 1
         else:
+            caption, dropped, edited = (clean_caption_with_counts(row.caption) if args.clean_captions
+                                        else (row.caption, 0, 0))
+            if len(caption.split()) < args.min_caption_words:
+                # Nothing but remarks on the recording (or too little beside them) is no caption to learn from.
+                reasons["short_caption_after_cleaning"] += 1
+                continue
+            cleaning.add(row.caption, caption, dropped, edited)
             kept.append({
                 "id": row.ytid,
-                "caption": row.caption,
+                "caption": caption,
+                "caption_original": row.caption,
                 "aspect_list": tags,
                 **by_category,
                 "source_aspect_list": row.aspect_list,
@@ -136,7 +161,7 @@ def _distill(args: DistillArguments) -> dict:
 
     string_list = pa.list_(pa.string())
     schema = pa.schema([
-        ("id", pa.string()), ("caption", pa.string()), ("aspect_list", string_list),
+        ("id", pa.string()), ("caption", pa.string()), ("caption_original", pa.string()), ("aspect_list", string_list),
         *[(c, string_list) for c in CATEGORIES],
         ("source_aspect_list", string_list), ("split", pa.string()),
     ])
@@ -158,9 +183,21 @@ def _distill(args: DistillArguments) -> dict:
         "dropped": dict(reasons),
         "categories_covered_histogram": {str(k): v for k, v in sorted(coverage_histogram.items())},
         "tags_used": sum(1 for t in taxonomy.tags if distilled_counts[t]),
+        "caption_cleaning": {
+            "enabled": args.clean_captions,
+            "captions_changed": cleaning.changed,
+            "share_changed": round(cleaning.changed / len(kept), 4),
+            "sentences_dropped": cleaning.sentences_dropped,
+            "sentences_edited": cleaning.sentences_edited,
+            "captions_still_flagged": cleaning.remaining,
+            "captions_with_remark_by_kind": dict(sorted(cleaning.kinds.items(), key=lambda kv: -kv[1])),
+        },
         "taxonomy_version": taxonomy.version,
     }
     logger.info("distill: kept %d of %d rows (%s)", len(kept), counts["source_rows"], dict(reasons))
+    logger.info("distill: %s: %d of %d captions changed (%d sentences dropped, %d edited); %d still flagged",
+                "removed recording-quality remarks" if args.clean_captions else "caption cleaning off",
+                cleaning.changed, len(kept), cleaning.sentences_dropped, cleaning.sentences_edited, cleaning.remaining)
     return write_manifest(
         run, "distill", args, inputs=inputs, counts=counts, started=started,
         extra={"bad_rows": [b.__dict__ for b in bad]},

@@ -37,7 +37,15 @@ def test_known_answers(metric):
         "coverage_tempo": 1.0,
         "unrequested_per_caption": 0.5,
         "unrequested_rate": 0.25,
+        "recording_quality_rate": 0.0,
     })
+
+
+def test_recording_quality_rate(metric):
+    predictions = ["A low quality recording of a slow jazz tune on piano.", "A slow jazz tune on piano.",
+                   "It is noisy and in mono, but the piano sounds warm.", "A distorted guitar over white noise."]
+    result = metric.compute(predictions=predictions, references=[["jazz"]] * 4)
+    assert result["recording_quality_rate"] == 0.5
 
 
 def test_per_caption_function():

@@ -7,7 +7,8 @@ for, and which other taxonomy tags does it mention?
 
 The stage `conceptcaps captions generate` imports `caption_coverage` from this file, so the
 numbers in RUN/captions.parquet and in this metric come from one implementation. The module
-needs only `evaluate` (tag matching is in tag_mentions.py beside it, standard library only);
+needs only `evaluate` (tag matching is in tag_mentions.py beside it, the recording-quality
+patterns in recording_quality.py, both standard library only);
 its default taxonomy is the one of an installed ConceptCaps, and any other is a
 `taxonomy=` argument (a release's taxonomy.json, a YAML, or a dict).
 """
@@ -15,6 +16,7 @@ its default taxonomy is the one of an installed ConceptCaps, and any other is a
 import datasets
 import evaluate
 
+from .recording_quality import mentions_recording_quality
 from .tag_mentions import TagMentions
 
 _CITATION = """\
@@ -41,6 +43,9 @@ aliases, or their plural occurs in it on word boundaries ("grand piano" mentions
 - `unrequested_per_caption`: mean number of taxonomy tags a caption mentions that were not
   requested (hallucinated or filler concepts). Lower is better.
 - `unrequested_rate`: share of captions that mention at least one unrequested tag.
+- `recording_quality_rate`: share of captions that remark on the recording rather than the
+  music ("low quality", "amateur recording", "noisy", "in mono", "poor audio", ...;
+  the patterns of recording_quality.py). ConceptCaps captions should make none. Lower is better.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -55,7 +60,7 @@ Returns:
     coverage (`float`), full_coverage_rate (`float`), coverage_genre, coverage_mood,
     coverage_instrument, coverage_tempo (`float`, or None when no caption requested that
     category), unrequested_per_caption (`float`),
-    unrequested_rate (`float`).
+    unrequested_rate (`float`), recording_quality_rate (`float`).
 Examples:
     >>> import evaluate
     >>> metric = evaluate.load("eval/attribute_coverage")
@@ -64,6 +69,11 @@ Examples:
     ...     references=[["jazz", "piano", "slow tempo"], ["rock", "electric guitar"]])
     >>> print(result["coverage"], result["full_coverage_rate"], result["unrequested_per_caption"])
     0.75 0.5 1.0
+    >>> result = metric.compute(
+    ...     predictions=["A low quality recording of a jazz tune on piano.", "A slow jazz tune on piano."],
+    ...     references=[["jazz", "piano"], ["jazz", "piano"]])
+    >>> print(result["recording_quality_rate"])
+    0.5
 """
 
 CATEGORIES = ("genre", "mood", "instrument", "tempo")
@@ -98,12 +108,13 @@ def summarize(predictions, references, taxonomy=None):
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references: they must align.")
     taxonomy = load_taxonomy(taxonomy)
-    coverages, unrequested_counts = [], []
+    coverages, unrequested_counts, remarks = [], [], 0
     per_category = {category: [] for category in CATEGORIES}
     for caption, attributes in zip(predictions, references):
         coverage, missing, unrequested = caption_coverage(caption, attributes, taxonomy)
         coverages.append(coverage)
         unrequested_counts.append(len(unrequested))
+        remarks += mentions_recording_quality(caption or "")
         for category in CATEGORIES:
             asked = [t for t in attributes if taxonomy.category_of.get(t) == category]
             if asked:
@@ -117,6 +128,7 @@ def summarize(predictions, references, taxonomy=None):
         result[f"coverage_{category}"] = sum(values) / len(values) if values else None
     result["unrequested_per_caption"] = sum(unrequested_counts) / n
     result["unrequested_rate"] = sum(c > 0 for c in unrequested_counts) / n
+    result["recording_quality_rate"] = remarks / n
     return result
 
 
