@@ -1,0 +1,213 @@
+"""`conceptcaps explore`: the static explorer page of a release, opened in a real headless Chromium.
+
+The run is the conftest release (10 real MusicCaps captions, tiny-MusicGen clips, built with
+`conceptcaps build`) plus the conftest VAE (trained on the distilled real CSV). The page is
+driven with Playwright on the Debian Chromium (scripts/install.sh installs it; nothing is
+downloaded at test time); the browser tests are skipped only where no Chromium is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from generation.errors import ConceptCapsError
+from generation.explore import DATA_GLOBAL, ExploreArguments, explore
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium_path() -> str | None:
+    """$CONCEPTCAPS_CHROMIUM, else the first Chromium on PATH."""
+    if os.environ.get("CONCEPTCAPS_CHROMIUM"):
+        return os.environ["CONCEPTCAPS_CHROMIUM"]
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="module")
+def explorer_run(tmp_path_factory, release_run, vae_run) -> Path:
+    """release_run plus the VAE of vae_run (same distilled taxonomy), explored with small options."""
+    run = tmp_path_factory.mktemp("explore") / "run"
+    shutil.copytree(release_run, run)
+    shutil.copytree(vae_run / "vae", run / "vae")
+    explore(ExploreArguments(run=str(run), clips_per_tag=2, grid_size=15, nearest=2))
+    return run
+
+
+def page_data(run: Path) -> dict:
+    text = (run / "explorer" / "data.js").read_text(encoding="utf-8")
+    prefix = f"window.{DATA_GLOBAL} = "
+    assert text.startswith(prefix) and text.rstrip().endswith(";")
+    return json.loads(text[len(prefix):].rstrip().rstrip(";"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium, as scripts/install.sh does; or set "
+                    "CONCEPTCAPS_CHROMIUM to a Chromium binary)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: Chromium refuses to start its sandbox as root (CI containers run as root).
+        instance = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield instance
+        instance.close()
+
+
+def open_page(browser, run: Path):
+    """The explorer's index.html from file://, with every console error, page error and failed request recorded."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    page.goto((run / "explorer" / "index.html").resolve().as_uri())
+    page.wait_for_selector("body[data-ready=true]", timeout=15000)
+    return page, problems
+
+
+def test_page_shows_the_release_and_moves_over_the_latent_pad(browser, explorer_run):
+    concepts = json.loads((explorer_run / "release" / "concepts.json").read_text())
+    data = page_data(explorer_run)
+    page, problems = open_page(browser, explorer_run)
+
+    # The concept list is concepts.json: every tag, in order, with its category and default-config positives.
+    listed = page.eval_on_selector_all(
+        "#concept-list li[data-tag]",
+        "items => items.map(li => [li.dataset.tag, li.dataset.category, Number(li.querySelector('.count').textContent)])")
+    expected = [[c["tag"], c["category"], sum(c["positives"]["default"].values())] for c in concepts["concepts"]]
+    assert listed == expected
+
+    # Choosing a concept shows its counts per split and its clips, each of which holds the tag.
+    tag = max(concepts["concepts"], key=lambda c: sum(c["positives"]["default"].values()))
+    page.click(f"#concept-list li[data-tag='{tag['tag']}'] button")
+    assert page.inner_text("#concept-tag") == tag["tag"]
+    row = page.eval_on_selector_all("#concept tr[data-config=default] td", "cells => cells.map(c => Number(c.textContent))")
+    counts = [tag["positives"]["default"][s] for s in concepts["splits"]]
+    assert row == [*counts, sum(counts)]
+    clip_ids = page.eval_on_selector_all("#concept .clip", "cards => cards.map(c => c.dataset.clip)")
+    assert clip_ids and all(tag["tag"] in data["clips"][i]["tags"] for i in clip_ids)
+    assert page.inner_text("#concept-clap") == "CLAP score: not evaluated"  # this run has no RUN/eval
+
+    # An audio player loads its clip (the FLAC copied from the release's audio shards) from file://.
+    page.wait_for_function("() => { const a = document.querySelector('#concept audio'); "
+                           "return a && a.readyState >= 1 && a.duration > 0; }", timeout=15000)
+    duration = page.eval_on_selector("#concept audio", "a => a.duration")
+    assert duration == pytest.approx(0.5, abs=0.05)  # the fixture's clips are 0.5 s
+
+    # Moving the pointer over the pad shows the decoded tag set of the point under it.
+    pad = data["pad"]
+    size = pad["size"]
+    first = pad["cells"][0]
+    other = next(i for i, s in enumerate(pad["cells"]) if s != first)  # the grid decodes to more than one set
+    page.locator("#pad").scroll_into_view_if_needed()  # mouse events land where the pad is on screen
+    box = page.locator("#pad").bounding_box()
+    shown = []
+    for cell in (0, other):
+        row_, col = divmod(cell, size)
+        page.mouse.move(box["x"] + (col + 0.5) * box["width"] / size, box["y"] + (row_ + 0.5) * box["height"] / size)
+        shown.append(page.eval_on_selector_all("#pad-tags li", "chips => chips.map(c => c.dataset.tag)"))
+        assert page.get_attribute("#pad", "data-col") == str(col) and page.get_attribute("#pad", "data-row") == str(row_)
+        nearest = page.eval_on_selector_all("#pad-clips .clip", "cards => cards.map(c => c.dataset.clip)")
+        assert nearest == [clip_id for clip_id, _ in pad["nearest"][pad["cells"][cell]]]
+    assert shown == [pad["sets"][first], pad["sets"][pad["cells"][other]]] and shown[0] != shown[1]
+    assert problems == []
+    page.close()
+
+
+def test_stage_writes_a_space_folder_and_skips_when_up_to_date(explorer_run):
+    out = explorer_run / "explorer"
+    data = page_data(explorer_run)
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\n") and "\nsdk: static\n" in readme and "\napp_file: index.html\n" in readme
+    for name in ("index.html", "app.js", "style.css"):
+        assert (out / name).read_bytes() == (Path(__file__).parents[1] / "generation" / "explorer" / name).read_bytes()
+
+    # At most clips_per_tag examples per concept, each holding it; every clip on the page has its audio file,
+    # byte for byte the FLAC stored in the release.
+    import pyarrow.parquet as pq
+
+    stored = {}
+    for shard in (explorer_run / "release" / "data" / "audio").glob("*.parquet"):
+        stored.update({r["id"]: r["audio"]["bytes"] for r in pq.read_table(shard, columns=["id", "audio"]).to_pylist()})
+    for concept in data["concepts"]:
+        assert len(concept["clips"]) <= 2 and all(concept["tag"] in data["clips"][i]["tags"] for i in concept["clips"])
+    assert data["clips"] and {p.name for p in (out / "audio").iterdir()} == {f"{i}.flac" for i in data["clips"]}
+    for clip_id, clip in data["clips"].items():
+        assert (out / clip["audio"]).read_bytes() == stored[clip_id]
+
+    # The pad: two distinct latent dimensions of highest KL (this VAE has no regularised ones), and its nearest
+    # clips really are the release's closest by Jaccard.
+    pad = data["pad"]
+    assert len(pad["cells"]) == 15 * 15 and len(pad["sets"]) == len(set(pad["cells"])) > 1
+    assert [a["attribute"] for a in pad["axes"]] == [None, None] and pad["axes"][0]["dim"] != pad["axes"][1]["dim"]
+    assert "highest KL" in pad["note"]
+    labels = {}
+    for shard in (explorer_run / "release" / "data" / "default").glob("*.parquet"):
+        labels.update({r["id"]: set(r["aspect_list"]) for r in pq.read_table(shard, columns=["id", "aspect_list"]).to_pylist()})
+    for tag_set, nearest in zip(pad["sets"], pad["nearest"]):
+        best = max(len(set(tag_set) & t) / len(set(tag_set) | t) for t in labels.values())
+        assert nearest[0][1] == pytest.approx(best, abs=1e-4)
+        assert [j for _, j in nearest] == sorted((j for _, j in nearest), reverse=True)
+
+    manifest = json.loads((explorer_run / "manifests" / "explore.json").read_text())
+    assert manifest["counts"]["concepts"] == len(data["concepts"]) and manifest["counts"]["pad_sets"] == len(pad["sets"])
+    stamp = (out / "data.js").stat().st_mtime_ns
+    again = explore(ExploreArguments(run=str(explorer_run), clips_per_tag=2, grid_size=15, nearest=2))
+    assert again["finished_at"] == manifest["finished_at"] and (out / "data.js").stat().st_mtime_ns == stamp
+    forced = explore(ExploreArguments(run=str(explorer_run), clips_per_tag=2, grid_size=15, nearest=2, force=True))
+    assert (out / "data.js").stat().st_mtime_ns != stamp and forced["counts"] == manifest["counts"]
+
+
+def test_clap_scores_per_concept_after_evaluate(browser, explorer_run, copy_run, distilled_run):
+    """After `conceptcaps evaluate` (tiny CLAP), each concept shows the mean CLAP score of its clips."""
+    import pyarrow.parquet as pq
+
+    from generation.evaluate_run import EvaluateArguments, evaluate_run
+    from generation.tiny_eval_models import build_tiny_clap
+
+    run = copy_run(explorer_run)
+    texts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
+    clap = build_tiny_clap(run / "models" / "clap", texts)
+    evaluate_run(EvaluateArguments(run=str(run), clap_model=str(clap), skip=["vae", "caption_quality", "coverage"],
+                                   clap_batch_size=4))
+    explore(ExploreArguments(run=str(run), clips_per_tag=2, grid_size=15, nearest=2))  # the evaluation is new input
+    scores = json.loads((run / "eval" / "metrics.json").read_text())["details"]["audio"]["clap"]["clap_scores"]
+    data = page_data(run)
+    assert data["clap"]["evaluated"]
+    tags_of = {}
+    for shard in (run / "release" / "data" / "default").glob("*.parquet"):
+        tags_of.update({r["id"]: r["aspect_list"] for r in pq.read_table(shard, columns=["id", "aspect_list"]).to_pylist()})
+    concept = next(c for c in data["concepts"] if c["clips"])
+    holders = [scores[i] for i, tags in tags_of.items() if concept["tag"] in tags]
+    assert concept["clap"]["n"] == len(holders) and concept["clap"]["mean"] == pytest.approx(sum(holders) / len(holders))
+
+    page, problems = open_page(browser, run)
+    page.click(f"#concept-list li[data-tag='{concept['tag']}'] button")
+    assert page.inner_text("#concept-clap") == (f"CLAP score {concept['clap']['mean']:.3f} (mean over {len(holders)} "
+                                                f"clip{'' if len(holders) == 1 else 's'})")
+    assert problems == []
+    page.close()
+
+
+def test_clear_errors(tmp_path, explorer_run, copy_run):
+    with pytest.raises(ConceptCapsError, match=r"release not found.*Run `conceptcaps build --run"):
+        explore(ExploreArguments(run=str(tmp_path)))
+    for bad, message in [({"grid_size": 1}, "--grid_size 1"), ({"extent": 0}, "--extent 0"),
+                         ({"clips_per_tag": -1}, "--clips_per_tag -1"), ({"nearest": 0}, "--nearest 0"),
+                         ({"axes": ["0"]}, "--axes 0: name two different axes"),
+                         ({"axes": ["3", "3"]}, "--axes 3 3: name two different axes")]:
+        with pytest.raises(ConceptCapsError, match=message):
+            explore(ExploreArguments(run=str(explorer_run), **bad))
+    with pytest.raises(ConceptCapsError, match=r"--axes 'tempo': give latent dimensions 0 to 31"):
+        explore(ExploreArguments(run=str(explorer_run), axes=["tempo", "0"], force=True))
+    run = copy_run(explorer_run)
+    shutil.rmtree(run / "vae")
+    with pytest.raises(ConceptCapsError, match=r"vae not found.*conceptcaps vae train --run"):
+        explore(ExploreArguments(run=str(run)))
