@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                        "Train the beta-VAE on the distilled multi-hot attribute vectors."),
     ("vae", "sample"): ("generation.vae_sample", "sample_attributes", ("VaeSampleArguments",),
                         "Sample plausible attribute sets from the trained VAE."),
+    ("vae", "explain"): ("generation.vae_explain", "explain_vae", ("VaeExplainArguments",),
+                         "Explain each latent dimension by traversal: the tags it raises and lowers, with certainty."),
     ("captioner", "train"): ("generation.captioner_train", "train_captioner",
                              ("CaptionerArguments", "SFTConfig", "ModelConfig"),
                              "Fine-tune an LLM (LoRA/QLoRA via TRL SFTTrainer) to caption attribute sets."),

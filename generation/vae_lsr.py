@@ -388,9 +388,11 @@ def steering(run: str | Path, settings: list[str]) -> dict[int, float]:
             raise ConceptCapsError(f"--set {setting!r}: write ATTRIBUTE=VALUE, e.g. --set tempo=0.9.")
         if name not in record["attributes"]:
             known = list(record["attributes"])
-            what = "is not a latent attribute" if name not in ATTRIBUTES else "was not regularised in this VAE"
-            raise ConceptCapsError(f"--set {setting!r}: {name!r} {what}; this VAE's attributes are {known} "
-                                   f"(retrain with --lsr to add one).")
+            if name not in ATTRIBUTES:
+                raise ConceptCapsError(f"--set {setting!r}: {name!r} is not a latent attribute; this VAE's are {known}.")
+            raise ConceptCapsError(f"--set {setting!r}: this VAE was not regularised on {name!r} (its attributes are "
+                                   f"{known}); retrain with `conceptcaps vae train --run {run} --lsr {' '.join(known)} "
+                                   f"{name} --force` to steer it.")
         if name in seen:
             raise ConceptCapsError(f"--set {name} is given twice: keep one value.")
         seen.add(name)

@@ -150,10 +150,12 @@ def sample_sets(
     require: list[str] = (),
     exclude: list[str] = (),
     temperature: float = 1.0,
+    fixed: dict[int, float] | None = None,
     **rule,
 ) -> list[list[str]]:
     """Draw n tag sets. With `require`, z comes from q(z | x_seed), x_seed = the required
-    tags (the paper's conditional sampling); otherwise from the prior N(0, I)."""
+    tags (the paper's conditional sampling); otherwise from the prior N(0, I). `fixed`
+    ({dimension: value}) pins latent dimensions, e.g. regularised ones (generation/vae_lsr.py)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn((n, model.latent_dim), generator=generator) * temperature
@@ -162,6 +164,8 @@ def sample_sets(
         z = mu + eps * (0.5 * logvar).exp()
     else:
         z = eps
+    for dim, value in (fixed or {}).items():
+        z[:, dim] = value
     probabilities = torch.sigmoid(model.decode(z))
     return decode_sets(
         probabilities, model.tags, model.categories, taxonomy, require=list(require), exclude=list(exclude), **rule

@@ -4,13 +4,17 @@
     conceptcaps vae sample --run runs/demo --n 1000 --min_per_tag 20          # every tag in >= 20 sets
     conceptcaps vae sample --run runs/demo --n 300 --min_per_tag 50 --tags piano "acoustic guitar"
     conceptcaps vae sample --run runs/demo --n 200 --require jazz piano --exclude "male vocal"
+    conceptcaps vae sample --run runs/demo --n 200 --set tempo=0.9 --set arousal=0.2   # fast and calm (--lsr VAE)
 
 Reads RUN/vae/ and RUN/taxonomy.json; writes RUN/attributes.parquet (id, aspect_list, one
 list per category, seed, source) and RUN/manifests/vae_sample.json. The decoding rule is in
 `generation/vae_model.py` (every set: >= 3 categories, at most one tempo tag, no
 contradictory pair, taxonomy tags only). With `--require`, z is drawn from the encoder's
 posterior for the required tags and those tags are always kept; `--exclude`d tags never
-appear.
+appear. With `--set ATTR=VALUE` (a VAE trained with `--lsr`, docs/latent.md), the latent
+dimension of each named attribute is fixed at the value that the map in RUN/vae/lsr.json
+gives for VALUE, in the attribute's own units (tempo 0 slow .. 1 fast, arousal and valence
+0 .. 1, instrument count, vocal 0/1).
 
 Concept quota (`--min_per_tag N`): after the `--n` prior samples (source `prior`), every
 taxonomy tag (or each tag of `--tags`) that is in fewer than N sets is topped up with
@@ -51,6 +55,12 @@ class VaeSampleArguments:
     )
     tags: list[str] = field(
         default_factory=list, metadata={"help": "Tags the --min_per_tag quota applies to (default: every taxonomy tag)."}
+    )
+    set: list[str] = field(
+        default_factory=list,
+        metadata={"action": "extend",
+                  "help": "Steer latent attributes of a VAE trained with --lsr: ATTR=VALUE in the attribute's units, "
+                          "e.g. --set tempo=0.9 --set arousal=0.2 (docs/latent.md)."},
     )
     id_prefix: str = field(default="cc", metadata={"help": "Ids are PREFIX-000000, PREFIX-000001, ..."})
     force: bool = field(default=False, metadata={"help": "Resample even if attributes.parquet is up to date."})
@@ -101,7 +111,8 @@ def quota_tags(taxonomy, args: VaeSampleArguments) -> list[str]:
     return [t for t in taxonomy.tags if t not in excluded and taxonomy.contradiction_in(set(args.require) | {t}) is None]
 
 
-def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rule: dict) -> list[tuple[str, list[str]]]:
+def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rule: dict,
+           fixed: dict[int, float] | None = None) -> list[tuple[str, list[str]]]:
     """Conditional samples that bring every quota tag to --min_per_tag sets: [(tag, set), ...] in drawing order.
 
     Rarest tag first (then taxonomy order); each tag's draws use a seed derived from --seed and
@@ -128,7 +139,7 @@ def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rul
             continue
         seed = stable_hash(f"{args.seed}|conditional|{tag}") & 0x7FFFFFFF
         drawn = sample_sets(model, taxonomy, missing, seed, require=[*args.require, tag], exclude=args.exclude,
-                            temperature=args.temperature, **rule)
+                            temperature=args.temperature, fixed=fixed, **rule)
         for tags in drawn:
             counts.update(set(tags))
             added.append((tag, tags))
@@ -155,6 +166,8 @@ def _sample(args: VaeSampleArguments) -> dict:
     vae_dir = require(run, "vae")
     taxonomy_path = require(run, "taxonomy.json")
     inputs = {"vae": vae_dir / "model.safetensors", "taxonomy": taxonomy_path}
+    if args.set:
+        inputs["lsr"] = vae_dir / "lsr.json"
     out = run / "attributes.parquet"
     done = finished(run, "vae_sample", args, inputs, [out])
     if done and not args.force:
@@ -163,6 +176,11 @@ def _sample(args: VaeSampleArguments) -> dict:
 
     taxonomy = Taxonomy.load(taxonomy_path)
     check_request(taxonomy, args)
+    fixed = None
+    if args.set:  # pinned regularised latent dimensions (generation/vae_lsr.py)
+        from .vae_lsr import steering
+
+        fixed = steering(run, args.set)
     try:
         model = BetaVAE.from_pretrained(str(vae_dir))
     except Exception as err:
@@ -172,10 +190,10 @@ def _sample(args: VaeSampleArguments) -> dict:
 
     rule = {"threshold": args.threshold, "min_categories": args.min_categories}
     sets = sample_sets(model, taxonomy, args.n, args.seed, require=args.require, exclude=args.exclude,
-                       temperature=args.temperature, **rule)
+                       temperature=args.temperature, fixed=fixed, **rule)
     sources = ["prior"] * len(sets)
     if args.min_per_tag:
-        for tag, tags in top_up(model, taxonomy, sets, args, rule):
+        for tag, tags in top_up(model, taxonomy, sets, args, rule, fixed):
             sets.append(tags)
             sources.append(f"conditional:{tag}")
     rows = []
