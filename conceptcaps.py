@@ -55,7 +55,10 @@ _DESCRIPTION = (
     "those labels, and audio generated from the caption."
 )
 _HOMEPAGE = "https://arxiv.org/abs/2601.14157"
-_LICENSE = "cc-by-sa-4.0"
+_LICENSE = "cc-by-sa-4.0"  # the captions and labels (MusicCaps); an audio config adds its model's terms (_info)
+# The dataset's version: every config carries it, and the release card's `configs:` entries with
+# it, so `load_dataset(release, config).info.version` reads it too.
+VERSION = datasets.Version("1.0.0")
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": 0.70, "validation": 0.15, "test": 0.15}
@@ -74,13 +77,14 @@ class ConceptCapsConfig(datasets.BuilderConfig):
 
 def _configs() -> list[ConceptCapsConfig]:
     configs = [
-        ConceptCapsConfig(name="default", description="Captions and concept labels (no audio)."),
-        ConceptCapsConfig(name="audio", with_audio=True, description="Captions, concept labels and the audio."),
+        ConceptCapsConfig(name="default", version=VERSION, description="Captions and concept labels (no audio)."),
+        ConceptCapsConfig(name="audio", version=VERSION, with_audio=True,
+                          description="Captions, concept labels and the audio."),
     ]
     for name, fraction in SUBSETS.items():
         share = f"{fraction:.0%} of every split"
-        configs.append(ConceptCapsConfig(name=name, fraction=fraction, description=f"{share}, no audio."))
-        configs.append(ConceptCapsConfig(name=f"{name}_audio", fraction=fraction, with_audio=True,
+        configs.append(ConceptCapsConfig(name=name, version=VERSION, fraction=fraction, description=f"{share}, no audio."))
+        configs.append(ConceptCapsConfig(name=f"{name}_audio", version=VERSION, fraction=fraction, with_audio=True,
                                          description=f"{share}, with audio."))
     return configs
 
@@ -565,7 +569,7 @@ def features(taxonomy: Taxonomy, sampling_rate: int | None = None) -> datasets.F
 class ConceptCaps(datasets.GeneratorBasedBuilder):
     """ConceptCaps rows from a run directory: `ConceptCaps(config_name=..., data_dir=RUN)`."""
 
-    VERSION = datasets.Version("1.0.0")
+    VERSION = VERSION
     BUILDER_CONFIG_CLASS = ConceptCapsConfig
     BUILDER_CONFIGS = _configs()
     DEFAULT_CONFIG_NAME = "default"
@@ -580,7 +584,7 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
 
     def _info(self) -> datasets.DatasetInfo:
         run = Path(self.config.data_dir)
-        rate = None
+        rate, licence = None, _LICENSE
         if self.config.with_audio:
             rate = read_audio_index(run).sampling_rate
             if rate is None:
@@ -588,9 +592,13 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
                     f"config {self.config.name!r} needs clips in {run / 'audio'}, and there are none: run "
                     f"`conceptcaps audio generate --run {run}` first, or use a config without audio."
                 )
+            from dataset_card.licence import release_licence
+
+            # The clips carry the terms of the weights that made them (MusicGen: CC BY-NC 4.0).
+            licence = release_licence(run, [self.config.name]).configs[self.config.name].text
         return datasets.DatasetInfo(
             description=_DESCRIPTION, features=features(load_taxonomy(run), rate), homepage=_HOMEPAGE,
-            license=_LICENSE, citation=_CITATION,
+            license=licence, citation=_CITATION,
         )
 
     def _split_generators(self, dl_manager):

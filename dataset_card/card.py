@@ -10,7 +10,12 @@ split) and `dataset_info` (typed features and split sizes of every config, as `d
 them). Every number and name in the body comes from the run: the stage manifests in
 RUN/manifests/ (models, arguments, package versions; the exact commands are rebuilt from the
 recorded arguments), RUN/taxonomy.json, the written Parquet shards, RUN/eval/metrics.json when it
-exists, and the figures drawn from the release.
+exists (with its per-clip CLAP scores), RUN/vae/history.json, and the figures drawn from them.
+
+Beside the card it writes RELEASE/LICENSE.md (which licence applies to which config, decided
+from the recorded models: dataset_card/licence.py), RELEASE/figures/ (dataset_card/figures.py)
+and a few clips as RELEASE/examples/*.wav for the card's audio players (dataset_card/examples.py).
+Nothing in them names a path of the machine that built the release.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .figures import frequency_correlation, write_figures
+from .figures import FigureData, clap_by_tag, frequency_correlation, write_figures
+from .licence import LICENSE_FILE, release_licence, write_license_file
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("template.md")
-LICENSE = "cc-by-sa-4.0"  # MusicCaps (the source of every caption and tag) is CC BY-SA 4.0: ShareAlike
 TASK_CATEGORIES = ["text-to-audio", "audio-classification"]
-TAGS = ["music", "synthetic", "interpretability", "concept-based explanations", "tcav"]
+TAGS = ["music", "synthetic", "interpretability", "concept-based-explanations", "tcav"]  # Hub tags: kebab-case
+TINY_TAG = "smoke-test"  # a release made with tiny random-weight models says so in its metadata too
 PAPER_URL = "https://arxiv.org/abs/2601.14157"
 MUSICCAPS_ID = "google/MusicCaps"
 
@@ -56,6 +62,12 @@ MODEL_LICENSES = (
     ("meta-llama/llama-3.1", "Llama 3.1 Community License"),
     ("meta-llama/meta-llama-3.1", "Llama 3.1 Community License"),
 )
+
+# What the card says of a model's licence by the kind dataset_card/licence.py found it to be.
+KIND_LICENSES = {
+    "tiny": "none: random weights built from a config by `conceptcaps run` (the smoke preset); the output is noise",
+    "musicgen": "CC-BY-NC 4.0 (MusicGen weights): non-commercial use only",
+}
 
 # Pipeline order of the manifests in RUN/manifests/ and the command each comes from.
 STAGES = ("distill", "vae_train", "vae_sample", "captioner_train", "captions_generate", "audio", "audio_verify",
@@ -139,31 +151,34 @@ def _defaults(module_name: str, class_name: str) -> dict:
     return json.loads(json.dumps(defaults, default=str))
 
 
-def public_path(value, run_path: str | Path | None):
+def public_path(value, run_path: str | Path | None, run: str | Path | None = None):
     """How the card names a path: `RUN/...` inside the run, the file name for anything else on this machine.
 
     A card is published; the layout of the machine that built it is nobody's business and
-    would not work anywhere else. Hub ids (`facebook/musicgen-large`) pass unchanged.
+    would not work anywhere else. Hub ids (`facebook/musicgen-large`) pass unchanged. `run_path`
+    is the run directory as a manifest recorded it (possibly relative to another working
+    directory), `run` the run directory being built now.
     """
     if not isinstance(value, str) or not value:
         return value
     from generation.run_dir import run_relative
 
-    if run_path and (value == str(run_path) or value.startswith(str(run_path).rstrip("/") + "/")):
-        return "RUN" + value[len(str(run_path).rstrip("/")):]
+    for base in (run_path, run):
+        if base and (value == str(base) or value.startswith(str(base).rstrip("/") + "/")):
+            return "RUN" + value[len(str(base).rstrip("/")):]
     local = value.startswith(("/", "~", "./", "../")) or ("/" in value and Path(value).expanduser().exists())
     if not local:
         return value
-    if run_path:
-        relative = run_relative(value, run_path)
-        if relative.startswith("RUN"):
+    for base in (run, run_path):
+        relative = run_relative(value, base) if base else None
+        if relative and relative.startswith("RUN"):
             return relative
     return Path(value).expanduser().name or value
 
 
-def _flag(name: str, value, run_path: str | None) -> list[str]:
+def _flag(name: str, value, run_path: str | None, run: str | Path | None = None) -> list[str]:
     def text(v):
-        return str(public_path(str(v), run_path))
+        return str(public_path(str(v), run_path, run))
 
     if value is True:
         return [f"--{name}"]
@@ -176,8 +191,9 @@ def _flag(name: str, value, run_path: str | None) -> list[str]:
     return [f"--{name}", text(value)]
 
 
-def stage_command(stem: str, manifest: dict) -> str | None:
-    """The command that wrote a manifest, with its non-default arguments; the run directory reads RUN."""
+def stage_command(stem: str, manifest: dict, run: str | Path | None = None) -> str | None:
+    """The command that wrote a manifest, with its non-default arguments; the run directory (`run`, or
+    as the manifest recorded it) reads RUN."""
     from generation.cli import COMMANDS
 
     words = STAGE_WORDS.get(stem) or tuple(stem.split("_"))
@@ -201,7 +217,7 @@ def stage_command(stem: str, manifest: dict) -> str | None:
         for name, value in values.items():
             if name == "force" or value is None or (name in defaults and defaults[name] == value):
                 continue
-            parts += _flag(name, value, run_path)
+            parts += _flag(name, value, run_path, run)
     sessions = manifest.get("sessions") or []
     processes = max((s.get("processes", 1) for s in sessions), default=1)
     command = shlex.join(parts)
@@ -287,35 +303,100 @@ def concept_summary(concepts: dict) -> dict:
     }
 
 
-def card_data(infos: dict, stats: dict, manifests: dict) -> DatasetCardData:
-    """The YAML header: licence, tasks, sizes, source, configs with their files, dataset_info."""
+def card_data(infos: dict, stats: dict, manifests: dict, licence_yaml: dict, version: str,
+              tiny: bool = False) -> DatasetCardData:
+    """The YAML header: licence, tasks, sizes, source, configs with their files and version, dataset_info.
+
+    `version` goes into every `configs:` entry: datasets builds a folder's configs from these
+    entries, so `load_dataset(release, config).info.version` is the builder's VERSION.
+    `download_size` is the bytes of the config's shipped Parquet files.
+    """
     from datasets import DatasetInfo
     from datasets.info import DatasetInfosDict
 
     configs = []
     for name in infos:
-        entry = {"config_name": name,
+        entry = {"config_name": name, "version": version,
                  "data_files": [{"split": split, "path": f"data/{name}/{split}-*.parquet"}
                                 for split, files in stats["files"][name].items() if files]}
         if name == "default":
             entry["default"] = True
         configs.append(entry)
     data = DatasetCardData(
-        license=LICENSE, language=["en"], pretty_name="ConceptCaps", task_categories=TASK_CATEGORIES, tags=TAGS,
+        **licence_yaml, language=["en"], pretty_name="ConceptCaps", task_categories=TASK_CATEGORIES,
+        tags=TAGS + ([TINY_TAG] if tiny else []),
         size_categories=size_category(sum(stats["rows"]["default"].values())),
         source_datasets=source_datasets(manifests.get("distill")),
         annotations_creators=["machine-generated"], language_creators=["machine-generated"],
         multilinguality="monolingual", configs=configs,
     )
-    DatasetInfosDict({name: DatasetInfo._from_yaml_dict(info) for name, info in infos.items()}).to_dataset_card_data(data)
+    sized = {}
+    for name, info in infos.items():
+        info = dict(info)
+        info["download_size"] = stats["bytes"][name]
+        info["dataset_size"] = info.get("dataset_size") or sum(s.get("num_bytes", 0) for s in info.get("splits", []))
+        sized[name] = DatasetInfo._from_yaml_dict(info)
+    DatasetInfosDict(sized).to_dataset_card_data(data)
     return data
 
 
+def public_taxonomy(run: Path) -> dict:
+    """RUN/taxonomy.json as the release ships it: `source_file` by its file name (or Hub id), never a local path."""
+    from generation.run_dir import read_json
+
+    taxonomy = read_json(run / "taxonomy.json", fix=f"re-run `conceptcaps distill --run {run} --force`")
+    if taxonomy.get("source_file"):
+        taxonomy["source_file"] = public_path(str(taxonomy["source_file"]), None)
+    return taxonomy
+
+
+def _clap_scores(run: Path) -> dict[str, float]:
+    """Per-clip CLAP scores (id -> cosine) that `conceptcaps evaluate` stored in RUN/eval/metrics.json, if any."""
+    path = run / "eval" / "metrics.json"
+    if not path.is_file():
+        return {}
+    from generation.run_dir import read_json
+
+    details = read_json(path, fix=f"re-run `conceptcaps evaluate --run {run} --force`").get("details") or {}
+    scores = ((details.get("audio") or {}).get("clap") or {}).get("clap_scores") or {}
+    return {str(k): float(v) for k, v in scores.items() if isinstance(v, int | float)}
+
+
+def _vae_history(run: Path) -> list[dict]:
+    path = run / "vae" / "history.json"
+    if not path.is_file():
+        return []
+    from generation.run_dir import read_json
+
+    history = read_json(path, fix=f"re-run `conceptcaps vae train --run {run} --force`")
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
+def _read_one_split(load_path: str, files: dict[str, list[str]], local: bool) -> dict:
+    """pandas and polars one-liners that read the train split of the default config (the split is in the file names)."""
+    prefix = "" if local else f"hf://datasets/{load_path}/"
+    root = f"{load_path}/" if local else prefix
+    train = files.get("train") or []
+    pattern = f"{root}data/default/train-*.parquet"
+    if len(train) == 1:
+        pandas = f'pd.read_parquet("{root}{train[0]}")'
+    elif local:
+        pandas = f'pd.concat(map(pd.read_parquet, sorted(glob.glob("{pattern}"))))'
+    else:
+        pandas = f'pd.concat(pd.read_parquet(f"hf://{{p}}") for p in HfFileSystem().glob("datasets/{load_path}/data/default/train-*.parquet"))'
+    return {"polars": f'pl.read_parquet("{pattern}")', "pandas": pandas, "several": len(train) > 1, "local": local}
+
+
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
-               build_command: str | None = None) -> Path:
-    """Draw the figures, render the template into RELEASE/README.md and return its path."""
-    from generation.models import tiny_models
-    from generation.run_dir import atomic_path
+               build_command: str | None = None, revision: str = "main", code_url: str | None = None,
+               card_authors: str | None = None, contact: str | None = None) -> Path:
+    """Write LICENSE.md, the figures and example clips, then render the template into RELEASE/README.md."""
+    import shutil
+
+    from conceptcaps import ConceptCaps  # its VERSION is the release's version
+    from generation.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
+
+    from .examples import write_examples
 
     run, release = Path(run), Path(release)
     manifests = read_manifests(run)
@@ -323,26 +404,52 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     release_sets = [tags for split in stats["aspect_lists"].values() for tags in split]
     source_sets = None
     if (run / "distilled.parquet").is_file():
-
-        from generation.run_dir import read_table
-
         source_sets = read_table(run / "distilled.parquet", ["aspect_list"]).column("aspect_list").to_pylist()
-    figures = write_figures(release / "figures", release_sets, source_sets)
+
+    def public(value):
+        return public_path(from_run_relative(value, run), None, run)
+
+    licence = release_licence(run, list(infos), manifests, public=public)
+    version = str(ConceptCaps.VERSION)
+    category_of = {tag: c for c, tags in taxonomy["categories"].items() for tag in tags}
+    tags_of = {i: tags for split in stats["aspect_lists"] for i, tags in zip(stats["ids"][split], stats["aspect_lists"][split])}
+    scores = {i: s for i, s in _clap_scores(run).items() if i in tags_of}
+    figure_data = FigureData(
+        release_sets=release_sets, source_sets=source_sets,
+        categories={c: list(tags) for c, tags in taxonomy["categories"].items()},
+        split_counts=stats["tag_counts"], clap_by_tag=clap_by_tag(scores, tags_of),
+        clap_mean=sum(scores.values()) / len(scores) if scores else None, vae_history=_vae_history(run))
+    with atomic_dir(release / "figures") as folder:  # atomic: no figure of an older build stays behind
+        figures = write_figures(folder, figure_data)
+    has_audio = any(name.endswith("audio") for name in infos)
+    examples = write_examples(release, category_of, repo_id=repo_id, revision=revision) if has_audio else []
+    if not has_audio and (release / "examples").exists():
+        shutil.rmtree(release / "examples")  # a text-only rebuild ships no clips
     tags_per_sample = [len(set(t)) for t in release_sets]
-    commands = [c for stem, m in manifests.items() if stem != "build" and (c := stage_command(stem, m))]
+    commands = [c for stem, m in manifests.items() if stem != "build" and (c := stage_command(stem, m, run))]
     if build_command:
         commands.append(build_command)
     audio = manifests.get("audio")
     captions = manifests.get("captions_generate")
-    has_audio = any(name.endswith("audio") for name in infos)
+    load_path = repo_id or "RUN/release"
     context = {
-        "load_path": repo_id or "RUN/release",
+        "load_path": load_path,
         "repo_id": repo_id,
+        "repo_url": f"https://huggingface.co/datasets/{repo_id}" if repo_id else None,
+        "code_url": code_url,
+        "card_authors": card_authors,
+        "contact": contact,
+        "version": version,
+        "licence": licence,
+        "license_file": LICENSE_FILE,
         "config_table": [{"name": n, "rows": stats["rows"][n], "audio": n.endswith("audio"),
-                     "size_mb": round(infos[n].get("dataset_size", 0) / 1e6, 1)} for n in infos],
+                          "size_mb": round(infos[n].get("dataset_size", 0) / 1e6, 1),
+                          "download_mb": round(stats["bytes"][n] / 1e6, 1),
+                          "licence": licence.configs[n].text} for n in infos],
         "rows": stats["rows"]["default"],
         "total_rows": sum(stats["rows"]["default"].values()),
         "has_audio": has_audio,
+        "read_split": _read_one_split(load_path, stats["files"]["default"], local=repo_id is None),
         "sampling_rate": next((f["dtype"]["audio"].get("sampling_rate") for n in infos for f in infos[n]["features"]
                                if isinstance(f.get("dtype"), dict) and "audio" in f["dtype"]), None),
         "audio_args": (audio or {}).get("arguments"),
@@ -371,6 +478,8 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "caption_counts": (captions or {}).get("counts"),
         "verify": (manifests.get("audio_verify") or {}).get("counts"),
         "figures": figures,
+        "examples": examples,
+        "clap_scored": len(scores),
         "metrics": read_metrics(run),
         "paper_url": PAPER_URL,
         "musiccaps_id": MUSICCAPS_ID,
@@ -379,21 +488,26 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "musiccaps_bibtex": MUSICCAPS_BIBTEX,
         "conceptcaps_version": next((m.get("conceptcaps_version") for m in manifests.values()), None),
     }
-    from generation.run_dir import from_run_relative
-
-    context["models"] = [{**m, "name": public_path(from_run_relative(m.get("name"), run), run)} for m in context["models"]]
-    context["tiny_models"] = tiny_models(run, [from_run_relative(context["captioner_model"], run),
-                                               from_run_relative((context["audio_args"] or {}).get("model"), run)])
-    context["captioner_model"] = public_path(from_run_relative(context["captioner_model"], run), run)
-    context["captioner_adapter"] = public_path(from_run_relative(context["captioner_adapter"], run), run)
+    kinds = {m.role: m.kind for m in licence.models}
+    context["models"] = [{**m, "name": public(m.get("name")), "license": KIND_LICENSES.get(kinds.get(m["role"]), m["license"])}
+                         for m in context["models"]]
+    context["tiny_models"] = [public(m) for m in licence.tiny_models]
+    context["captioner_model"] = public(context["captioner_model"])
+    context["captioner_adapter"] = public(context["captioner_adapter"])
     if context["audio_args"]:
-        context["audio_args"] = {**context["audio_args"],
-                                 "model": public_path(from_run_relative(context["audio_args"].get("model"), run), run)}
+        context["audio_args"] = {**context["audio_args"], "model": public(context["audio_args"].get("model"))}
     if context["distill"]:
         arguments = dict(context["distill"].get("arguments") or {})
         arguments["source"] = public_path(arguments.get("source"), None)
         context["distill"] = {**context["distill"], "arguments": arguments}
-    card = DatasetCard.from_template(card_data(infos, stats, manifests), template_path=str(TEMPLATE), **context)
+    captioner = next((m for m in licence.models if m.role == "captioner"), None)
+    write_license_file(release / LICENSE_FILE, licence, {
+        "tiny_names": context["tiny_models"], "examples": bool(examples), "musiccaps_id": MUSICCAPS_ID,
+        "captioner": {"name": public(captioner.recorded), "kind": captioner.kind} if captioner else None,
+        "audio": {"name": public(licence.audio.recorded), "kind": licence.audio.kind} if licence.audio and has_audio else None,
+    })
+    card = DatasetCard.from_template(card_data(infos, stats, manifests, licence.yaml, version, bool(licence.tiny_models)),
+                                     template_path=str(TEMPLATE), **context)
     path = release / "README.md"
     text = re.sub(r"\n{3,}", "\n\n", str(card))  # optional sections leave runs of blank lines
     with atomic_path(path) as tmp:

@@ -8,10 +8,12 @@ The rows come from the `datasets` builder in conceptcaps.py, the one place that 
 each config (`default`, `audio`, `25pct`, `25pct_audio`, `10pct`, `10pct_audio`) is prepared
 with `ConceptCaps(config_name=..., data_dir=RUN).download_and_prepare(file_format="parquet",
 max_shard_size=...)` and its shards are moved to
-`RUN/release/data/<config>/<split>-NNNNN-of-NNNNN.parquet`. Then figures
-(`RUN/release/figures/`) and the card (`RUN/release/README.md`, dataset_card/) are written from
-the release itself and the run's manifests, so `load_dataset("RUN/release", "audio")` gives the
-builder's rows and `conceptcaps push` uploads the folder as it is.
+`RUN/release/data/<config>/<split>-NNNNN-of-NNNNN.parquet`. Then concepts.json, taxonomy.json
+(with its source named by file name), LICENSE.md (which licence applies to which config, from the
+models the run recorded), figures (`RUN/release/figures/`), a few example clips
+(`RUN/release/examples/*.wav`) and the card (`RUN/release/README.md`, dataset_card/) are written
+from the release itself and the run's manifests, so `load_dataset("RUN/release", "audio")` gives
+the builder's rows and `conceptcaps push` uploads the folder as it is.
 
 Re-running skips the Parquet shards when the captions, taxonomy, clips and data options are
 unchanged, and always re-renders the card: run `conceptcaps build` again after
@@ -27,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,15 @@ class BuildArguments:
     repo_id: str | None = field(
         default=None,
         metadata={"help": "Hub id the card's loading examples use (e.g. my-org/conceptcaps); default: the local release folder."},
+    )
+    revision: str = field(
+        default="main",
+        metadata={"help": "Hub revision (branch or tag) the card's audio players link to, with --repo_id; push to the same."},
+    )
+    code_url: str | None = field(default=None, metadata={"help": "Link to the code repository, for the card."})
+    card_authors: str | None = field(default=None, metadata={"help": "Who is answerable for the card (names), for the card."})
+    contact: str | None = field(
+        default=None, metadata={"help": "How to reach the publisher; default: the Hub discussions of --repo_id."}
     )
     force: bool = field(default=False, metadata={"help": "Rewrite the Parquet shards even if they are up to date."})
 
@@ -112,13 +124,29 @@ def _prepare_config(name: str, run: Path, data_dir: Path, work: Path, args: Buil
     return builder.info
 
 
+@contextmanager
+def quiet_datasets_progress():
+    """No progress bars from `datasets` inside (each config's splits would draw several under the build's bar);
+    restores the previous setting on leaving."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
+
+
 def write_data(args: BuildArguments, run: Path, release: Path) -> dict:
     """Write release/data/ with every config, atomically; returns {config: DatasetInfo as YAML dict}."""
     from tqdm.auto import tqdm
 
     infos = {}
     release.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(release / "data") as data_dir, tempfile.TemporaryDirectory(prefix=".build-", dir=run) as work:
+    with atomic_dir(release / "data") as data_dir, tempfile.TemporaryDirectory(prefix=".build-", dir=run) as work, \
+            quiet_datasets_progress():
         for name in tqdm(config_names(args.audio), desc="build", unit="config"):
             info = _prepare_config(name, run, data_dir, Path(work), args)
             infos[name] = info._to_yaml_dict()
@@ -136,26 +164,33 @@ def release_files(release: str | Path) -> list[Path]:
 
 
 def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[str, int]) -> dict:
-    """Counts read back from the written shards: rows per config and split, tags per split and per sample."""
+    """Counts read back from the written shards: rows, files and bytes per config and split; ids, tags and label
+    sets per split (of the default config)."""
     import pyarrow.parquet as pq
 
     from conceptcaps import SPLITS
 
     rows = {c: {s: 0 for s in SPLITS} for c in configs}
     files = {c: {s: [] for s in SPLITS} for c in configs}
+    size = {c: 0 for c in configs}
     for config in configs:
         for split in SPLITS:
             for path in sorted((release / "data" / config).glob(f"{split}-*.parquet")):
                 rows[config][split] += pq.ParquetFile(path).metadata.num_rows
                 files[config][split].append(path.relative_to(release).as_posix())
+                size[config] += path.stat().st_size
     tag_counts = {s: Counter() for s in SPLITS}
     sets = {s: [] for s in SPLITS}
+    ids = {s: [] for s in SPLITS}
     for split in SPLITS:
         for path in files["default"][split]:
-            for tags in pq.read_table(release / path, columns=["aspect_list"]).column("aspect_list").to_pylist():
+            table = pq.read_table(release / path, columns=["id", "aspect_list"])
+            for clip_id, tags in zip(table.column("id").to_pylist(), table.column("aspect_list").to_pylist()):
                 tag_counts[split].update(tags)
                 sets[split].append(tags)
-    return {"rows": rows, "files": files, "tag_counts": tag_counts, "aspect_lists": sets, "unsatisfiable": unsatisfiable}
+                ids[split].append(clip_id)
+    return {"rows": rows, "files": files, "bytes": size, "tag_counts": tag_counts, "aspect_lists": sets, "ids": ids,
+            "unsatisfiable": unsatisfiable}
 
 
 def check_arguments(args: BuildArguments) -> None:
@@ -183,7 +218,7 @@ def build_release(args: BuildArguments) -> dict:
 
 def _build(args: BuildArguments) -> dict:
     from conceptcaps import SPLITS, SUBSETS, load_taxonomy, plan_run, subset_min_positives
-    from dataset_card.card import stage_command, write_card
+    from dataset_card.card import public_taxonomy, stage_command, write_card
 
     from .concepts import CONCEPTS_FILE, concepts_document
     from .run_dir import remove_leftovers, write_json
@@ -199,7 +234,8 @@ def _build(args: BuildArguments) -> dict:
     for leftover in run.glob(".build-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if release.is_dir():
-        remove_leftovers(release, ["data", "README.md", "concepts.json"])
+        remove_leftovers(release, ["data", "README.md", "concepts.json", "taxonomy.json", "LICENSE.md", "figures",
+                                   "examples"])
     configs = config_names(args.audio)
     # Check the whole run (captions, tags, one clip per caption) before writing anything.
     taxonomy = load_taxonomy(run)
@@ -225,10 +261,15 @@ def _build(args: BuildArguments) -> dict:
     concepts = concepts_document(release, configs, list(SPLITS), taxonomy, subset_rule=subset_rule,
                                  unsatisfiable=assignment.unsatisfiable)
     write_json(release / CONCEPTS_FILE, concepts)
+    write_json(release / "taxonomy.json", public_taxonomy(run))
     stats["concepts"] = concepts
-    card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id,
-                      build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}))
+    card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id, revision=args.revision,
+                      build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}, run),
+                      code_url=args.code_url, card_authors=args.card_authors, contact=args.contact)
 
+    from dataset_card.licence import release_licence
+
+    licence = release_licence(run, configs)
     files = release_files(release)
     counts = {
         "configs": configs,
@@ -242,5 +283,6 @@ def _build(args: BuildArguments) -> dict:
     return write_manifest(
         run, STAGE, asdict(args), inputs={"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json"},
         counts=counts, started=started,
-        extra={"data_key": key, "dataset_info": infos, "card": str(card), "release_files": [str(f) for f in files]},
+        extra={"data_key": key, "dataset_info": infos, "card": str(card), "release_files": [str(f) for f in files],
+               "license": licence.yaml, "tiny_models": licence.tiny_models},
     )

@@ -36,7 +36,7 @@ from .run_dir import file_sha256, manifest_path, read_manifest, write_manifest
 logger = logging.getLogger(__name__)
 
 STAGE = "push"
-REPLACED = ["data/*", "figures/*"]  # remote paths a release owns: stale ones are deleted on upload
+REPLACED = ["data/*", "figures/*", "examples/*"]  # remote paths a release owns: stale ones are deleted on upload
 HIDDEN = [".*", "*/.*"]  # never uploaded: the temporary folder of an interrupted build (see build.release_files)
 
 
@@ -53,6 +53,11 @@ class PushArguments:
     dry_run: bool = field(default=False, metadata={"help": "List the files and sizes that would be uploaded; no network call."})
     large_folder_threshold_mb: float = field(
         default=1024.0, metadata={"help": "Above this size use upload_large_folder (where available) instead of upload_folder."}
+    )
+    allow_tiny_models: bool = field(
+        default=False,
+        metadata={"help": "Push a release made with the tiny random-weight models of the smoke preset (noise), "
+                          "e.g. to try a repository; refused without it."},
     )
 
 
@@ -123,6 +128,34 @@ def refuse_links(release: Path) -> None:
                 )
 
 
+def refuse_tiny_models(run: Path, configs: list[str], allowed: bool) -> None:
+    """A release whose captions or audio come from the tiny random-weight models is noise: not for the Hub unless asked."""
+    from dataset_card.licence import release_licence
+
+    tiny = release_licence(run, configs).tiny_models
+    if tiny and not allowed:
+        from .run_dir import run_relative
+
+        names = ", ".join(run_relative(m, run) for m in tiny)
+        raise ConceptCapsError(
+            f"{run / 'release'} was made with tiny random-weight models ({names}; the smoke preset), so its captions "
+            f"and audio are noise: pass --allow_tiny_models to push it anyway (e.g. to try a repository).")
+    if tiny:
+        logger.warning("push: the release was made with tiny random-weight models (%s); its card says so", ", ".join(tiny))
+
+
+def check_audio_links(card: Path, repo_id: str, revision: str | None) -> None:
+    """Warn when the card's audio players point at another repository or revision than this push goes to."""
+    import re
+
+    target = (repo_id, revision or "main")
+    linked = set(re.findall(r"https://huggingface\.co/datasets/([^/\s\"]+/[^/\s\"]+)/resolve/([^/\s\"]+)/examples/",
+                            card.read_text(encoding="utf-8")))
+    for repo, rev in sorted(linked - {target}):
+        logger.warning("push: the card's example clips link to %s@%s, not %s@%s: they will not play there until "
+                       "rebuilt with `conceptcaps build --run RUN --repo_id %s --revision %s`", repo, rev, *target, *target)
+
+
 def plan_push(args: PushArguments) -> PushPlan:
     """Check the arguments and the release; decide the files, the upload method and the commit message."""
     from .build import release_files
@@ -142,6 +175,8 @@ def plan_push(args: PushArguments) -> PushPlan:
         )
     refuse_links(release)
     configs = check_release(release)
+    refuse_tiny_models(run, configs, args.allow_tiny_models)
+    check_audio_links(release / "README.md", args.repo_id, args.revision)
     files = [(p.as_posix(), (release / p).stat().st_size) for p in release_files(release)]
     build = read_manifest(run, "build")
     if build is None:

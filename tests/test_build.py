@@ -144,3 +144,21 @@ def test_incomplete_audio_is_refused(audio_run, copy_run):
     with pytest.raises(ConceptCapsError, match="have no clip.*audio generate"):
         build_release(BuildArguments(run=str(run)))
     assert not (run / "release" / "data").exists()  # nothing half-written
+
+
+def test_build_draws_one_progress_bar_and_restores_datasets_bars(audio_captions_run, copy_run, capsys):
+    from datasets.utils import logging as datasets_logging
+
+    run = copy_run(audio_captions_run)
+    assert datasets_logging.is_progress_bar_enabled()
+    build_release(BuildArguments(run=str(run), audio=False))
+    err = capsys.readouterr().err
+    assert "build: 100%" in err and "3/3" in err
+    assert "Generating" not in err and "examples/s" not in err  # no bar of datasets' own under the build's
+    assert datasets_logging.is_progress_bar_enabled()  # and datasets' bars are back afterwards
+    datasets_logging.disable_progress_bar()
+    try:
+        build_release(BuildArguments(run=str(run), audio=False, force=True))
+        assert not datasets_logging.is_progress_bar_enabled()  # a caller's choice is kept
+    finally:
+        datasets_logging.enable_progress_bar()

@@ -49,6 +49,12 @@ def test_configs_are_declared():
     by_name = {c.name: c for c in ConceptCaps.BUILDER_CONFIGS}
     assert by_name["audio"].with_audio and not by_name["default"].with_audio
     assert by_name["10pct_audio"].fraction == 0.10 and by_name["25pct"].fraction == 0.25
+    assert {str(c.version) for c in ConceptCaps.BUILDER_CONFIGS} == {str(ConceptCaps.VERSION)} != {"0.0.0"}
+
+
+def test_every_config_carries_the_version(prepared):
+    for name, ds in prepared.items():
+        assert {str(ds[split].info.version) for split in SPLITS} == {str(ConceptCaps.VERSION)}, name
 
 
 def test_audio_config_rows_features_and_clips(audio_run, prepared):

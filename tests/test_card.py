@@ -4,18 +4,32 @@ body is filled from the run (manifests, taxonomy, statistics, figures, metrics).
 from __future__ import annotations
 
 import fnmatch
+import html
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from conftest import write_captions_parquet
 from huggingface_hub import DatasetCard
 
-from conceptcaps import SPLITS
+from conceptcaps import SPLITS, ConceptCaps
 from dataset_card.card import model_license, read_manifests, size_category, source_datasets, stage_command
-from generation.build import BuildArguments, build_release, release_files
+from dataset_card.figures import clap_by_tag
+from generation.audio_shards import decode_flac
+from generation.build import AUDIO_CONFIGS, TEXT_CONFIGS, BuildArguments, build_release, config_names, release_files
+from generation.cli import main
 from generation.run_dir import read_manifest
+
+CONFIGS = config_names(True)
 
 
 def load_card(run):
@@ -25,7 +39,10 @@ def load_card(run):
 def test_card_parses_and_configs_match_the_files(release_run):
     card = load_card(release_run)
     data = card.data.to_dict()
-    assert data["license"] == "cc-by-sa-4.0"
+    # The clips come from a local MusicGen checkpoint (model_type musicgen): MusicGen's CC BY-NC 4.0 is assumed.
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "conceptcaps-mixed", "LICENSE.md")
+    assert data["tags"] == ["music", "synthetic", "interpretability", "concept-based-explanations", "tcav"]
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", tag) for tag in data["tags"])  # Hub tags are kebab-case
     assert data["source_datasets"] == ["google/MusicCaps"]
     assert data["size_categories"] == "n<1K" and "text-to-audio" in data["task_categories"]
     files = [p.as_posix() for p in release_files(release_run / "release")]
@@ -65,13 +82,13 @@ def test_card_body_comes_from_the_run(release_run):
     assert f"**{sum(rows.values())} samples**: {rows['train']} train, {rows['validation']} validation, {rows['test']} test." in body
     # the exact commands, rebuilt from the manifests' arguments
     # ... naming the source by its file name and a model outside the run by its folder's name
-    assert "conceptcaps distill --out RUN --source musiccaps-public.csv" in body
+    assert re.search(r"conceptcaps distill --(out|run) RUN --source musiccaps-public.csv", body)
     model = Path(audio["arguments"]["model"]).name
     assert (f"accelerate launch --num_processes 2 -m generation.cli audio generate --run RUN --model "
             f"{model} --duration 0.5 --batch_size 2") in body
     assert "conceptcaps build --run RUN --max_shard_size 5KB --rows_per_group 2" in body
     # models, versions, taxonomy, statistics, figures
-    assert f"`{model}`" in body and "a local checkpoint: see its own licence" in body
+    assert f"`{model}`" in body and "Licence: CC-BY-NC 4.0 (MusicGen weights)" in body
     # No path of the machine that built it: the card is published.
     assert not re.search(r"(?<![\w.:/])/(?:tmp|root|home|work|usr|var)/", text), re.findall(r"\S*/tmp/\S*", text)[:3]
     assert str(release_run) not in text and 'load_dataset("RUN/release")' in body
@@ -101,7 +118,7 @@ def test_metrics_table_appears_after_evaluate(release_run, copy_run):
     assert "| VAE | Jaccard (validation) | 0.813 | 0.716 |" in body
     assert "| audio | CLAP score | 0.2123 | – |" in body
     assert 'load_dataset("my-org/conceptcaps", "audio"' in body
-    assert DatasetCard.load(run / "release" / "README.md").data.license == "cc-by-sa-4.0"
+    assert DatasetCard.load(run / "release" / "README.md").data.license == "other"
 
 
 def test_stage_commands_leave_defaults_out(release_run):
@@ -125,3 +142,174 @@ def test_licences_and_metadata_helpers():
     assert source_datasets({"arguments": {"source": "google/MusicCaps"}}) == ["google/MusicCaps"]
     assert source_datasets({"arguments": {"source": "/data/musiccaps-public.csv"}}) == ["google/MusicCaps"]
     assert source_datasets({"arguments": {"source": "/data/my-tags.csv"}}) == ["original"]
+
+
+# -- licence, version, sizes, figures and example clips, on releases built by the real stages -------
+@pytest.fixture(scope="module")
+def smoke_release(tmp_path_factory, vae_run):
+    """A release as the smoke preset makes it: vae_run plus 10 real MusicCaps captions, then the preset's
+    audio, evaluate and build stages (`conceptcaps run --stages ...`): clips from the tiny random MusicGen
+    that `run` builds into RUN/models/musicgen, per-clip CLAP scores from the tiny CLAP, the VAE's history."""
+    run = tmp_path_factory.mktemp("smoke_release") / "run"
+    shutil.copytree(vae_run, run)
+    write_captions_parquet(run, 10)
+    assert main(["run", "--preset", "smoke", "--out", str(run), "--stages", "audio_generate", "evaluate", "build"]) == 0
+    return run
+
+
+def licence_table(release: Path) -> dict[str, str]:
+    """config -> licence column of RELEASE/LICENSE.md's table."""
+    rows = re.findall(r"^\| `([\w]+)` \| (.+?) \| .+ \|$", (release / "LICENSE.md").read_text(), flags=re.MULTILINE)
+    return dict(rows)
+
+
+def text_files(release: Path) -> list[Path]:
+    return sorted(p for p in release.rglob("*") if p.suffix in (".md", ".json"))
+
+
+def test_a_tiny_model_release_says_so_and_stays_cc_by_sa(smoke_release):
+    release = smoke_release / "release"
+    data = DatasetCard.load(release / "README.md").data.to_dict()
+    assert data["license"] == "cc-by-sa-4.0" and "license_name" not in data and "license_link" not in data
+    assert "smoke-test" in data["tags"]
+    model = read_manifest(smoke_release, "audio")["arguments"]["model"]
+    assert Path(model).resolve() == (smoke_release / "models" / "musicgen").resolve()  # how `run` records "@tiny/musicgen"
+    assert read_manifest(smoke_release, "build")["tiny_models"] == [model]
+    body = (release / "README.md").read_text()
+    assert "**This release is a pipeline check, not data.**" in body and "`RUN/models/musicgen`" in body
+    licence = (release / "LICENSE.md").read_text()
+    assert "**This release was made with tiny random-weight models**" in licence
+    assert licence_table(release) == {c: "CC BY-SA 4.0" for c in CONFIGS}
+    assert "[LICENSE.md](LICENSE.md)" in body
+
+
+def test_a_musicgen_release_is_licensed_per_config(release_run, copy_run):
+    """A run whose audio manifest records MusicGen by its Hub id (what `audio generate --model
+    facebook/musicgen-large` writes): the audio configs carry CC BY-NC 4.0, the card says `license: other`."""
+    run = copy_run(release_run)
+    path = run / "manifests" / "audio.json"
+    manifest = json.loads(path.read_text())
+    manifest["arguments"]["model"] = "facebook/musicgen-large"
+    path.write_text(json.dumps(manifest))
+    build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2, repo_id="my-org/conceptcaps"))
+    release = run / "release"
+    data = DatasetCard.load(release / "README.md").data.to_dict()
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "conceptcaps-mixed", "LICENSE.md")
+    assert "smoke-test" not in data["tags"]
+    table = licence_table(release)
+    assert {c: table[c] for c in TEXT_CONFIGS} == {c: "CC BY-SA 4.0" for c in TEXT_CONFIGS}
+    for config in AUDIO_CONFIGS:
+        assert table[config] == "`audio` column: CC BY-NC 4.0 (non-commercial); other columns: CC BY-SA 4.0"
+    licence = (release / "LICENSE.md").read_text()
+    assert "MusicGen (`facebook/musicgen-large`)" in licence and "tiny random" not in licence
+    body = (release / "README.md").read_text()
+    assert "for non-commercial use only" in body and "pipeline check" not in body
+    # The builder says the same per config.
+    assert "CC BY-NC 4.0" in ConceptCaps(config_name="audio", data_dir=str(run)).info.license
+    assert ConceptCaps(config_name="default", data_dir=str(run)).info.license == "cc-by-sa-4.0"
+    # The example players point at the Hub repository's files.
+    sources = re.findall(r'<audio controls preload="none" src="([^"]+)">', body)
+    assert sources and all(s.startswith("https://huggingface.co/datasets/my-org/conceptcaps/resolve/main/examples/")
+                           for s in sources)
+    # Without the audio configs the same run is CC BY-SA 4.0 throughout, and ships no clips.
+    build_release(BuildArguments(run=str(run), audio=False))
+    data = DatasetCard.load(release / "README.md").data.to_dict()
+    assert data["license"] == "cc-by-sa-4.0" and "license_name" not in data
+    assert licence_table(release) == {c: "CC BY-SA 4.0" for c in TEXT_CONFIGS}
+    assert not (release / "examples").exists() and "<audio" not in (release / "README.md").read_text()
+
+
+def test_no_absolute_path_anywhere_in_the_release(smoke_release, release_run):
+    absolute = re.compile(r"""(?:^|[\s"'(`=\[])(/(?:[\w.~-]+/)+[\w.~-]*)""")
+    for run in (smoke_release, release_run):
+        release = run / "release"
+        files = text_files(release)
+        assert {p.name for p in files} >= {"README.md", "LICENSE.md", "concepts.json", "taxonomy.json"}
+        for path in files:
+            text = path.read_text()
+            assert not absolute.findall(text), (path, absolute.findall(text)[:3])
+            assert str(run) not in text and str(run.resolve()) not in text and str(Path.home()) not in text, path
+    # The taxonomy ships with its source named by file name; RUN/taxonomy.json keeps the full path.
+    shipped = json.loads((smoke_release / "release" / "taxonomy.json").read_text())
+    local = json.loads((smoke_release / "taxonomy.json").read_text())
+    assert Path(local["source_file"]).is_absolute() and shipped["source_file"] == Path(local["source_file"]).name
+    assert {k: v for k, v in shipped.items() if k != "source_file"} == {k: v for k, v in local.items() if k != "source_file"}
+
+
+def test_sizes_and_version_of_every_config(smoke_release, tmp_path):
+    release = smoke_release / "release"
+    data = DatasetCard.load(release / "README.md").data.to_dict()
+    version = str(ConceptCaps.VERSION)
+    assert {c["config_name"]: c["version"] for c in data["configs"]} == {c: version for c in CONFIGS}
+    for info in data["dataset_info"]:
+        shipped = sum(p.stat().st_size for p in (release / "data" / info["config_name"]).glob("*.parquet"))
+        assert info["download_size"] == shipped > 0
+        assert info["dataset_size"] == sum(s["num_bytes"] for s in info["splits"]) > 0
+    for config in CONFIGS:  # what datasets makes of the folder's card
+        builder = datasets.load_dataset_builder(str(release), config, cache_dir=str(tmp_path))
+        assert str(builder.info.version) == version and builder.info.download_size > 0
+    loaded = datasets.load_dataset(str(release), "25pct_audio", split="train", cache_dir=str(tmp_path))
+    assert str(loaded.info.version) == version
+
+
+def test_figures_are_drawn_and_embedded(smoke_release):
+    release = smoke_release / "release"
+    body = (release / "README.md").read_text().split("\n---\n", 1)[1]
+    present = {t for r in pq.read_table(release / "data" / "default").to_pylist() for t in r["aspect_list"]}
+    categories = json.loads((smoke_release / "taxonomy.json").read_text())["categories"]
+    expected = {"tag_frequency.png", "tags_per_sample.png", "split_counts.png", "clap_per_concept.png", "vae_loss.png"}
+    expected |= {f"cooccurrence_{c}.png" for c, tags in categories.items() if len(present & set(tags)) >= 2}
+    drawn = {p.name for p in (release / "figures").iterdir()}
+    assert drawn == expected and len(expected) >= 7
+    for name in drawn:
+        assert (release / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](figures/{name})" in body
+    assert set(re.findall(r"\]\(figures/([^)]+)\)", body)) == drawn
+
+
+def test_clap_per_concept_is_the_mean_of_the_clips_scores(smoke_release):
+    """The per-concept means drawn in clap_per_concept.png, recomputed from metrics.json and the release rows."""
+    scores = json.loads((smoke_release / "eval" / "metrics.json").read_text())["details"]["audio"]["clap"]["clap_scores"]
+    rows = pq.read_table(smoke_release / "release" / "data" / "default").to_pylist()
+    assert {r["id"] for r in rows} == set(scores)
+    tags_of = {r["id"]: r["aspect_list"] for r in rows}
+    by_tag = clap_by_tag(scores, tags_of)
+    for tag in {t for r in rows for t in r["aspect_list"]}:
+        mine = [scores[r["id"]] for r in rows if tag in r["aspect_list"]]
+        assert by_tag[tag][2] == len(mine) and by_tag[tag][0] == pytest.approx(sum(mine) / len(mine))
+
+
+def test_example_clips_play_the_audio_config(smoke_release):
+    release = smoke_release / "release"
+    body = (release / "README.md").read_text()
+    players = re.findall(r'<tr><td><audio controls preload="none" src="(examples/[^"]+\.wav)"></audio>'
+                         r'<br><code>([^<]+)</code> \((\w+)\)</td><td>([^<]*)</td>', body)
+    assert 4 <= len(players) <= 6
+    clips = {r["id"]: r for r in pq.read_table(release / "data" / "audio").to_pylist()}
+    assert {p.name for p in (release / "examples").iterdir()} == {Path(src).name for src, *_ in players}
+    for src, clip_id, split, caption in players:
+        row = clips[clip_id]
+        assert caption == html.escape(row["caption"])
+        in_split = {i for shard in (release / "data" / "audio").glob(f"{split}-*.parquet")
+                    for i in pq.read_table(shard, columns=["id"]).column("id").to_pylist()}
+        assert clip_id in in_split
+        wav, rate = sf.read(release / src, dtype="float32")
+        flac, flac_rate = decode_flac(row["audio"]["bytes"])
+        assert sf.info(release / src).format == "WAV" and rate == flac_rate
+        np.testing.assert_allclose(wav, flac.reshape(wav.shape), atol=1 / 2**15)
+    shown = [set(clips[clip_id]["aspect_list"]) for _, clip_id, _, _ in players]
+    assert len(set().union(*shown)) > max(len(s) for s in shown)  # together they show more than one clip does
+
+
+def test_push_refuses_a_tiny_model_release(smoke_release):
+    command = [sys.executable, "-m", "generation.cli", "push", "--run", str(smoke_release), "--repo_id", "my-org/x",
+               "--dry_run"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "--allow_tiny_models" in refused.stderr
+    assert "RUN/models/musicgen" in refused.stderr
+    allowed = subprocess.run([*command, "--allow_tiny_models"], capture_output=True, text=True, env=env, timeout=300,
+                             check=False)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "dry run: nothing uploaded" in allowed.stderr and "tiny random-weight models" in allowed.stderr

@@ -111,7 +111,7 @@ def test_push_calls_in_order_and_records_a_manifest(release_run, copy_run, caplo
     assert upload["folder_path"] == str(run / "release") and upload["repo_type"] == "dataset"
     assert upload["revision"] == "v1-candidate" and upload["create_pr"] is False
     assert upload["commit_message"].startswith("ConceptCaps release: build manifest manifests/build.json sha256:")
-    assert upload["delete_patterns"] == ["data/*", "figures/*"]  # stale shards of an older release go
+    assert upload["delete_patterns"] == ["data/*", "figures/*", "examples/*"]  # stale files of an older release go
     assert "token" not in upload  # huggingface_hub finds it itself
     assert hub.calls[4][2]["tag"] == "v1.0" and hub.calls[4][2]["revision"] == "c0ffee"
     assert manifest["commit"] == "c0ffee" and read_manifest(run, "push")["arguments"]["repo_id"] == "my-org/conceptcaps"

@@ -1,0 +1,84 @@
+"""A handful of clips of the release, written as WAV files for the card's audio players.
+
+    from dataset_card.examples import write_examples
+    examples = write_examples("runs/demo/release", category_of, n=6)   # -> RELEASE/examples/<id>.wav
+
+The clips come from the `audio` config's shards as shipped (RELEASE/data/audio/*.parquet), chosen
+so that together they show as many different tags as possible: each pick is the row adding the
+most tags not shown yet (ties: the smallest hash of the id, so the choice is deterministic).
+They are written as 16-bit WAV, which every browser plays in an HTML `<audio>` element (the
+Hub renders those in a card); the card's table gives each its caption and labels.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+EXAMPLES_DIR = "examples"
+DEFAULT_COUNT = 6
+
+
+def choose_examples(rows: list[dict], n: int) -> list[dict]:
+    """Up to n rows that together hold the most distinct tags (greedy; ties by the hash of the id)."""
+    from generation.run_dir import stable_hash
+
+    left = sorted(rows, key=lambda r: (stable_hash(r["id"]), r["id"]))
+    shown: set[str] = set()
+    chosen = []
+    while left and len(chosen) < n:
+        best = max(left, key=lambda r: len(set(r["aspect_list"]) - shown))  # max keeps the first (smallest hash) on ties
+        chosen.append(best)
+        shown |= set(best["aspect_list"])
+        left.remove(best)
+    return chosen
+
+
+def audio_url(name: str, repo_id: str | None, revision: str = "main") -> str:
+    """Where the card's player finds a clip: the Hub's resolve URL when the repository is known, else a relative path.
+
+    Why absolute on the Hub: the card's markdown images are resolved against the repository, but
+    an HTML `src` is used as written, and a relative one would point at the card's page.
+    """
+    path = f"{EXAMPLES_DIR}/{name}"
+    return f"https://huggingface.co/datasets/{repo_id}/resolve/{revision}/{path}" if repo_id else path
+
+
+def write_examples(release: str | Path, category_of: dict[str, str], n: int = DEFAULT_COUNT, config: str = "audio",
+                   repo_id: str | None = None, revision: str = "main") -> list[dict]:
+    """Write up to n clips of `config` to RELEASE/examples/<id>.wav; returns their rows for the card (HTML-escaped)."""
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from generation.run_dir import atomic_dir
+
+    release = Path(release)
+    shards = sorted((release / "data" / config).glob("*.parquet"))
+    if not shards:
+        return []
+    rows = []
+    for shard in shards:
+        split = shard.name.split("-", 1)[0]
+        for row in pq.read_table(shard, columns=["id", "caption", "aspect_list"]).to_pylist():
+            rows.append({**row, "split": split, "shard": shard})
+    chosen = choose_examples(rows, n)
+    examples = []
+    with atomic_dir(release / EXAMPLES_DIR) as folder:
+        for row in chosen:
+            table = pq.read_table(row["shard"], columns=["id", "audio"], filters=[("id", "=", row["id"])])
+            audio, rate = sf.read(io.BytesIO(table.column("audio")[0].as_py()["bytes"]), dtype="float32")
+            name = f"{row['id']}.wav"
+            sf.write(folder / name, audio, rate, subtype="PCM_16", format="WAV")
+            by_category: dict[str, list[str]] = {}
+            for tag in row["aspect_list"]:
+                by_category.setdefault(category_of.get(tag, "other"), []).append(tag)
+            examples.append({
+                "id": row["id"], "split": row["split"], "file": f"{EXAMPLES_DIR}/{name}",
+                "src": html.escape(audio_url(name, repo_id, revision), quote=True),
+                "caption": html.escape(row["caption"]),
+                "labels": "<br>".join(f"<b>{html.escape(c)}</b>: {html.escape(', '.join(tags))}"
+                                      for c, tags in by_category.items()),
+                "seconds": round(len(audio) / rate, 2),
+            })
+    return examples
