@@ -51,7 +51,7 @@ def main() -> None:
     from generation.vae_model import multi_hot
 
     with tempfile.TemporaryDirectory() as run:
-        distill(DistillArguments(out=run, source=args.source))
+        distill(DistillArguments(run=run, source=args.source))
         taxonomy = Taxonomy.load(f"{run}/taxonomy.json")
         frame = pd.read_parquet(f"{run}/distilled.parquet")
     sets = [list(s) for s in frame.loc[frame["split"] == "train", "aspect_list"]]

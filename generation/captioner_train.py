@@ -177,7 +177,7 @@ def load_pairs(run: Path, max_train: int | None, max_eval: int | None):
     path = require(run, "distilled.parquet")
     from .run_dir import read_table
 
-    rows = read_table(path, fix=f"re-run `conceptcaps distill --out {run} --force`").to_pylist()
+    rows = read_table(path, fix=f"re-run `conceptcaps distill --run {run} --force`").to_pylist()
     if not rows:
         raise ConceptCapsError(f"{path} has no rows: re-run `conceptcaps distill` on a source with captions.")
     splits = {}

@@ -1,6 +1,9 @@
 """The `conceptcaps` command: one sub-command per pipeline stage.
 
     conceptcaps --help
+    conceptcaps --version
+    conceptcaps env                      # versions, devices and paths, for a bug report
+    conceptcaps vae                      # a group lists its commands
     conceptcaps distill --help
     conceptcaps vae train --run runs/demo --epochs 150
 
@@ -9,6 +12,10 @@ gives defaults, command-line flags override them. Stage modules are imported onl
 their command runs, so `--help` stays fast. A `ConceptCapsError` (bad input, missing
 artifact), a flag or config error, or a full or read-only disk is printed as one line,
 without a traceback, and exits with status 2; Ctrl-C prints one line and exits with 130.
+
+Logging goes to stderr through the project's own loggers only (level from
+CONCEPTCAPS_LOG_LEVEL, default INFO): other libraries keep Python's default (warnings and
+errors), so a DEBUG run shows this project's detail, not every font matplotlib looks at.
 """
 
 from __future__ import annotations
@@ -53,20 +60,71 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                 "Upload RUN/release/ to the Hub as a new revision (branch, tag or PR)."),
     ("run",): ("generation.run_all", "run_pipeline", ("RunArguments",),
                "Run every stage in order from a preset (smoke, paper), resumably."),
+    ("env",): ("generation.env_report", "env_report", ("EnvArguments",),
+               "Print the versions, devices and paths a bug report needs."),
 }
 
+# The loggers this project owns; only these are configured (see the module docstring).
+PROJECT_LOGGERS = ("generation", "conceptcaps_eval", "dataset_card", "conceptcaps", "__main__")
 
-def _usage() -> str:
-    width = max(len(" ".join(words)) for words in COMMANDS)
+
+def _usage(group: str | None = None) -> str:
+    """The command list: every command, or those of one group (`conceptcaps vae`)."""
+    chosen = {words: entry for words, entry in COMMANDS.items() if group is None or words[0] == group}
+    width = max(len(" ".join(words)) for words in chosen)
+    name = f"conceptcaps {group}" if group else "conceptcaps"
     lines = [
-        "usage: conceptcaps <command> [options]   (conceptcaps <command> --help for its options)",
+        f"usage: {name} <command> [options]   ({name} <command> --help for its options)",
         "",
         "Build, evaluate and publish the ConceptCaps dataset. Stages share one run directory.",
         "",
         "commands:",
     ]
-    lines += [f"  {' '.join(words):<{width}}  {entry[3]}" for words, entry in COMMANDS.items()]
+    lines += [f"  {' '.join(words):<{width}}  {entry[3]}" for words, entry in chosen.items()]
+    if group is None:
+        lines += ["", "options:", "  -h, --help   this list", "  --version    the installed conceptcaps version"]
     return "\n".join(lines)
+
+
+def _groups() -> set[str]:
+    """Command words that only name a group (`vae`, `audio`, ...): they need a verb after them."""
+    return {words[0] for words in COMMANDS if len(words) > 1} - {words[0] for words in COMMANDS if len(words) == 1}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each record (not the stream of the first call), as
+    Python's last-resort handler does, so a redirected or captured stderr gets the lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
+def configure_logging(level: str | None = None) -> None:
+    """One stderr handler on the project's loggers at `level` (default CONCEPTCAPS_LOG_LEVEL or INFO).
+
+    The root logger is left alone, so third-party DEBUG/INFO chatter (matplotlib's font
+    manager, faiss, absl) stays off; their warnings still reach stderr through Python's default.
+    Records still propagate, so a host application's (or pytest's) root handlers see them too.
+    """
+    from .errors import ConceptCapsError
+
+    level = (level or os.environ.get("CONCEPTCAPS_LOG_LEVEL") or "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConceptCapsError(f"CONCEPTCAPS_LOG_LEVEL={level!r} is not a logging level: use DEBUG, INFO, WARNING "
+                               f"or ERROR.")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "conceptcaps", False)]
+        handler.conceptcaps = True  # so that a second call (tests call main() many times) replaces it
+        logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
@@ -142,9 +200,9 @@ def os_error_message(err: OSError) -> str | None:
     fixes = {
         errno.ENOSPC: "free space on that disk, then re-run the same command to resume",
         errno.EDQUOT: "free space within your quota, then re-run the same command to resume",
-        errno.EROFS: "the file system is read-only: pass a writable --run/--out",
-        errno.EACCES: "permission denied: pass a --run/--out you can write, or fix the permissions",
-        errno.EPERM: "operation not permitted: pass a --run/--out you can write, or fix the permissions",
+        errno.EROFS: "the file system is read-only: pass a writable --run",
+        errno.EACCES: "permission denied: pass a --run you can write, or fix the permissions",
+        errno.EPERM: "operation not permitted: pass a --run you can write, or fix the permissions",
     }
     fix = fixes.get(err.errno)
     if fix is None:
@@ -158,13 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    logging.basicConfig(
-        level=os.environ.get("CONCEPTCAPS_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"conceptcaps {__version__}")
+        return 0
+    if argv[0] in _groups() and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(_usage(argv[0]))
+        return 0
     from .errors import ConceptCapsError
 
     try:
+        configure_logging()
         run_command(argv)
     except ConceptCapsError as err:
         print(f"conceptcaps: error: {one_line(err)}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Distil (attribute list, caption) pairs from a tagged caption source such as MusicCaps.
 
-    conceptcaps distill --source ../shared/data/musiccaps/musiccaps-public.csv --out runs/demo
-    conceptcaps distill --source google/MusicCaps --out runs/demo     # needs the Hub
+    conceptcaps distill --source ../shared/data/musiccaps/musiccaps-public.csv --run runs/demo
+    conceptcaps distill --source google/MusicCaps --run runs/demo     # needs the Hub
 
 Every raw `aspect_list` tag is mapped to canonical taxonomy tags (generation/taxonomy.py);
 a row is kept when its tags cover at least `min_categories` of genre/mood/instrument/tempo,
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistillArguments:
-    out: str = field(metadata={"help": "Run directory to write (created if missing)."})
+    run: str = field(metadata={"aliases": ["--out"], "help": "Run directory to write (created if missing); --out is an alias."})
     source: str = field(
         default=HUB_DEFAULT,
         metadata={"help": "MusicCaps-style source: a local CSV path or a Hub dataset id."},
@@ -79,13 +79,13 @@ def distill(args: DistillArguments) -> dict:
         raise ConceptCapsError(f"--min_categories {args.min_categories}: give 1 to {len(CATEGORIES)}.")
     if args.min_caption_words < 0 or args.max_bad_rows < 0:
         raise ConceptCapsError("--min_caption_words and --max_bad_rows must be 0 or more.")
-    with stage_lock(args.out, "distill"):
+    with stage_lock(args.run, "distill"):
         return _distill(args)
 
 
 def _distill(args: DistillArguments) -> dict:
     started = time.time()
-    run = Path(args.out)
+    run = Path(args.run)
     outputs = [run / "taxonomy.json", run / "distilled.parquet"]
     source_path = Path(args.source).expanduser()
     inputs = {"source": source_path if source_path.is_file() else args.source, "taxonomy": args.taxonomy}

@@ -40,8 +40,14 @@ def make_parser(words: tuple[str, ...]):
         def error(self, message):  # argparse prints its usage block and exits; one line says more
             raise ConceptCapsError(f"{self.prog}: {message} (`{self.prog} --help` lists the options).")
 
-    return Parser(types, prog=f"conceptcaps {' '.join(words)}", description=(module.__doc__ or help_line).strip(),
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(types, prog=f"conceptcaps {' '.join(words)}", description=(module.__doc__ or help_line).strip(),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:
+        # HfArgumentParser gives a bool option's `--no_x` twin the help of `--x`; say what it does.
+        positive = action.option_strings[0][len("--no_"):] if action.option_strings else ""
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
+            action.help = f"Same as --{positive} false."
+    return parser
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -121,11 +127,15 @@ def _convert_one(converter, action, key: str, value, where: str):
 def apply_options(parser, options: dict, where: str) -> None:
     """Set `options` (a config file's or preset's mapping) as the parser's defaults, checked like flags."""
     actions: dict[str, list] = {}
+    aliases: dict[str, str] = {}  # a flag's other spellings (`--out` for `--run`) work as keys too
     for action in parser._actions:
         if action.dest != "help":
             actions.setdefault(action.dest, []).append(action)  # a bool flag has a --no_ twin on the same dest
+            if action.const is not False:
+                aliases.update({o.lstrip("-").replace("-", "_"): action.dest for o in action.option_strings})
     for key, value in options.items():
         dest = str(key).replace("-", "_")
+        dest = aliases.get(dest, dest)
         if dest not in actions:
             close = difflib.get_close_matches(dest, list(actions), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -3,10 +3,10 @@ audio, evaluate, build (after evaluate, so that the dataset card shows the metri
 the release). Each stage skips what is already done, so re-running the same command after a
 crash resumes where it stopped.
 
-    conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --out runs/smoke
-    conceptcaps run --preset paper --source google/MusicCaps --out runs/paper \\
+    conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --run runs/smoke
+    conceptcaps run --preset paper --source google/MusicCaps --run runs/paper \\
         --audio_launcher "accelerate launch --config_file accelerate_configs/multi_gpu.yaml"
-    conceptcaps run --preset my_preset.yaml --out runs/x --stages distill vae_train vae_sample
+    conceptcaps run --preset my_preset.yaml --run runs/x --stages distill vae_train vae_sample
 
 A preset (generation/presets/<name>.yaml, or any YAML path) has one section per stage
 with that stage's options. "@tiny/<name>" in a preset stands for a tiny model (llm,
@@ -53,7 +53,8 @@ STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
 
 @dataclass
 class RunArguments:
-    out: str = field(metadata={"help": "Run directory (created if missing; an existing one is resumed)."})
+    run: str = field(metadata={"aliases": ["--out"], "help": "Run directory (created if missing; an existing one is "
+                                                            "resumed); --out is an alias."})
     preset: str = field(default="smoke", metadata={"help": "smoke, paper, or the path of a preset YAML file."})
     source: str = field(default=HUB_DEFAULT, metadata={"help": "MusicCaps-style source: a local CSV or a Hub dataset id."})
     stages: list[str] = field(default_factory=list, metadata={"help": f"Run only these stages (default: all of {list(STAGES)})."})
@@ -101,7 +102,7 @@ def build_tiny_model(name: str, run: Path) -> Path:
         return target
     from .run_dir import read_table
 
-    texts = read_table(run / "distilled.parquet", ["caption"], fix=f"re-run `conceptcaps distill --out {run} --force`"
+    texts = read_table(run / "distilled.parquet", ["caption"], fix=f"re-run `conceptcaps distill --run {run} --force`"
                        ).column("caption").to_pylist()
     logger.info("run: building tiny %s model into %s", name, target)
     with atomic_dir(target) as tmp:
@@ -149,11 +150,10 @@ def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
         if not isinstance(values, dict):
             raise ConceptCapsError(f"preset section {stage!r}: {sub!r} holds {values!r}, not a mapping of options.")
         options.update(values)
-    options = resolve_tiny(options, Path(args.out))
+    options = resolve_tiny(options, Path(args.run))
+    options["run"] = args.run
     if stage == "distill":
-        options.update(out=args.out, source=args.source)
-    else:
-        options["run"] = args.out
+        options["source"] = args.source
     if args.force:
         options["force"] = True
     return parse_options(STAGE_WORDS[stage], [], options, where=f"preset section {stage!r}")
@@ -175,11 +175,11 @@ def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
     """The audio stage as `LAUNCHER -m generation.cli audio generate --config ...`."""
     import yaml
 
-    run = Path(args.out)
+    run = Path(args.run)
     options = resolve_tiny(dict(section), run)
     config = run / "manifests" / "audio_generate.preset.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump({**options, "run": args.out, "force": args.force}))
+    config.write_text(yaml.safe_dump({**options, "run": args.run, "force": args.force}))
     command = [*shlex.split(launcher), "-m", "generation.cli", "audio", "generate", "--config", str(config)]
     logger.info("run: %s", shlex.join(command))
     if subprocess.run(command, check=False, preexec_fn=_die_with_parent).returncode != 0:
@@ -206,8 +206,8 @@ def run_pipeline(args: RunArguments) -> dict:
             getattr(importlib.import_module(module_name), function_name)(*instances)
         timings[stage] = round(time.time() - stage_started, 2)
         logger.info("run: stage %s done in %.1f s", stage, timings[stage])
-    write_json(Path(args.out) / "manifests" / "run.preset.json", preset)
+    write_json(Path(args.run) / "manifests" / "run.preset.json", preset)
     return write_manifest(
-        args.out, "run", args, counts={"stages": selected, "stage_wall_time_s": timings}, started=started,
+        args.run, "run", args, counts={"stages": selected, "stage_wall_time_s": timings}, started=started,
         extra={"command": shlex.join(["conceptcaps", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] else None},
     )

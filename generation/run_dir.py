@@ -32,8 +32,8 @@ from .errors import ConceptCapsError
 
 # Which stage writes which artifact, so that a missing one can say what to run.
 PRODUCERS = {
-    "taxonomy.json": "conceptcaps distill --source SOURCE --out RUN",
-    "distilled.parquet": "conceptcaps distill --source SOURCE --out RUN",
+    "taxonomy.json": "conceptcaps distill --source SOURCE --run RUN",
+    "distilled.parquet": "conceptcaps distill --source SOURCE --run RUN",
     "vae": "conceptcaps vae train --run RUN",
     "attributes.parquet": "conceptcaps vae sample --run RUN --n N",
     "captioner": "conceptcaps captioner train --run RUN --model MODEL",

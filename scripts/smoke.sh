@@ -5,4 +5,4 @@
 #   RUN=runs/other bash scripts/smoke.sh           # another run directory
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/conceptcaps run --preset smoke --source "${MUSICCAPS_CSV:-google/MusicCaps}" --out "${RUN:-runs/smoke}" "$@"
+exec .venv/bin/conceptcaps run --preset smoke --source "${MUSICCAPS_CSV:-google/MusicCaps}" --run "${RUN:-runs/smoke}" "$@"

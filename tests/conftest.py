@@ -36,7 +36,7 @@ def distilled_run(tmp_path_factory, musiccaps_csv) -> Path:
     from generation.distill import DistillArguments, distill
 
     run = tmp_path_factory.mktemp("distilled")
-    distill(DistillArguments(out=str(run), source=str(musiccaps_csv)))
+    distill(DistillArguments(run=str(run), source=str(musiccaps_csv)))
     return run
 
 
@@ -60,6 +60,19 @@ def sampled_run(tmp_path_factory, vae_run) -> Path:
     run = tmp_path_factory.mktemp("sampled") / "run"
     shutil.copytree(vae_run, run)
     sample_attributes(VaeSampleArguments(run=str(run), n=48, seed=0))
+    return run
+
+
+@pytest.fixture(scope="session")
+def lsr_run(tmp_path_factory, distilled_run) -> Path:
+    """distilled_run plus a small attribute-regularised VAE (tempo, instrument count, vocals, arousal; not valence)
+    and the plain twin's figures in its metrics.json (a few epochs: fast, not converged)."""
+    from generation.vae_train import VaeTrainArguments, train_vae
+
+    run = tmp_path_factory.mktemp("lsr") / "run"
+    shutil.copytree(distilled_run, run)
+    train_vae(VaeTrainArguments(run=str(run), epochs=6, hidden_dim=128, latent_dim=16, lr=3e-3, diversity_samples=50,
+                                num_threads=1, lsr=["tempo", "instrument_count", "vocal", "arousal"]))
     return run
 
 

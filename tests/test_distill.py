@@ -51,9 +51,9 @@ def test_lists_are_lists_and_taxonomy_json(distilled_run):
 def test_rerun_skips_and_force_redoes(distilled_run, copy_run, musiccaps_csv):
     run = copy_run(distilled_run)
     before = (run / "distilled.parquet").stat().st_mtime_ns
-    distill(DistillArguments(out=str(run), source=str(musiccaps_csv)))
+    distill(DistillArguments(run=str(run), source=str(musiccaps_csv)))
     assert (run / "distilled.parquet").stat().st_mtime_ns == before
-    distill(DistillArguments(out=str(run), source=str(musiccaps_csv), force=True))
+    distill(DistillArguments(run=str(run), source=str(musiccaps_csv), force=True))
     assert (run / "distilled.parquet").stat().st_mtime_ns != before
     assert pd.read_parquet(run / "distilled.parquet").equals(pd.read_parquet(distilled_run / "distilled.parquet"))
 
@@ -61,12 +61,12 @@ def test_rerun_skips_and_force_redoes(distilled_run, copy_run, musiccaps_csv):
 def _distill(tmp_path, text, **kwargs):
     source = tmp_path / "source.csv"
     source.write_text(text)
-    return distill(DistillArguments(out=str(tmp_path / "run"), source=str(source), **kwargs))
+    return distill(DistillArguments(run=str(tmp_path / "run"), source=str(source), **kwargs))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConceptCapsError, match=r"nope\.csv not found.*--source"):
-        distill(DistillArguments(out=str(tmp_path / "run"), source=str(tmp_path / "nope.csv")))
+        distill(DistillArguments(run=str(tmp_path / "run"), source=str(tmp_path / "nope.csv")))
 
 
 def test_empty_file(tmp_path):
@@ -103,4 +103,4 @@ def test_hub_source_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConceptCapsError, match="could not load the Hub dataset 'google/MusicCaps'.*--source PATH"):
-        distill(DistillArguments(out=str(tmp_path / "run"), source="google/MusicCaps"))
+        distill(DistillArguments(run=str(tmp_path / "run"), source="google/MusicCaps"))

@@ -119,7 +119,7 @@ def test_killing_conceptcaps_run_kills_its_audio_launcher(audio_captions_run, ti
     launcher = (f"{sys.executable} -m accelerate.commands.launch --config_file "
                 f"{ROOT / 'accelerate_configs' / 'cpu.yaml'} --num_processes 2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "run", "--preset", str(preset), "--out",
+    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "run", "--preset", str(preset), "--run",
                                 str(run), "--audio_launcher", launcher], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -133,7 +133,7 @@ def test_killing_conceptcaps_run_kills_its_audio_launcher(audio_captions_run, ti
     time.sleep(3)
     assert len(shard_paths(run / "audio")) == count  # nothing is writing any more
     # ... and the next run of the same command resumes alone: every id once.
-    assert main(["run", "--preset", str(preset), "--out", str(run)]) == 0
+    assert main(["run", "--preset", str(preset), "--run", str(run)]) == 0
     ids = read_shards(run / "audio", columns=["id"]).column("id").to_pylist()
     assert Counter(ids) == Counter(pq.read_table(run / "captions.parquet", columns=["id"]).column("id").to_pylist())
 

@@ -14,7 +14,7 @@ from generation.run_all import RunArguments, load_preset, run_pipeline
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, musiccaps_csv):
     run = tmp_path_factory.mktemp("smoke") / "run"
-    manifest = run_pipeline(RunArguments(out=str(run), preset="smoke", source=str(musiccaps_csv)))
+    manifest = run_pipeline(RunArguments(run=str(run), preset="smoke", source=str(musiccaps_csv)))
     return run, manifest
 
 
@@ -57,16 +57,16 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
 def test_rerun_resumes_without_redoing_work(smoke_run, musiccaps_csv):
     run, first = smoke_run
     stamps = {p: p.stat().st_mtime_ns for p in (run / "distilled.parquet", run / "captions.parquet", run / "vae" / "model.safetensors")}
-    again = run_pipeline(RunArguments(out=str(run), preset="smoke", source=str(musiccaps_csv)))
+    again = run_pipeline(RunArguments(run=str(run), preset="smoke", source=str(musiccaps_csv)))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert sum(again["counts"]["stage_wall_time_s"].values()) < sum(first["counts"]["stage_wall_time_s"].values())
 
 
 def test_unknown_preset_and_stage(tmp_path):
     with pytest.raises(ConceptCapsError, match=r"preset 'nope' not found.*\['paper', 'smoke'\]"):
-        run_pipeline(RunArguments(out=str(tmp_path), preset="nope"))
+        run_pipeline(RunArguments(run=str(tmp_path), preset="nope"))
     with pytest.raises(ConceptCapsError, match=r"unknown stage\(s\) \['dance'\]"):
-        run_pipeline(RunArguments(out=str(tmp_path), preset="smoke", stages=["dance"]))
+        run_pipeline(RunArguments(run=str(tmp_path), preset="smoke", stages=["dance"]))
 
 
 def test_paper_preset_holds_the_paper_settings():
@@ -95,8 +95,6 @@ def test_every_preset_section_is_valid_options(preset, tmp_path):
         module = importlib.import_module(module_name)
         for sub, class_name in parts:
             options = dict((section or {}).get(sub) or {}) if sub else dict(section or {})
-            if class_name == "DistillArguments":
-                options["out"] = str(tmp_path)
-            elif class_name not in ("SFTConfig", "ModelConfig"):
+            if class_name not in ("SFTConfig", "ModelConfig"):
                 options["run"] = str(tmp_path)
             getattr(module, class_name)(**options)

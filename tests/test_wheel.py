@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                            check=False)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -82,11 +83,11 @@ def test_installed_wheel_runs_the_smoke_preset_from_another_folder(wheel, fresh_
     python = fresh_venv / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
          cwd=tmp_path)
-    where = _run([str(python), "-c", "import generation, conceptcaps_eval, conceptcaps; "
-                  "print(generation.__file__, conceptcaps_eval.__file__, conceptcaps.__file__)"], cwd=tmp_path)
+    where = _run([str(python), "-c", ("import generation, conceptcaps_eval, conceptcaps; "
+                  "print(generation.__file__, conceptcaps_eval.__file__, conceptcaps.__file__)")], cwd=tmp_path)
     assert str(ROOT) not in where and where.count(str(fresh_venv)) == 3
     env = {**os.environ, "PYTHONPATH": ""}
-    _run([str(fresh_venv / "bin" / "conceptcaps"), "run", "--preset", "smoke", "--source", str(musiccaps_csv),
+    _run([str(fresh_venv / "bin" / "conceptcaps"), "run", "--preset", "smoke", "--source", str(Path(musiccaps_csv).resolve()),
           "--run", "smoke"], cwd=tmp_path, env=env, timeout=900)
     run = tmp_path / "smoke"
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
