@@ -14,6 +14,12 @@ Decoding rule (`decode_sets`), applied to the decoder's probabilities p:
      admissible tag of an uncovered category is added.
 So every set has at most one tempo tag, no contradictory pair, and >= min_categories
 categories (when the constraints allow it; otherwise sampling raises).
+
+Sampling (`sample_sets(..., sizes=SetSizes)`, the default of `conceptcaps vae sample`) fixes
+how many tags of each category a set gets instead: per-category sizes drawn from the
+training sets (generation/vae_sizes.py, which says why), then step 2 with those sizes as
+the category limits and no threshold, i.e. the k most probable admissible tags per category.
+Reconstruction keeps the threshold (the true size is unknown to the decoder).
 """
 
 from __future__ import annotations
@@ -82,12 +88,19 @@ def decode_sets(
     max_per_category: dict[str, int] | None = None,
     require: list[str] = (),
     exclude: list[str] = (),
+    sizes: list[dict[str, int]] | None = None,
 ) -> list[list[str]]:
-    """Apply the decoding rule of the module docstring to a batch of probability rows."""
+    """Apply the decoding rule of the module docstring to a batch of probability rows. With
+    `sizes` (one {category: count} per row), row i gets the sizes[i][c] most probable
+    admissible tags of each category c, whatever their probability."""
     limits = {**DEFAULT_MAX_PER_CATEGORY, **(max_per_category or {})}
+    rows = probabilities.tolist()
+    if sizes is not None and len(sizes) != len(rows):
+        raise ValueError(f"{len(sizes)} size patterns for {len(rows)} probability rows: give one per row.")
     return [
-        _decode_row(row, tags, categories, taxonomy, threshold, min_categories, limits, list(require), set(exclude))
-        for row in probabilities.tolist()
+        _decode_row(row, tags, categories, taxonomy, threshold if sizes is None else 0.0, min_categories,
+                    limits if sizes is None else sizes[i], list(require), set(exclude))
+        for i, row in enumerate(rows)
     ]
 
 
@@ -111,8 +124,8 @@ def _decode_row(row, tags, categories, taxonomy, threshold, min_categories, limi
         per_category[categories[i]] += 1
 
     for i in order:
-        if row[i] < threshold:
-            break
+        if row[i] < threshold or all(per_category[c] >= limits[c] for c in limits):
+            break  # below the threshold, or every category full: nothing more can be added
         if admissible(i):
             add(i)
     for i in order:
@@ -151,11 +164,14 @@ def sample_sets(
     exclude: list[str] = (),
     temperature: float = 1.0,
     fixed: dict[int, float] | None = None,
+    sizes=None,
     **rule,
 ) -> list[list[str]]:
     """Draw n tag sets. With `require`, z comes from q(z | x_seed), x_seed = the required
     tags (the paper's conditional sampling); otherwise from the prior N(0, I). `fixed`
-    ({dimension: value}) pins latent dimensions, e.g. regularised ones (generation/vae_lsr.py)."""
+    ({dimension: value}) pins latent dimensions, e.g. regularised ones (generation/vae_lsr.py).
+    With `sizes` (a generation.vae_sizes.SetSizes), each set gets per-category sizes drawn
+    from the data (after z, from the same seeded generator); otherwise the threshold rule."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn((n, model.latent_dim), generator=generator) * temperature
@@ -167,6 +183,8 @@ def sample_sets(
     for dim, value in (fixed or {}).items():
         z[:, dim] = value
     probabilities = torch.sigmoid(model.decode(z))
+    drawn = None if sizes is None else sizes.draw(n, generator, require=list(require), taxonomy=taxonomy)
     return decode_sets(
-        probabilities, model.tags, model.categories, taxonomy, require=list(require), exclude=list(exclude), **rule
+        probabilities, model.tags, model.categories, taxonomy, require=list(require), exclude=list(exclude),
+        sizes=drawn, **rule
     )

@@ -5,11 +5,16 @@
     conceptcaps vae sample --run runs/demo --n 300 --min_per_tag 50 --tags piano "acoustic guitar"
     conceptcaps vae sample --run runs/demo --n 200 --require jazz piano --exclude "male vocal"
     conceptcaps vae sample --run runs/demo --n 200 --set tempo=0.9 --set arousal=0.2   # fast and calm (--lsr VAE)
+    conceptcaps vae sample --run runs/demo --n 1000 --random_control   # baseline: RUN/attributes_random.parquet
 
 Reads RUN/vae/ and RUN/taxonomy.json; writes RUN/attributes.parquet (id, aspect_list, one
 list per category, seed, source) and RUN/manifests/vae_sample.json. The decoding rule is in
 `generation/vae_model.py` (every set: >= 3 categories, at most one tempo tag, no
-contradictory pair, taxonomy tags only). With `--require`, z is drawn from the encoder's
+contradictory pair, taxonomy tags only). How many tags of each category a set holds is
+drawn from the training sets (`--sizes data`, the default: RUN/vae/set_sizes.json written by
+`vae train`; generation/vae_sizes.py says why), so sampled sets are as long as real ones;
+`--sizes threshold` keeps every tag with probability >= --threshold instead (at most 2
+genres, 3 moods, 4 instruments, 1 tempo: sets about half as long as the data's). With `--require`, z is drawn from the encoder's
 posterior for the required tags and those tags are always kept; `--exclude`d tags never
 appear. With `--set ATTR=VALUE` (a VAE trained with `--lsr`, docs/latent.md), the latent
 dimension of each named attribute is fixed at the value that the map in RUN/vae/lsr.json
@@ -22,6 +27,13 @@ conditional samples z ~ q(z | tag) that keep the tag (source `conditional:<tag>`
 the same decoding rule. Tags are topped up from the rarest up, counting the tags that
 earlier top-ups brought in, so every quota tag ends with at least N sets. The same seed and
 model give the same file.
+
+Random control (`--random_control`): the baseline the VAE is compared with. No model: each
+set takes per-category sizes drawn from the training sets (RUN/distilled.parquet) and tags
+drawn uniformly at random under the same rules (--require, --exclude, the quota included).
+It writes RUN/attributes_random.parquet (manifest `vae_sample_random`), so the real
+attributes.parquet stays; `conceptcaps evaluate --baseline random_control` scores it
+(docs/evaluate.md). `--output NAME.parquet` names another file under RUN.
 """
 
 from __future__ import annotations
@@ -62,8 +74,39 @@ class VaeSampleArguments:
                   "help": "Steer latent attributes of a VAE trained with --lsr: ATTR=VALUE in the attribute's units, "
                           "e.g. --set tempo=0.9 --set arousal=0.2 (docs/latent.md)."},
     )
+    sizes: str = field(
+        default="data",
+        metadata={"help": "How many tags of each category a set gets: 'data' draws them from the training sets "
+                          "(RUN/vae/set_sizes.json), 'threshold' keeps tags with probability >= --threshold."},
+    )
+    random_control: bool = field(
+        default=False,
+        metadata={"help": "Baseline without a model: uniformly random tags under the same rules, sizes from the data; "
+                          "writes RUN/attributes_random.parquet unless --output names another file."},
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "File under RUN to write (default attributes.parquet; attributes_random.parquet with "
+                          "--random_control)."},
+    )
     id_prefix: str = field(default="cc", metadata={"help": "Ids are PREFIX-000000, PREFIX-000001, ..."})
     force: bool = field(default=False, metadata={"help": "Resample even if attributes.parquet is up to date."})
+
+
+def output_name(args: VaeSampleArguments) -> str:
+    """The file under RUN this sampling writes."""
+    name = args.output or ("attributes_random.parquet" if args.random_control else "attributes.parquet")
+    if Path(name).name != name or not name.endswith(".parquet") or name.startswith("."):
+        raise ConceptCapsError(f"--output {name!r}: give a file name under the run directory ending in .parquet, "
+                               f"e.g. attributes_random.parquet.")
+    return name
+
+
+def stage_name(output: str) -> str:
+    """The manifest (and lock) name: vae_sample for attributes.parquet, vae_sample_<rest> for another file, so a
+    baseline never replaces the real sets' manifest."""
+    stem = Path(output).stem
+    return "vae_sample" if output == "attributes.parquet" else "vae_sample_" + stem.removeprefix("attributes_")
 
 
 def check_request(taxonomy, args: VaeSampleArguments) -> None:
@@ -83,6 +126,8 @@ def check_request(taxonomy, args: VaeSampleArguments) -> None:
         raise ConceptCapsError(f"--n {args.n}: ask for at least one sample.")
     if not 0 < args.threshold < 1:
         raise ConceptCapsError(f"--threshold {args.threshold}: give a probability in (0, 1).")
+    if args.sizes not in ("data", "threshold"):
+        raise ConceptCapsError(f"--sizes {args.sizes!r}: choose data (sizes drawn from the training sets) or threshold.")
     if args.temperature <= 0:
         raise ConceptCapsError(f"--temperature {args.temperature}: give a positive scale of the latent noise.")
     if not 1 <= args.min_categories <= len(CATEGORIES):
@@ -111,19 +156,18 @@ def quota_tags(taxonomy, args: VaeSampleArguments) -> list[str]:
     return [t for t in taxonomy.tags if t not in excluded and taxonomy.contradiction_in(set(args.require) | {t}) is None]
 
 
-def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rule: dict,
-           fixed: dict[int, float] | None = None) -> list[tuple[str, list[str]]]:
+def top_up(draw, taxonomy, sets: list[list[str]], args: VaeSampleArguments) -> list[tuple[str, list[str]]]:
     """Conditional samples that bring every quota tag to --min_per_tag sets: [(tag, set), ...] in drawing order.
 
-    Rarest tag first (then taxonomy order); each tag's draws use a seed derived from --seed and
-    the tag, so the result does not depend on which other tags needed a top-up.
+    `draw(n, seed, require)` gives n sets holding the required tags (the VAE's q(z | tags), or
+    the random control). Rarest tag first (then taxonomy order); each tag's draws use a seed
+    derived from --seed and the tag, so the result does not depend on which other tags needed a top-up.
     """
     from collections import Counter
 
     from tqdm.auto import tqdm
 
     from .run_dir import stable_hash
-    from .vae_model import sample_sets
 
     counts = Counter(t for tags in sets for t in set(tags))
     position = taxonomy.index
@@ -138,9 +182,7 @@ def top_up(model, taxonomy, sets: list[list[str]], args: VaeSampleArguments, rul
         if missing <= 0:
             continue
         seed = stable_hash(f"{args.seed}|conditional|{tag}") & 0x7FFFFFFF
-        drawn = sample_sets(model, taxonomy, missing, seed, require=[*args.require, tag], exclude=args.exclude,
-                            temperature=args.temperature, fixed=fixed, **rule)
-        for tags in drawn:
+        for tags in draw(missing, seed, [*args.require, tag]):
             counts.update(set(tags))
             added.append((tag, tags))
     bar.close()
@@ -151,31 +193,51 @@ def sample_attributes(args: VaeSampleArguments) -> dict:
     """Sample, validate every set against the rules, write attributes.parquet."""
     from .run_dir import stage_lock
 
-    with stage_lock(args.run, "vae_sample"):
+    with stage_lock(args.run, stage_name(output_name(args))):
         return _sample(args)
 
 
 def _sample(args: VaeSampleArguments) -> dict:
-    import pyarrow as pa
-
     from .taxonomy import Taxonomy
     from .vae_model import BetaVAE, sample_sets
+    from .vae_sizes import SetSizes, random_sets
 
     started = time.time()
     run = Path(args.run)
-    vae_dir = require(run, "vae")
+    output = output_name(args)
+    stage = stage_name(output)
     taxonomy_path = require(run, "taxonomy.json")
-    inputs = {"vae": vae_dir / "model.safetensors", "taxonomy": taxonomy_path}
+    if args.random_control:  # no model: sizes from the training sets of distilled.parquet
+        if args.set:
+            raise ConceptCapsError("--set steers a VAE's latent dimensions; the random control has none: drop --set.")
+        inputs = {"distilled": require(run, "distilled.parquet"), "taxonomy": taxonomy_path}
+    else:
+        vae_dir = require(run, "vae")
+        inputs = {"vae": vae_dir / "model.safetensors", "taxonomy": taxonomy_path}
+        if args.sizes == "data":
+            inputs["set_sizes"] = vae_dir / "set_sizes.json"
     if args.set:
         inputs["lsr"] = vae_dir / "lsr.json"
-    out = run / "attributes.parquet"
-    done = finished(run, "vae_sample", args, inputs, [out])
+    out = run / output
+    done = finished(run, stage, args, inputs, [out])
     if done and not args.force:
         logger.info("vae sample: %s is up to date; --force resamples", out)
         return done
 
     taxonomy = Taxonomy.load(taxonomy_path)
     check_request(taxonomy, args)
+    if args.random_control:
+        from .run_dir import read_table
+
+        table = read_table(inputs["distilled"], ["aspect_list", "split"],
+                           fix=f"re-run `conceptcaps distill --run {run} --force`")
+        sizes = SetSizes.from_sets([list(r["aspect_list"]) for r in table.to_pylist() if r["split"] == "train"], taxonomy)
+
+        def draw(n: int, seed: int, required: list[str]) -> list[list[str]]:
+            return random_sets(taxonomy, n, seed, sizes, require=required, exclude=args.exclude,
+                               min_categories=args.min_categories)
+
+        return _write(args, run, out, stage, taxonomy, draw, inputs, started, "random")
     fixed = None
     if args.set:  # pinned regularised latent dimensions (generation/vae_lsr.py)
         from .vae_lsr import steering
@@ -189,15 +251,28 @@ def _sample(args: VaeSampleArguments) -> dict:
         raise ConceptCapsError(f"{vae_dir} was trained on another taxonomy than {taxonomy_path}: retrain with --force.")
 
     rule = {"threshold": args.threshold, "min_categories": args.min_categories}
-    sets = sample_sets(model, taxonomy, args.n, args.seed, require=args.require, exclude=args.exclude,
-                       temperature=args.temperature, fixed=fixed, **rule)
-    sources = ["prior"] * len(sets)
+    sizes = SetSizes.load(vae_dir) if args.sizes == "data" else None
+
+    def draw(n: int, seed: int, required: list[str]) -> list[list[str]]:
+        return sample_sets(model, taxonomy, n, seed, require=required, exclude=args.exclude,
+                           temperature=args.temperature, fixed=fixed, sizes=sizes, **rule)
+
+    return _write(args, run, out, stage, taxonomy, draw, inputs, started, "prior")
+
+
+def _write(args: VaeSampleArguments, run: Path, out: Path, stage: str, taxonomy, draw, inputs: dict, started: float,
+           source: str) -> dict:
+    """Draw --n sets (and the quota's top-ups), check each against the rules, write the file and the manifest."""
+    import pyarrow as pa
+
+    sets = draw(args.n, args.seed, list(args.require))
+    sources = [source] * len(sets)
     if args.min_per_tag:
-        for tag, tags in top_up(model, taxonomy, sets, args, rule, fixed):
+        for tag, tags in top_up(draw, taxonomy, sets, args):
             sets.append(tags)
             sources.append(f"conditional:{tag}")
     rows = []
-    for i, (tags, source) in enumerate(zip(sets, sources)):
+    for i, (tags, origin) in enumerate(zip(sets, sources)):
         by_category = taxonomy.split_by_category(tags)
         covered = sum(1 for c in CATEGORIES if by_category[c])
         if covered < args.min_categories:
@@ -206,15 +281,15 @@ def _sample(args: VaeSampleArguments) -> dict:
                 f"exclude fewer tags or lower --min_categories."
             )
         rows.append({"id": f"{args.id_prefix}-{i:06d}", "aspect_list": tags, **by_category, "seed": args.seed,
-                     "source": source})
+                     "source": origin})
     string_list = pa.list_(pa.string())
     schema = pa.schema([("id", pa.string()), ("aspect_list", string_list), *[(c, string_list) for c in CATEGORIES],
                         ("seed", pa.int64()), ("source", pa.string())])
     write_parquet(pa.Table.from_pylist(rows, schema=schema), out)
     counts = sample_counts(rows, quota_tags(taxonomy, args) if args.min_per_tag else [])
-    logger.info("vae sample: wrote %d sets (%d prior, %d conditional; %d unique) to %s", counts["n"], counts["prior"],
-                counts["conditional"], counts["unique_sets"], out)
-    return write_manifest(run, "vae_sample", args, inputs=inputs, counts=counts, started=started)
+    logger.info("vae sample: wrote %d sets (%d %s, %d conditional; %d unique; %.2f tags each) to %s", counts["n"],
+                counts["prior"], source, counts["conditional"], counts["unique_sets"], counts["mean_tags"], out)
+    return write_manifest(run, stage, args, inputs=inputs, counts=counts, started=started)
 
 
 def sample_counts(rows: list[dict], quota: list[str]) -> dict:
@@ -222,10 +297,10 @@ def sample_counts(rows: list[dict], quota: list[str]) -> dict:
     from collections import Counter
 
     per_tag = Counter(t for r in rows for t in set(r["aspect_list"]))
-    conditional = Counter(r["source"].split(":", 1)[1] for r in rows if r["source"] != "prior")
+    conditional = Counter(r["source"].split(":", 1)[1] for r in rows if r["source"].startswith("conditional:"))
     counts = {
         "n": len(rows),
-        "prior": sum(r["source"] == "prior" for r in rows),
+        "prior": sum(not r["source"].startswith("conditional:") for r in rows),
         "conditional": sum(conditional.values()),
         "unique_sets": len({frozenset(r["aspect_list"]) for r in rows}),
         "mean_tags": sum(len(r["aspect_list"]) for r in rows) / len(rows),
