@@ -330,7 +330,8 @@ def _inputs(run: Path, release: Path) -> dict:
     for optional in ("eval/metrics.json", "manifests/vae_sample.json"):
         if (run / optional).is_file():
             inputs[optional] = run / optional
-    inputs.update({f"page/{name}": ASSETS / name for name in ASSET_FILES})
+    # The page's own files and the code that fills data.js: a new version rewrites the page.
+    inputs.update({f"page/{name}": ASSETS / name for name in ASSET_FILES}, code=Path(__file__))
     return inputs
 
 

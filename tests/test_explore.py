@@ -211,3 +211,31 @@ def test_clear_errors(tmp_path, explorer_run, copy_run):
     shutil.rmtree(run / "vae")
     with pytest.raises(ConceptCapsError, match=r"vae not found.*conceptcaps vae train --run"):
         explore(ExploreArguments(run=str(run)))
+
+
+def test_pad_uses_regularised_dimensions_when_the_vae_has_them(browser, explorer_run, copy_run):
+    """A VAE trained with --lsr tempo arousal: the pad's axes are those two dimensions, labelled in attribute units."""
+    from generation.vae_lsr import latent_to_attribute, load_lsr
+    from generation.vae_train import VaeTrainArguments, train_vae
+
+    run = copy_run(explorer_run)
+    train_vae(VaeTrainArguments(run=str(run), epochs=5, hidden_dim=128, latent_dim=8, lsr=["tempo", "arousal"],
+                                lsr_compare=False, diversity_samples=50, num_threads=1, force=True))
+    explore(ExploreArguments(run=str(run), clips_per_tag=1, grid_size=11, nearest=1))
+    pad = page_data(run)["pad"]
+    record = load_lsr(run)
+    assert [(a["attribute"], a["dim"]) for a in pad["axes"]] == [("tempo", 0), ("arousal", 1)]
+    assert "attribute-regularised" in pad["note"]
+    for axis in pad["axes"]:
+        # The axis spans the latent values of its attribute's training range, with the attribute's value at each point.
+        latent = record["attributes"][axis["attribute"]]["map"]["latent"]
+        assert axis["range"] == [min(latent), max(latent)] and len(axis["values"]) == 11
+        assert axis["attribute_values"] == [round(latent_to_attribute(record, axis["attribute"], v), 4)
+                                            for v in axis["values"]]
+        assert axis["attribute_values"] == sorted(axis["attribute_values"])
+
+    page, problems = open_page(browser, run)
+    position = page.inner_text("#pad-position")
+    assert "z[0] = " in position and "(tempo ≈ " in position and "z[1] = " in position and "(arousal ≈ " in position
+    assert problems == []
+    page.close()

@@ -98,6 +98,12 @@
     for (const item of document.querySelectorAll("#concept-list li")) {
       item.classList.toggle("selected", item.dataset.tag === tag);
     }
+    // Keep the chosen tag in view inside the list (scrolling the list alone, not the page).
+    const nav = document.querySelector(".concept-nav");
+    const chosen = nav.querySelector("li.selected");
+    if (chosen && (chosen.offsetTop < nav.scrollTop || chosen.offsetTop > nav.scrollTop + nav.clientHeight - 30)) {
+      nav.scrollTop = chosen.offsetTop - nav.clientHeight / 3;
+    }
     const clap = concept.clap
       ? `CLAP score ${fmt(concept.clap.mean)} (mean over ${concept.clap.n} clip${concept.clap.n === 1 ? "" : "s"})`
       : data.clap.evaluated ? "CLAP score: no scored clip holds this tag" : "CLAP score: not evaluated";
