@@ -58,7 +58,9 @@ class ExploreArguments:
     )
     grid_size: int = field(default=21, metadata={"help": "Points per side of the latent pad's grid (decoded at build time)."})
     extent: float = field(
-        default=3.0, metadata={"help": "The pad spans [-extent, extent] on each of its two latent dimensions (prior SDs)."}
+        default=3.0,
+        metadata={"help": "The pad spans [-extent, extent] (prior SDs) on an axis that is not regularised; a "
+                          "regularised axis spans its attribute's training range."},
     )
     axes: list[str] = field(
         default_factory=list,
