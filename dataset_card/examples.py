@@ -63,11 +63,15 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
         for row in pq.read_table(shard, columns=["id", "caption", "aspect_list"]).to_pylist():
             rows.append({**row, "split": split, "shard": shard})
     chosen = choose_examples(rows, n)
+    clips = {}
+    for shard in sorted({row["shard"] for row in chosen}):  # each shard's audio is read once, for its chosen rows
+        wanted = [row["id"] for row in chosen if row["shard"] == shard]
+        table = pq.read_table(shard, columns=["id", "audio"], filters=[("id", "in", wanted)])
+        clips.update(zip(table.column("id").to_pylist(), (a["bytes"] for a in table.column("audio").to_pylist())))
     examples = []
     with atomic_dir(release / EXAMPLES_DIR) as folder:
         for row in chosen:
-            table = pq.read_table(row["shard"], columns=["id", "audio"], filters=[("id", "=", row["id"])])
-            audio, rate = sf.read(io.BytesIO(table.column("audio")[0].as_py()["bytes"]), dtype="float32")
+            audio, rate = sf.read(io.BytesIO(clips[row["id"]]), dtype="float32")
             name = f"{row['id']}.wav"
             sf.write(folder / name, audio, rate, subtype="PCM_16", format="WAV")
             by_category: dict[str, list[str]] = {}

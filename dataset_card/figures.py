@@ -184,7 +184,8 @@ def plot_cooccurrence(path: Path, category: str, tags: list[str], sets, top: int
         for i in range(len(names)):
             for j in range(len(names)):
                 if i != j and counts[i, j]:
-                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white")
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="black" if share[i, j] > 60 else "white")  # readable on viridis' yellow end
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the row tag's samples")
     ax.set_title(f"{category.capitalize()}: tags sharing a sample")
     _save(fig, path)
