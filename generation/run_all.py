@@ -48,6 +48,8 @@ STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
     "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
     # tcav reads the release: which of its concepts a classifier uses
     "tcav": ("generation.tcav", "run_tcav", [(None, "TcavArguments")]),
+    # explore last: its page shows the release, the evaluation and the VAE's latent pad
+    "explore": ("generation.explore", "explore", [(None, "ExploreArguments")]),
 }
 
 
@@ -71,6 +73,7 @@ STAGE_WORDS = {
     "distill": ("distill",), "vae_train": ("vae", "train"), "vae_sample": ("vae", "sample"),
     "captioner_train": ("captioner", "train"), "captions_generate": ("captions", "generate"),
     "audio_generate": ("audio", "generate"), "evaluate": ("evaluate",), "build": ("build",), "tcav": ("tcav",),
+    "explore": ("explore",),
 }
 
 

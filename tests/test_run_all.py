@@ -51,6 +51,8 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     tcav = load_preset("smoke")["tcav"]
     assert scores["tests"] == len(tcav["concepts"]) * len(tcav["targets"]) * len(tcav["layers"])
     assert (run / "tcav" / "tcav.png").exists() and "RUN/models/classifier" in (run / "tcav" / "report.md").read_text()
+    # The explorer page was written last, over the release and the VAE.
+    assert (run / "explorer" / "index.html").is_file() and any((run / "explorer" / "audio").glob("*.flac"))
 
 
 @pytest.mark.slow
