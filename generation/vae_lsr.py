@@ -183,7 +183,7 @@ class LatentRegulariser:
             defined = ~torch.isnan(values[:, k])
             if int(defined.sum()) >= 2:  # one defined row has no pair to order
                 total = total + pairwise_order_loss(self._z[defined, k], values[defined, k], self.delta)
-        self.terms.append(float(total))
+        self.terms.append(float(total.detach()))
         return {**losses, "loss": losses["loss"] + self.gamma * total, "lsr": total}
 
     def epoch_mean(self) -> float | None:

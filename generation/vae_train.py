@@ -58,9 +58,9 @@ class VaeTrainArguments:
         metadata={"help": "Latent attributes to regularise, one latent dimension each (AR-VAE, generation/vae_lsr.py): "
                           "tempo, instrument_count, vocal, arousal, valence. Off by default."},
     )
-    lsr_gamma: float = field(default=10.0, metadata={"help": "Weight of the attribute loss (AR-VAE's gamma)."})
-    lsr_delta: float = field(default=10.0, metadata={"help": "Spread of the attribute loss: tanh(delta * latent "
-                                                             "difference) (AR-VAE's delta)."})
+    lsr_gamma: float = field(default=10.0, metadata={"help": "Weight of the attribute loss (AR-VAE's gamma, 10)."})
+    lsr_delta: float = field(default=1.0, metadata={"help": "Spread of the attribute loss: tanh(delta * latent "
+                                                            "difference) (AR-VAE's delta, 1)."})
     lsr_compare: bool = field(
         default=True,
         metadata={"help": "With --lsr, also train a plain VAE with the same settings and seed and record its Jaccard "
