@@ -65,7 +65,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
 }
 
 # The loggers this project owns; only these are configured (see the module docstring).
-PROJECT_LOGGERS = ("generation", "conceptcaps_eval", "dataset_card", "conceptcaps", "__main__")
+PROJECT_LOGGERS = ("generation", "conceptcaps_eval", "dataset_card", "conceptcaps", "__main__", "evaluate_modules")
 
 
 def _usage(group: str | None = None) -> str:
@@ -104,12 +104,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str | None = None) -> None:
-    """One stderr handler on the project's loggers at `level` (default CONCEPTCAPS_LOG_LEVEL or INFO).
+def _project_or_warning(record: logging.LogRecord) -> bool:
+    """Pass this project's records at its level, and anyone's warnings and errors."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in PROJECT_LOGGERS
 
-    The root logger is left alone, so third-party DEBUG/INFO chatter (matplotlib's font
-    manager, faiss, absl) stays off; their warnings still reach stderr through Python's default.
-    Records still propagate, so a host application's (or pytest's) root handlers see them too.
+
+def configure_logging(level: str | None = None) -> None:
+    """One stderr handler on the root logger; the project's loggers at `level` (CONCEPTCAPS_LOG_LEVEL or INFO).
+
+    The root logger keeps its WARNING level and the handler passes other libraries' records only
+    from WARNING up, so third-party DEBUG/INFO chatter (matplotlib's font manager, faiss, absl)
+    stays off. The handler sits on the root so that a library calling `logging.basicConfig`
+    later finds one there and adds no second (every line would print twice), and a host
+    application's (or pytest's) root handlers see the project's records too.
     """
     from .errors import ConceptCapsError
 
@@ -117,14 +124,15 @@ def configure_logging(level: str | None = None) -> None:
     if level not in logging.getLevelNamesMapping():
         raise ConceptCapsError(f"CONCEPTCAPS_LOG_LEVEL={level!r} is not a logging level: use DEBUG, INFO, WARNING "
                                f"or ERROR.")
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "conceptcaps", False)]  # main() may run many times
     handler = _StderrHandler()
+    handler.conceptcaps = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_project_or_warning)
+    root.addHandler(handler)
     for name in PROJECT_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if not getattr(h, "conceptcaps", False)]
-        handler.conceptcaps = True  # so that a second call (tests call main() many times) replaces it
-        logger.addHandler(handler)
-        logger.setLevel(level)
+        logging.getLogger(name).setLevel(level)
 
 
 def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:

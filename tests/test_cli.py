@@ -96,13 +96,16 @@ def test_debug_logging_is_the_projects_own(tmp_path, musiccaps_csv):
               "configure_logging()\n"
               "logging.getLogger('generation.demo').debug('project detail')\n"
               f"plt.figure(); plt.text(0.5, 0.5, 'font lookup'); plt.savefig({str(tmp_path / 'x.png')!r})\n"
-              "logging.getLogger('matplotlib').warning('third-party warning')\n")
+              "logging.getLogger('matplotlib').warning('third-party warning')\n"
+              "logging.basicConfig(level=logging.INFO)\n"  # as some libraries do: must not print lines twice
+              "logging.getLogger('generation.demo').info('once')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                             check=False)
     lines = result.stderr.splitlines()
     assert any("DEBUG generation.demo: project detail" in line for line in lines), result.stderr
     assert not any("DEBUG" in line and "matplotlib" in line for line in lines), result.stderr
     assert any("third-party warning" in line for line in lines)  # warnings still reach stderr
+    assert sum("once" in line for line in lines) == 1, result.stderr
 
 
 def test_docs_spell_every_flag_with_underscores():
