@@ -9,8 +9,9 @@ r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or 
 Reads RUN/captions.parquet (id, caption). Every caption goes into a fixed batch (captions
 sorted by prompt length, so the text encoder pads little); the batches that still lack a clip
 are split between the processes by Accelerate (`PartialState.split_between_processes`). Each
-batch is generated with a seed from the base seed and its first id (MusicGen's top-k 250 and
-the paper's classifier-free guidance 3.3 by default) and handed to a writer thread that encodes
+batch is generated with a seed from the base seed and its first id (by default the paper's
+classifier-free guidance 3.3 and 30-second clips, the only generation settings the paper states,
+and top-k 250 sampling, MusicGen's own default, not the paper's) and handed to a writer thread that encodes
 FLAC and writes `RUN/audio/shard-r{rank}-{writer}-{n}.parquet` atomically. Because batches and
 seeds do not depend on what was done before or on the number of processes, a resumed or
 multi-process run makes the clips of one uninterrupted run (on the same device type, with the

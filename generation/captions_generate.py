@@ -3,6 +3,7 @@
     conceptcaps captions generate --run runs/demo
     conceptcaps captions generate --run runs/demo --adapter runs/demo/captioner --batch_size 32 --seed 1
     conceptcaps captions generate --run runs/demo --model /models/Llama-3.1-8B-Instruct --adapter none
+    conceptcaps captions generate --run runs/demo --zero_shot    # baseline: RUN/captions_zero_shot.parquet
 
 Reads RUN/attributes.parquet and prompts the model (generation/prompts.py) through its chat
 template. The adapter is RUN/captioner unless --adapter says otherwise (`none`: the base
@@ -17,6 +18,12 @@ is empty, repeats an n-gram, never ends its turn or is too short is retried with
 seed (sampling) up to --max_attempts; what still fails is listed in the manifest, never
 written as a caption. At the end the good captions, with their attribute coverage
 (eval/attribute_coverage), are gathered into RUN/captions.parquet.
+
+Zero-shot baseline (`--zero_shot`): the captioner's base model without its adapter (the
+paper's comparison for the fine-tune), with the same prompts, decoding and checks. It
+writes RUN/captions_zero_shot.parquet, shards in RUN/captions_zero_shot/ and the manifest
+`captions_generate_zero_shot`, so the dataset's captions stay; `conceptcaps evaluate
+--baseline zero_shot` scores it (docs/evaluate.md).
 """
 
 from __future__ import annotations
@@ -82,8 +89,19 @@ class CaptionsArguments:
         default="transformers",
         metadata={"help": "transformers (any device, under `accelerate launch` for several processes) or vllm (where "
                           "vLLM is installed: its own batching and paged KV cache; LoRA adapters supported)."})
+    zero_shot: bool = field(
+        default=False,
+        metadata={"help": "Baseline: caption with the base model alone (no adapter; the base of RUN/captioner unless "
+                          "--model names one) into RUN/captions_zero_shot.parquet, leaving captions.parquet as it is."})
     force: bool = field(default=False, metadata={"help": "Make every caption again; the old ones are set aside and "
                                                          "dropped once the new ones are made."})
+
+
+def outputs_of(args: CaptionsArguments) -> tuple[str, str, str]:
+    """(manifest and lock name, output file, shard folder) under RUN: a baseline never replaces the real captions."""
+    if args.zero_shot:
+        return f"{STAGE}_zero_shot", "captions_zero_shot.parquet", f"{SHARD_DIR}_zero_shot"
+    return STAGE, "captions.parquet", SHARD_DIR
 
 
 # -- coverage: the one implementation lives in the evaluate module ---------------------------
@@ -141,6 +159,14 @@ def resolve_models(args: CaptionsArguments, run: Path) -> tuple[str, str | None]
     """(base model name or path, adapter folder or None), with a clear error when neither exists."""
     from .captioner_train import resolve_model_name
 
+    if getattr(args, "zero_shot", False):
+        if args.adapter and args.adapter.lower() != "none":
+            raise ConceptCapsError(f"--zero_shot captions with the base model alone: drop --adapter {args.adapter}.")
+        if args.model:
+            return resolve_model_name(args.model), None
+        # The base model of the run's captioner: what the fine-tune is compared with.
+        base, _ = resolve_models(CaptionsArguments(run=args.run, adapter=None), run)
+        return base, None
     adapter = None
     if args.adapter and args.adapter.lower() != "none":
         adapter = Path(args.adapter).expanduser()
@@ -329,7 +355,7 @@ def generate_captions(args: CaptionsArguments) -> dict:
     if args.engine == "vllm" and state.num_processes > 1:
         raise ConceptCapsError("--engine vllm spreads the work itself: run it as one process, not under "
                                "`accelerate launch` (vLLM uses every GPU it is given).")
-    with stage_lock(args.run, STAGE) if state.is_main_process else contextlib.nullcontext():
+    with stage_lock(args.run, outputs_of(args)[0]) if state.is_main_process else contextlib.nullcontext():
         return _generate(args, state)
 
 
@@ -358,8 +384,9 @@ def _generate(args: CaptionsArguments, state) -> dict:
     if adapter:
         weights = [Path(adapter) / n for n in ("adapter_model.safetensors", "model.safetensors")]
         inputs["adapter"] = next((w for w in weights if w.exists()), adapter)
-    out, shards = run / "captions.parquet", run / SHARD_DIR
-    done = finished(run, STAGE, args, inputs, [out])
+    stage, out_name, shard_dir = outputs_of(args)
+    out, shards = run / out_name, run / shard_dir
+    done = finished(run, stage, args, inputs, [out])
     if done and not args.force:
         logger.info("captions: %s is up to date (%d captions); --force redoes it", out, done["counts"]["captions"])
         return done
@@ -395,7 +422,7 @@ def _generate(args: CaptionsArguments, state) -> dict:
     state.wait_for_everyone()  # every process has its model: only now may the old work go
     if state.is_main_process:
         if args.force:  # and only aside until the new work is done
-            folder = set_aside(run, STAGE, [shards, out])
+            folder = set_aside(run, stage, [shards, out])
             if folder:
                 logger.info("captions: --force: the old captions are set aside in %s until the new ones are made",
                             folder)
@@ -459,9 +486,9 @@ def _generate(args: CaptionsArguments, state) -> dict:
     if state.is_main_process:
         manifest = _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, resumed, len(batches),
                            state.num_processes)
-        drop_set_aside(run, STAGE)
+        drop_set_aside(run, stage)
     state.wait_for_everyone()
-    return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
+    return manifest if manifest is not None else (read_manifest(run, stage) or {})
 
 
 class VllmCaptioner:
@@ -549,10 +576,10 @@ def _finish(args, run, rows, shards, out, inputs, coverage, taxonomy, started, r
         "processes": processes,
         "mean_words": sum(len(r["caption"].split()) for r in good) / max(len(good), 1),
     }
-    logger.info("captions: %d written, %d failed, coverage %.3f -> %s",
-                len(good), len(failed), summary["coverage"], out)
+    logger.info("captions: %d written, %d failed, coverage %.3f, recording-quality remarks %.3f -> %s",
+                len(good), len(failed), summary["coverage"], summary["recording_quality_rate"], out)
     return write_manifest(
-        run, STAGE, args, inputs=inputs, counts=counts, started=started,
+        run, outputs_of(args)[0], args, inputs=inputs, counts=counts, started=started,
         extra={"coverage": summary, "top_unrequested_tags": dict(unrequested.most_common(20)), "failed": failed,
                "plan": json.loads((shards / "plan.json").read_text())},
     )

@@ -17,7 +17,10 @@ Every metric that the run's artifacts allow is computed, each with its `evaluate
   validation attribute sets of RUN/distilled.parquet with the decoding settings of the
   run's captions stage (generation/captions_generate.py), and the usable captions are
   compared with the MusicCaps experts' captions of the same clips.
-- attribute coverage (eval/attribute_coverage) of RUN/captions.parquet.
+- attribute coverage (eval/attribute_coverage) of RUN/captions.parquet, with the share of
+  captions that still remark on recording quality (also of the validation captions).
+- sampled sets (eval/vae_metrics) of RUN/attributes.parquet: diversity, co-occurrence
+  cosine and tags-per-set distance from the distilled training sets.
 - CLAP score (eval/clap_score) of each clip in RUN/audio/ against its caption.
 - FAD and FAD∞ (eval/fad) between the CLAP embeddings of the run's clips and of --reference_audio
   (a folder of audio files, a local dataset folder, or a Hub dataset id: --reference_column of
@@ -27,7 +30,15 @@ A metric whose inputs are missing is listed under "skipped" in metrics.json with
 RUN/eval/ is written atomically: metrics.json (rows: stage, metric, value, paper, better),
 report.md (the table beside the paper's numbers, models, figures, skipped metrics),
 validation_captions.parquet and figures/*.png. BLEU is sacreBLEU's 0-100 score divided by
-100 in the table, to sit beside the paper's 0.2465. Writes RUN/manifests/evaluate.json.
+100 in the table, to sit beside the paper's 0.2465. The VAE's Jaccard is shown under both
+definitions, labelled: the paper's (0.5 threshold, pooled) beside the paper's 0.716, and the
+pipeline's decoding rule (mean per set). Writes RUN/manifests/evaluate.json.
+
+Baselines (`--baseline NAME`, docs/evaluate.md) are scored into RUN/eval_NAME/ (manifest
+evaluate_NAME), leaving RUN/eval/ as it is: `zero_shot` scores RUN/captions_zero_shot.parquet
+(`captions generate --zero_shot`) and the validation captions of the captioner's base model
+without its adapter; `random_control` scores RUN/attributes_random.parquet (`vae sample
+--random_control`).
 """
 
 from __future__ import annotations
@@ -50,7 +61,14 @@ from .vae_train import PAPER_VAE_METRICS, load_metric
 logger = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-GROUPS = ("vae", "caption_quality", "coverage", "clap", "fad")
+GROUPS = ("vae", "caption_quality", "coverage", "sets", "clap", "fad")
+# Baselines the paper compares with: what each scores, from the file its stage option writes.
+BASELINES = {
+    "zero_shot": {"groups": ("caption_quality", "coverage"), "captions": "captions_zero_shot.parquet",
+                  "made_by": "conceptcaps captions generate --run RUN --zero_shot"},
+    "random_control": {"groups": ("sets",), "attributes": "attributes_random.parquet",
+                       "made_by": "conceptcaps vae sample --run RUN --random_control"},
+}
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff")  # what soundfile decodes
 # A --reference_audio folder holding any of these is a dataset (datasets.load_dataset or load_from_disk),
 # not a folder of clips: parquet/arrow/csv/json data files, an audiofolder's metadata.csv/jsonl.
@@ -117,6 +135,11 @@ class EvaluateArguments:
     top_tags: int = field(default=25, metadata={"help": "Tags shown in the tag-frequency figure."})
     seed: int = field(default=0, metadata={"help": "Seed of the validation captions and of MAUVE's clustering."})
     device: str | None = field(default=None, metadata={"help": "Torch device of the metric models (default: cuda if any)."})
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "Score a baseline into RUN/eval_NAME/ instead: zero_shot (captions_zero_shot.parquet and the "
+                          "base model's validation captions) or random_control (attributes_random.parquet)."},
+    )
     force: bool = field(default=False, metadata={"help": "Evaluate again even if RUN/eval is up to date."})
 
 
@@ -201,14 +224,27 @@ def vae_scores(run: Path) -> dict:
 
 
 def vae_rows(scores: dict) -> list[dict]:
+    """The VAE rows: Jaccard under both definitions, labelled, so the paper's 0.716 sits beside its own definition
+    (0.5 threshold, pooled over sets); the pipeline's decoding rule with the mean per set; then the prior samples,
+    beside the random-tag control where the run's metrics.json has it."""
     split = "validation" if "validation" in scores else "train"
     samples = scores.get("samples", {})
-    return [
-        row("VAE", f"Jaccard ({split})", scores[split]["jaccard"], "jaccard", "higher"),
-        row("VAE", f"Hamming loss ({split})", scores[split]["hamming_loss"], "hamming_loss", "lower"),
+    plain = scores[split].get("threshold_0.5", {})  # absent in metrics.json of VAEs trained before both were kept
+    rows = [
+        row("VAE", f"Jaccard, paper definition: 0.5 threshold, pooled ({split})", plain.get("jaccard_micro"),
+            "jaccard", "higher"),
+        row("VAE", f"Jaccard, decoding rule, mean per set ({split})", scores[split]["jaccard"], None, "higher"),
+        row("VAE", f"Hamming loss, 0.5 threshold ({split})", plain.get("hamming_loss", scores[split]["hamming_loss"]),
+            "hamming_loss", "lower"),
         row("VAE", "Diversity (% unique sets)", samples.get("diversity"), "diversity", "higher"),
         row("VAE", "Co-occurrence cosine", samples.get("cooccurrence_cosine"), "cooccurrence_cosine", "higher"),
     ]
+    if "random_control" in scores:
+        rows.append(row("VAE", "Co-occurrence cosine, random-tag control", scores["random_control"].get(
+            "cooccurrence_cosine"), None, "higher"))
+    if "size_tvd" in samples:
+        rows.append(row("VAE", "Tags-per-set distance from the data (TVD)", samples["size_tvd"], None, "lower"))
+    return rows
 
 
 def latent_means(run: Path, sets: list[list[str]]) -> np.ndarray:
@@ -230,13 +266,25 @@ def captioner_settings(args: EvaluateArguments, run: Path):
     from .captions_generate import STAGE as CAPTIONS_STAGE
     from .captions_generate import CaptionsArguments
 
-    used = (read_manifest(run, CAPTIONS_STAGE) or {}).get("arguments") or {}
+    zero_shot = args.baseline == "zero_shot"  # the base model alone, decoded as its captions were
+    used = (read_manifest(run, f"{CAPTIONS_STAGE}_zero_shot" if zero_shot else CAPTIONS_STAGE) or {}).get(
+        "arguments") or {}
     settings = {k: used[k] for k in CAPTION_SETTINGS if k in used}
+    model = args.captioner_model or used.get("model") or (_zero_shot_base(run) if zero_shot else None)
     return CaptionsArguments(
-        run=str(run), model=args.captioner_model or used.get("model"),
-        adapter=args.captioner_adapter or used.get("adapter"), batch_size=args.caption_batch_size, seed=args.seed,
-        **settings,
+        run=str(run), model=model, adapter="none" if zero_shot else args.captioner_adapter or used.get("adapter"),
+        batch_size=args.caption_batch_size, seed=args.seed, **settings,
     )
+
+
+def _zero_shot_base(run: Path) -> str | None:
+    """The base model of RUN/captioner (what the zero-shot baseline captions with), or None without one."""
+    from .captions_generate import CaptionsArguments, resolve_models
+
+    try:
+        return resolve_models(CaptionsArguments(run=str(run), zero_shot=True), run)[0]
+    except ConceptCapsError:
+        return None
 
 
 def captioner_missing(args: EvaluateArguments, run: Path) -> str | None:
@@ -336,20 +384,44 @@ def caption_quality(args: EvaluateArguments, run: Path, models: dict, skipped: d
     ]
     if "mauve" in scores:
         rows.append(row("LLM", "MAUVE", scores["mauve"], "mauve", "higher"))
+    rows.append(row("LLM", "Recording-quality remarks (validation captions)", coverage["recording_quality_rate"], None,
+                    "lower"))
     return rows, details, records
 
 
-def coverage_rows(run: Path) -> tuple[list, dict]:
-    captions = _rows(run / "captions.parquet", ["caption", "aspect_list"])
+def coverage_rows(run: Path, name: str = "captions.parquet") -> tuple[list, dict]:
+    captions = _rows(run / name, ["caption", "aspect_list"])
     result = load_metric("attribute_coverage").compute(
         predictions=[r["caption"] for r in captions], references=[r["aspect_list"] for r in captions],
         taxonomy=str(run / "taxonomy.json"))
     result["n"] = len(captions)
     return [
-        row("LLM", "Attribute coverage (captions.parquet)", result["coverage"], None, "higher"),
+        row("LLM", f"Attribute coverage ({name})", result["coverage"], None, "higher"),
         row("LLM", "Full coverage rate", result["full_coverage_rate"], None, "higher"),
         row("LLM", "Unrequested tags per caption", result["unrequested_per_caption"], None, "lower"),
+        row("LLM", f"Recording-quality remarks ({name})", result["recording_quality_rate"], None, "lower"),
     ], result
+
+
+def sets_rows(run: Path, name: str = "attributes.parquet") -> tuple[list, dict]:
+    """Diversity, co-occurrence and set sizes of a file of attribute sets against the distilled training sets."""
+    from .taxonomy import Taxonomy
+
+    sets = [r["aspect_list"] for r in _rows(run / name, ["aspect_list"])]
+    train = [r["aspect_list"] for r in _rows(run / "distilled.parquet", ["aspect_list", "split"]) if r["split"] == "train"]
+    taxonomy = Taxonomy.load(run / "taxonomy.json")
+    result = load_metric("vae_metrics").compute(
+        predictions=sets[:1], references=sets[:1], labels=taxonomy.tags, samples=sets, reference_sets=train,
+        categories=[taxonomy.category_of[t] for t in taxonomy.tags])
+    result = {k: v for k, v in result.items() if k not in ("jaccard", "jaccard_micro", "hamming_loss")}
+    result["n"] = len(sets)
+    worst = max((k for k in result if k.startswith("size_tvd_")), key=lambda k: result[k])
+    return [
+        row("VAE", f"Diversity (% unique sets, {name})", result["diversity"], None, "higher"),
+        row("VAE", f"Co-occurrence cosine ({name})", result["cooccurrence_cosine"], None, "higher"),
+        row("VAE", f"Tags-per-set distance from the data, TVD ({name})", result["size_tvd"], None, "lower"),
+        row("VAE", f"Largest per-category size distance, TVD ({name})", result[worst], None, "lower"),
+    ], {**result, "largest_size_distance_category": worst.removeprefix("size_tvd_")}
 
 
 # -- audio --------------------------------------------------------------------------------------
@@ -519,7 +591,9 @@ def draw_figures(run: Path, out: Path, args: EvaluateArguments, details: dict) -
             list(clap["clap_scores"].values()), folder / "clap_scores.png", paper_mean=PAPER["clap_score"])
     else:
         missing["CLAP score histogram"] = "no CLAP scores"
-    source = next((n for n in ("captions.parquet", "attributes.parquet") if (run / n).exists()), None)
+    names = [BASELINES[args.baseline].get(k) for k in ("captions", "attributes")] if args.baseline else \
+        ["captions.parquet", "attributes.parquet"]
+    source = next((n for n in names if n and (run / n).exists()), None)
     if source:
         run_sets = [r["aspect_list"] for r in _rows(run / source, ["aspect_list"])]
         labels = (f"this run ({source})", "MusicCaps (distilled)")
@@ -546,7 +620,9 @@ def draw_figures(run: Path, out: Path, args: EvaluateArguments, details: dict) -
 
 
 REPORT_NOTES = (
-    "The paper column is Table 1 of Sienkiewicz et al. (arXiv 2601.14157). BLEU is sacreBLEU's 0-100 corpus score "
+    "The paper column is Table 1 of Sienkiewicz et al. (arXiv 2601.14157). The paper's VAE Jaccard thresholds the "
+    "decoder's probabilities at 0.5 and pools intersections and unions over all sets: its row is computed that way; "
+    "the decoding-rule row (the pipeline's rule, mean Jaccard per set) has no paper value. BLEU is sacreBLEU's 0-100 corpus score "
     "divided by 100, the paper's 0-1 scale. The CLAP score is the raw cosine (not 100 x cos). Hamming loss is per "
     "tag over this run's vocabulary, so it depends on its size. FAD depends on the reference set and on the number "
     "of clips; compare it only between sets of similar sizes. FAD∞ is FAD extrapolated to infinitely many clips "
@@ -572,6 +648,10 @@ def write_report(path: Path, run: Path, metrics: dict) -> None:
     lines = [f"# ConceptCaps evaluation of `{run.name}`", "",
              f"Run directory `{run}`, evaluated {details['finished_at']}.", "",
              metrics_table(metrics), "", REPORT_NOTES, ""]
+    if details.get("baseline"):
+        made = details["baseline"].get("captions") or details["baseline"].get("attributes")
+        lines[2:2] = [(f"**Baseline `{details['baseline']['name']}`**: `{made}`, made by "
+                      f"`{details['baseline']['made_by']}`; compare with `eval/report.md` of the same run."), ""]
     if details.get("caption_quality"):
         lines += [CAPTION_NOTE.format(**details["caption_quality"]), ""]
     fad = details.get("audio", {}).get("fad", {})
@@ -628,7 +708,9 @@ def evaluate_run(args: EvaluateArguments) -> dict:
     from .run_dir import stage_lock
 
     check_arguments(args)
-    with stage_lock(args.run, STAGE):
+    if args.baseline is not None and args.baseline not in BASELINES:
+        raise ConceptCapsError(f"--baseline {args.baseline}: unknown baseline; choose from {', '.join(BASELINES)}.")
+    with stage_lock(args.run, f"{STAGE}_{args.baseline}" if args.baseline else STAGE):
         return _evaluate(args)
 
 
@@ -642,8 +724,17 @@ def _evaluate(args: EvaluateArguments) -> dict:
     if unknown:
         raise ConceptCapsError(f"--skip {' '.join(unknown)}: unknown metric group(s); choose from {', '.join(GROUPS)}.")
     inputs = _inputs(run)
-    out = run / "eval"
-    done = finished(run, STAGE, args, inputs, [out / "metrics.json", out / "report.md"])
+    baseline = BASELINES.get(args.baseline) if args.baseline else None
+    stage, out = (f"{STAGE}_{args.baseline}", run / f"eval_{args.baseline}") if baseline else (STAGE, run / "eval")
+    captions_file = (baseline or {}).get("captions", "captions.parquet")
+    attributes_file = (baseline or {}).get("attributes", "attributes.parquet")
+    if baseline:
+        made = baseline.get("captions") or baseline.get("attributes")
+        if not (run / made).exists():
+            raise ConceptCapsError(f"--baseline {args.baseline}: {run / made} not found: make it first with "
+                                   f"`{baseline['made_by']}`.")
+        inputs[made.removesuffix(".parquet")] = run / made
+    done = finished(run, stage, args, inputs, [out / "metrics.json", out / "report.md"])
     if done and not args.force:
         logger.info("evaluate: %s is up to date; --force evaluates again", out)
         return done
@@ -651,23 +742,27 @@ def _evaluate(args: EvaluateArguments) -> dict:
     # Decide what can run, and check its models, before any long work starts.
     skipped, plan, models = {}, {}, {}
     wanted = {g: g not in args.skip for g in GROUPS}
+    outside = {g for g in GROUPS if baseline and g not in baseline["groups"]}
     reasons = {
         "vae": None if any((run / "vae" / n).exists() for n in ("metrics.json", "model.safetensors"))
         else "no RUN/vae: run `conceptcaps vae train --run RUN`",
         "caption_quality": captioner_missing(args, run),
-        "coverage": None if (run / "captions.parquet").exists() else
-        "no RUN/captions.parquet: run `conceptcaps captions generate --run RUN`",
+        "coverage": None if (run / captions_file).exists() else
+        f"no RUN/{captions_file}: run `conceptcaps captions generate --run RUN`",
+        "sets": None if (run / attributes_file).exists() else
+        f"no RUN/{attributes_file}: run `conceptcaps vae sample --run RUN`",
         "clap": None if shard_paths(run / "audio") else "no RUN/audio shards: run `conceptcaps audio generate --run RUN`",
     }
     if "validation" not in {r["split"] for r in _rows(run / "distilled.parquet", ["split"])}:
         reasons["caption_quality"] = "RUN/distilled.parquet has no validation rows to caption"
     reasons["fad"] = reasons["clap"] or (None if args.reference_audio else "no --reference_audio given")
-    names = {"vae": "VAE", "caption_quality": "caption quality", "coverage": "attribute coverage", "clap": "CLAP",
-             "fad": "FAD"}
+    names = {"vae": "VAE", "caption_quality": "caption quality", "coverage": "attribute coverage",
+             "sets": "sampled sets", "clap": "CLAP", "fad": "FAD"}
     for group in GROUPS:
-        plan[group] = wanted[group] and reasons[group] is None
+        plan[group] = wanted[group] and group not in outside and reasons[group] is None
         if not plan[group]:
-            skipped[names[group]] = f"--skip {group}" if not wanted[group] else reasons[group]
+            skipped[names[group]] = (f"not part of the {args.baseline} baseline" if group in outside else
+                                     f"--skip {group}" if not wanted[group] else reasons[group])
     if plan["caption_quality"]:
         models["bertscore"] = check_model(args.bertscore_model, "bertscore_model", "BERTScore encoder")
         models["mauve"] = check_model(args.mauve_model, "mauve_model", "MAUVE feature model")
@@ -684,8 +779,11 @@ def _evaluate(args: EvaluateArguments) -> dict:
         quality_rows, details["caption_quality"], records = caption_quality(args, run, models, skipped)
         rows += quality_rows
     if plan["coverage"]:
-        coverage, details["coverage"] = coverage_rows(run)
+        coverage, details["coverage"] = coverage_rows(run, captions_file)
         rows += coverage
+    if plan["sets"]:
+        set_rows, details["sets"] = sets_rows(run, attributes_file)
+        rows += set_rows
     if plan["clap"]:
         audio_rows, details["audio"] = audio_metrics(args, run, models, skipped, reference)
         rows += audio_rows
@@ -696,6 +794,8 @@ def _evaluate(args: EvaluateArguments) -> dict:
                          "captioner adapter": captioner.get("adapter")}
     details["models"] = {k: v for k, v in details["models"].items() if v}
     details["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if baseline:
+        details["baseline"] = {"name": args.baseline, **baseline}
     with atomic_dir(out) as tmp:
         details["figures"], details["figures_not_drawn"] = draw_figures(run, tmp, args, details)
         metrics = {"rows": rows, "skipped": skipped, "details": details}
@@ -711,6 +811,6 @@ def _evaluate(args: EvaluateArguments) -> dict:
     for name, reason in skipped.items():
         logger.info("evaluate: skipped %s: %s", name, reason)
     counts = {"rows": len(rows), "skipped": len(skipped), "figures": len(details["figures"])}
-    return write_manifest(run, STAGE, args, inputs=inputs, counts=counts, started=started,
+    return write_manifest(run, stage, args, inputs=inputs, counts=counts, started=started,
                           extra={"rows": rows, "skipped": skipped, "metrics": str(out / "metrics.json"),
                                  "report": str(out / "report.md")})

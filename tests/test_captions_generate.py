@@ -225,3 +225,27 @@ def test_vllm_engine_without_vllm_is_a_clear_error(captioner_run, copy_run):
     run = copy_run(captioner_run)
     with pytest.raises(ConceptCapsError, match=r"--engine vllm needs vLLM"):
         generate_captions(CaptionsArguments(run=str(run), engine="vllm", **QUICK))
+
+
+def test_zero_shot_baseline_writes_its_own_file(captioner_run, copy_run):
+    """--zero_shot: the captioner's base model without the adapter, beside (not over) the real captions."""
+    from generation.run_dir import read_manifest
+
+    run = copy_run(captioner_run)
+    real = generate_captions(CaptionsArguments(run=str(run), seed=1, limit=16, **QUICK))
+    before = (run / "captions.parquet").read_bytes()
+    manifest = generate_captions(CaptionsArguments(run=str(run), seed=1, limit=16, zero_shot=True, **QUICK))
+    assert (run / "captions.parquet").read_bytes() == before
+    assert read_manifest(run, "captions_generate") == real
+    assert read_manifest(run, "captions_generate_zero_shot") == manifest
+    assert "adapter" not in manifest["inputs"] and "adapter" in real["inputs"]
+    plan = json.loads((run / "captions_zero_shot" / "plan.json").read_text())
+    base = json.loads((run / "captions" / "plan.json").read_text())["base_model"]
+    assert plan["adapter"] is None and plan["adapter_weights"] is None and plan["base_model"] == base
+    rows = pq.read_table(run / "captions_zero_shot.parquet").to_pylist()
+    assert len(rows) + manifest["counts"]["failed"] == 16 and "recording_quality_rate" in manifest["coverage"]
+    # The same ids and prompts, another model: the captions differ.
+    ours = {r["id"]: r["caption"] for r in _captions(run)}
+    assert any(ours.get(r["id"]) != r["caption"] for r in rows)
+    with pytest.raises(ConceptCapsError, match="--zero_shot captions with the base model alone: drop --adapter"):
+        generate_captions(CaptionsArguments(run=str(run), zero_shot=True, adapter=str(run / "captioner"), **QUICK))

@@ -22,12 +22,19 @@ from conftest import ROOT
 from generation.errors import ConceptCapsError
 from generation.evaluate_run import PAPER, EvaluateArguments, evaluate_run, metrics_table, reference_clips
 
+JACCARD_PAPER = "Jaccard, paper definition: 0.5 threshold, pooled (validation)"
+JACCARD_RULE = "Jaccard, decoding rule, mean per set (validation)"
 EXPECTED_ROWS = [
-    ("VAE", "Jaccard (validation)"), ("VAE", "Hamming loss (validation)"), ("VAE", "Diversity (% unique sets)"),
-    ("VAE", "Co-occurrence cosine"),
+    ("VAE", JACCARD_PAPER), ("VAE", JACCARD_RULE), ("VAE", "Hamming loss, 0.5 threshold (validation)"),
+    ("VAE", "Diversity (% unique sets)"), ("VAE", "Co-occurrence cosine"),
+    ("VAE", "Co-occurrence cosine, random-tag control"), ("VAE", "Tags-per-set distance from the data (TVD)"),
     ("LLM", "BERTScore F1"), ("LLM", "BLEU (sacreBLEU / 100)"), ("LLM", "ROUGE-L"), ("LLM", "MAUVE"),
+    ("LLM", "Recording-quality remarks (validation captions)"),
     ("LLM", "Attribute coverage (captions.parquet)"), ("LLM", "Full coverage rate"),
-    ("LLM", "Unrequested tags per caption"),
+    ("LLM", "Unrequested tags per caption"), ("LLM", "Recording-quality remarks (captions.parquet)"),
+    ("VAE", "Diversity (% unique sets, attributes.parquet)"), ("VAE", "Co-occurrence cosine (attributes.parquet)"),
+    ("VAE", "Tags-per-set distance from the data, TVD (attributes.parquet)"),
+    ("VAE", "Largest per-category size distance, TVD (attributes.parquet)"),
     ("audio", "CLAP score (raw cosine)"), ("audio", "FAD (CLAP embeddings)"), ("audio", "FAD∞ (CLAP embeddings)"),
 ]
 N_CAPTIONS = 12
@@ -99,7 +106,7 @@ def test_full_run_gets_every_row_and_a_complete_report(evaluated, tiny_eval, ref
         assert r["better"] in ("higher", "lower")
     papers = {r["metric"]: r["paper"] for r in metrics["rows"]}
     assert papers["BLEU (sacreBLEU / 100)"] == PAPER["bleu"] == 0.2465 and papers["FAD (CLAP embeddings)"] == 0.4603
-    assert papers["Jaccard (validation)"] == 0.716 and papers["Full coverage rate"] is None
+    assert papers[JACCARD_PAPER] == 0.716 and papers[JACCARD_RULE] is None and papers["Full coverage rate"] is None
     assert papers["FAD∞ (CLAP embeddings)"] is None  # the paper reports no FAD∞
 
     report = (run / "eval" / "report.md").read_text()
@@ -134,7 +141,8 @@ def test_rows_match_the_metric_modules_called_directly(evaluated, tiny_eval, ref
     details = metrics["details"]
 
     vae = json.loads((run / "vae" / "metrics.json").read_text())
-    assert value["Jaccard (validation)"] == vae["validation"]["jaccard"]
+    assert value[JACCARD_RULE] == vae["validation"]["jaccard"]
+    assert value[JACCARD_PAPER] == vae["validation"]["threshold_0.5"]["jaccard_micro"]
     assert value["Diversity (% unique sets)"] == vae["samples"]["diversity"]
 
     # Caption quality: the validation captions written by the run's captioner, against the experts' captions.
@@ -200,7 +208,8 @@ def test_run_without_audio_skips_clap_and_fad_and_recomputes_vae_metrics(full_ru
     # The VAE metrics are recomputed with eval/vae_metrics and the training settings: the same numbers.
     original = json.loads((full_run / "vae" / "metrics.json").read_text())
     value = {r["metric"]: r["value"] for r in metrics["rows"]}
-    assert value["Jaccard (validation)"] == pytest.approx(original["validation"]["jaccard"])
+    assert value[JACCARD_RULE] == pytest.approx(original["validation"]["jaccard"])
+    assert value[JACCARD_PAPER] == pytest.approx(original["validation"]["threshold_0.5"]["jaccard_micro"])
     assert value["Co-occurrence cosine"] == pytest.approx(original["samples"]["cooccurrence_cosine"])
 
     report = (run / "eval" / "report.md").read_text()
