@@ -9,7 +9,8 @@ crash resumes where it stopped.
     conceptcaps run --preset my_preset.yaml --run runs/x --stages distill vae_train vae_sample
 
 A preset (generation/presets/<name>.yaml, or any YAML path) has one section per stage
-with that stage's options. "@tiny/<name>" in a preset stands for a tiny model (llm,
+with that stage's options; `extends: <preset>` at its top starts from another preset's
+sections and overrides them key by key (paper_lsr.yaml extends paper.yaml). "@tiny/<name>" in a preset stands for a tiny model (llm,
 musicgen, clap, bert, classifier) that is built from a config into RUN/models/<name>, with
 tokenizers trained on the distilled captions: the real loading and generation code runs,
 but the output is noise.
@@ -39,6 +40,8 @@ STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
     "distill": ("generation.distill", "distill", [(None, "DistillArguments")]),
     "vae_train": ("generation.vae_train", "train_vae", [(None, "VaeTrainArguments")]),
     "vae_sample": ("generation.vae_sample", "sample_attributes", [(None, "VaeSampleArguments")]),
+    # what each latent dimension does (RUN/vae/explain.json|md); needs only the VAE
+    "vae_explain": ("generation.vae_explain", "explain_vae", [(None, "VaeExplainArguments")]),
     "captioner_train": ("generation.captioner_train", "train_captioner",
                         [("captioner", "CaptionerArguments"), ("sft", "SFTConfig"), ("model", "ModelConfig")]),
     "captions_generate": ("generation.captions_generate", "generate_captions", [(None, "CaptionsArguments")]),
@@ -71,13 +74,15 @@ class RunArguments:
 # stage -> its command words (the preset section is parsed exactly like that command's flags)
 STAGE_WORDS = {
     "distill": ("distill",), "vae_train": ("vae", "train"), "vae_sample": ("vae", "sample"),
+    "vae_explain": ("vae", "explain"),
     "captioner_train": ("captioner", "train"), "captions_generate": ("captions", "generate"),
     "audio_generate": ("audio", "generate"), "evaluate": ("evaluate",), "build": ("build",), "tcav": ("tcav",),
     "explore": ("explore",),
 }
 
 
-def load_preset(preset: str) -> dict:
+def load_preset(preset: str, _chain: tuple[str, ...] = ()) -> dict:
+    """A preset's sections; `extends: NAME` at its top takes NAME's sections and overrides them key by key."""
     from .options import read_config
 
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
@@ -88,6 +93,13 @@ def load_preset(preset: str) -> dict:
         config = read_config(path)
     except ConceptCapsError as err:
         raise ConceptCapsError(str(err).replace("--config", "preset", 1)) from None
+    base = config.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str) or str(path.resolve()) in _chain:
+            raise ConceptCapsError(f"preset {path}: `extends: {base!r}` must name another preset (no cycles).")
+        if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+            base = str(path.parent / base)  # a path beside the extending preset
+        config = merged(load_preset(base, (*_chain, str(path.resolve()))), config)
     unknown = sorted(set(config) - set(STAGES))
     if unknown:
         raise ConceptCapsError(f"preset {path} has unknown section(s) {unknown}; sections are stage names: {list(STAGES)}.")
@@ -95,6 +107,14 @@ def load_preset(preset: str) -> dict:
         if section is not None and not isinstance(section, dict):
             raise ConceptCapsError(f"preset {path}: section {stage!r} holds {section!r}, not a mapping of options.")
     return config
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`base` with `override`'s values, mappings merged key by key (a section's sub-sections too)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def build_tiny_model(name: str, run: Path) -> Path:

@@ -65,7 +65,7 @@ def test_rerun_resumes_without_redoing_work(smoke_run, musiccaps_csv):
 
 
 def test_unknown_preset_and_stage(tmp_path):
-    with pytest.raises(ConceptCapsError, match=r"preset 'nope' not found.*\['paper', 'smoke'\]"):
+    with pytest.raises(ConceptCapsError, match=r"preset 'nope' not found.*\['paper', 'paper_lsr', 'smoke'\]"):
         run_pipeline(RunArguments(run=str(tmp_path), preset="nope"))
     with pytest.raises(ConceptCapsError, match=r"unknown stage\(s\) \['dance'\]"):
         run_pipeline(RunArguments(run=str(tmp_path), preset="smoke", stages=["dance"]))
@@ -85,7 +85,28 @@ def test_paper_preset_holds_the_paper_settings():
     assert paper["tcav"]["targets"] == ["jazz", "metal", "rock"] and paper["tcav"]["n"] == 50
 
 
-@pytest.mark.parametrize("preset", ["smoke", "paper"])
+def test_paper_lsr_extends_paper_with_latent_attributes():
+    paper, lsr = load_preset("paper"), load_preset("paper_lsr")
+    assert lsr["vae_train"]["lsr"] == ["tempo", "instrument_count", "vocal", "arousal", "valence"]
+    assert lsr["vae_train"]["lsr_compare"] is True and "vae_explain" in lsr
+    assert {k: v for k, v in lsr.items() if k not in ("vae_train", "vae_explain")} == {
+        k: v for k, v in paper.items() if k != "vae_train"}
+
+
+def test_extends_merges_sections_and_refuses_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: smoke\nvae_sample:\n  n: 7\ncaptioner_train:\n  sft:\n    num_train_epochs: 2\n")
+    preset = load_preset(str(tmp_path / "a.yaml"))
+    smoke = load_preset("smoke")
+    assert preset["vae_sample"] == {**smoke["vae_sample"], "n": 7}
+    assert preset["captioner_train"]["sft"] == {**smoke["captioner_train"]["sft"], "num_train_epochs": 2}
+    assert preset["captioner_train"]["captioner"] == smoke["captioner_train"]["captioner"]
+    (tmp_path / "b.yaml").write_text("extends: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\n")
+    with pytest.raises(ConceptCapsError, match=r"must name another preset \(no cycles\)"):
+        load_preset(str(tmp_path / "b.yaml"))
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper", "paper_lsr"])
 def test_every_preset_section_is_valid_options(preset, tmp_path):
     """Each section of the shipped presets builds its stage's dataclasses (tiny models left unbuilt)."""
     import importlib
