@@ -111,7 +111,7 @@ def load_taxonomy(run: str | Path) -> Taxonomy:
     if not path.is_file():
         raise ConceptCapsError(
             f"{path} not found: the builder needs the run's taxonomy. Point data_dir (or --run) at a run "
-            f"directory, or run `conceptcaps distill --source SOURCE --out {run}` first."
+            f"directory, or run `conceptcaps distill --source SOURCE --run {run}` first."
         )
     return Taxonomy.load(path)
 

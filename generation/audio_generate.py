@@ -2,7 +2,7 @@ r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or 
 
     conceptcaps audio generate --run runs/demo                                  # one process
     conceptcaps audio generate --run runs/demo --model facebook/musicgen-large --duration 30 \
-        --guidance-scale 3.3 --batch-size 8
+        --guidance_scale 3.3 --batch_size 8
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m generation.cli \
         audio generate --run runs/demo                                          # every GPU of a node
 

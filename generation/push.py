@@ -1,9 +1,9 @@
 """Upload RUN/release/ to the Hugging Face Hub as a new revision of a dataset repository.
 
-    conceptcaps push --run runs/demo --repo-id my-org/conceptcaps --dry-run        # list what would go up
-    conceptcaps push --run runs/demo --repo-id my-org/conceptcaps --tag v1.0
-    conceptcaps push --run runs/demo --repo-id my-org/conceptcaps --revision v1-candidate
-    conceptcaps push --run runs/demo --repo-id my-org/conceptcaps --create-pr --private
+    conceptcaps push --run runs/demo --repo_id my-org/conceptcaps --dry_run        # list what would go up
+    conceptcaps push --run runs/demo --repo_id my-org/conceptcaps --tag v1.0
+    conceptcaps push --run runs/demo --repo_id my-org/conceptcaps --revision v1-candidate
+    conceptcaps push --run runs/demo --repo_id my-org/conceptcaps --create_pr --private
 
 Steps: check the release (its card parses and every `configs:` pattern matches release files);
 create the dataset repository if needed (`HfApi.create_repo(..., exist_ok=True)`); create the
@@ -17,7 +17,7 @@ huggingface_hub has it (several commits, resumable); huggingface_hub >= 2 droppe
 
 The token comes only from huggingface_hub's own sources (the HF_TOKEN variable or the file
 written by `hf auth login`); this module never passes, prints, logs or writes it (the dry run
-only says whether one is available). --dry-run makes no network call: it lists every file with
+only says whether one is available). --dry_run makes no network call: it lists every file with
 its size and the commit that would be made. Writes
 RUN/manifests/push.json after a real push (repository, revision, commit, tag).
 """
