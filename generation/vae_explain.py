@@ -15,8 +15,9 @@ uses), or exactly `--dims`.
 How, per dimension d and per seed (`--seeds` seeds from `--seed`): `--anchors` training rows
 are drawn, encoded to their posterior means, and z_d of each is set to `--steps` values
 evenly spread over the traversal range (the wider of [-span, span] and the 2nd..98th
-percentile of z_d over the training split); every point is decoded with the sampling
-stage's rule. For each tag and anchor, the change is the tag's share of the upper half of
+percentile of z_d over the training split); every point is decoded with the threshold rule
+of generation/vae_model.py (as reconstruction: deterministic, a tag is in when its
+probability reaches --threshold), so a tag appears or vanishes because of z_d alone. For each tag and anchor, the change is the tag's share of the upper half of
 the traversal minus its share of the lower half (in [-1, 1]); the tag's effect is the
 mean change over anchors, then over seeds. Tags with effect >= `--min_effect` "raise",
 <= -`--min_effect` "lower". Monotonicity: the share of anchors whose tag sequence, when it
@@ -57,7 +58,7 @@ class VaeExplainArguments:
     seed: int = field(default=0, metadata={"help": "First seed; the seeds are seed, seed+1, ..."})
     steps: int = field(default=9, metadata={"help": "Points along each traversal."})
     span: float = field(default=2.5, metadata={"help": "Traverse at least [-span, span] (the prior's bulk)."})
-    min_effect: float = field(default=0.25, metadata={"help": "A tag raises/lowers when |effect| reaches this."})
+    min_effect: float = field(default=0.1, metadata={"help": "A tag raises/lowers when |effect| reaches this."})
     max_tags: int = field(default=5, metadata={"help": "Tags named per side of an explanation."})
     min_certainty: float = field(default=0.7, metadata={"help": "Below this certainty the explanation is withheld."})
     threshold: float = field(default=0.5, metadata={"help": "Decoding threshold on tag probabilities."})

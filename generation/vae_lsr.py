@@ -413,7 +413,8 @@ def decode_grid(run: str | Path, dim_x: int, dim_y: int, values_x: list[float], 
     """Tag sets over a 2-D grid of two latent dimensions, the others held at `base` (default 0, the prior mean).
 
     Returns grid with grid[i][j] = the decoded tag set at z[dim_x] = values_x[i], z[dim_y] =
-    values_y[j], under the sampling stage's decoding rule. Values are latent values; turn
+    values_y[j], under the threshold decoding rule of generation/vae_model.py (deterministic: a
+    tag is in when its probability reaches `threshold`). Values are latent values; turn
     attribute units into them with `attribute_to_latent(load_lsr(run), name, value)`.
     """
     import torch

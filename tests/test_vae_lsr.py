@@ -116,11 +116,12 @@ def test_setting_tempo_moves_the_sampled_tempo(lsr_run, copy_run):
     for tempo in (0.0, 1 / 3, 2 / 3, 1.0):
         sample_attributes(VaeSampleArguments(run=str(run), n=100, seed=0, set=[f"tempo={tempo}"], force=True))
         frame = pd.read_parquet(run / "attributes.parquet")
-        shares.append((np.mean(["fast tempo" in t for t in frame["tempo"]]),
-                       np.mean(["slow tempo" in t for t in frame["tempo"]])))
+        tempos = [t[0] for t in frame["tempo"] if len(t)]  # set sizes come from the data: about half have a tempo
+        assert len(tempos) > 20
+        shares.append((np.mean([t == "fast tempo" for t in tempos]), np.mean([t == "slow tempo" for t in tempos])))
     fast, slow = zip(*shares)
-    assert list(fast) == sorted(fast) and fast[-1] - fast[0] > 0.3, shares
-    assert list(slow) == sorted(slow, reverse=True) and slow[0] - slow[-1] > 0.3, shares
+    assert list(fast) == sorted(fast) and fast[-1] - fast[0] > 0.5, shares
+    assert list(slow) == sorted(slow, reverse=True) and slow[0] - slow[-1] > 0.5, shares
 
 
 def test_fast_and_calm_from_the_command_line(lsr_run, copy_run):
