@@ -307,9 +307,14 @@ def latent_scores(model, taxonomy, sets: dict[str, list[list[str]]], args, lsr: 
         interp = {name: {"regularised": added["interpretability"][name]["score"],
                          "plain": plain["interpretability"][name]["score"]} for name in args.lsr}
         summary["plain"] = plain
+        pooled = {}
+        if "jaccard_micro" in scores[split] and "jaccard_micro" in plain[split]:  # the paper's pooled definition
+            micro = scores[split]["jaccard_micro"], plain[split]["jaccard_micro"]
+            pooled = {"jaccard_micro": {"regularised": micro[0], "plain": micro[1], "cost": micro[1] - micro[0]}}
         summary["comparison"] = {
             "split": split,
             "jaccard": {"regularised": jaccard[0], "plain": jaccard[1], "cost": jaccard[1] - jaccard[0]},
+            **pooled,
             "interpretability": interp,
             "target": {"interpretability_min": INTERPRETABILITY_TARGET, "jaccard_cost_max": JACCARD_COST_TARGET,
                        "met": all((v["regularised"] or 0) >= INTERPRETABILITY_TARGET for v in interp.values())
