@@ -179,7 +179,8 @@ def _train(args: VaeTrainArguments) -> dict:
     taxonomy_path = require(run, "taxonomy.json")
     inputs = {"distilled": distilled_path, "taxonomy": taxonomy_path}
     out = run / "vae"
-    done = finished(run, "vae_train", args, inputs, [out / "model.safetensors", out / "metrics.json"])
+    outputs = [out / "model.safetensors", out / "metrics.json", *([out / "lsr.json"] if args.lsr else [])]
+    done = finished(run, "vae_train", args, inputs, outputs)
     if done and not args.force:
         logger.info("vae train: %s is up to date; --force retrains", out)
         return done
