@@ -20,6 +20,14 @@ EXAMPLES_DIR = "examples"
 DEFAULT_COUNT = 6
 
 
+def printable(text: str) -> str:
+    """`text` without control characters (a NUL or other C0/C1 code would make the card a binary
+    file to many tools; a noisy model's captions can hold them), each shown as U+FFFD."""
+    import unicodedata
+
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else "\ufffd" for c in text)
+
+
 def choose_examples(rows: list[dict], n: int) -> list[dict]:
     """Up to n rows that together hold the most distinct tags (greedy; ties by the hash of the id)."""
     from generation.run_dir import stable_hash
@@ -80,7 +88,7 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
             examples.append({
                 "id": row["id"], "split": row["split"], "file": f"{EXAMPLES_DIR}/{name}",
                 "src": html.escape(audio_url(name, repo_id, revision), quote=True),
-                "caption": html.escape(row["caption"]),
+                "caption": html.escape(printable(row["caption"])),
                 "labels": "<br>".join(f"<b>{html.escape(c)}</b>: {html.escape(', '.join(tags))}"
                                       for c, tags in by_category.items()),
                 "seconds": round(len(audio) / rate, 2),

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import datasets
@@ -228,6 +229,7 @@ def test_no_absolute_path_anywhere_in_the_release(smoke_release, release_run):
         for path in files:
             text = path.read_text()
             assert not absolute.findall(text), (path, absolute.findall(text)[:3])
+            assert not [c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t"], path  # text, not binary
             assert str(run) not in text and str(run.resolve()) not in text and str(Path.home()) not in text, path
     # The taxonomy ships with its source named by file name; RUN/taxonomy.json keeps the full path.
     shipped = json.loads((smoke_release / "release" / "taxonomy.json").read_text())
@@ -313,3 +315,11 @@ def test_push_refuses_a_tiny_model_release(smoke_release):
                              check=False)
     assert allowed.returncode == 0, allowed.stderr
     assert "dry run: nothing uploaded" in allowed.stderr and "tiny random-weight models" in allowed.stderr
+
+
+def test_example_captions_are_printable():
+    """A noisy model's caption may hold NUL or other control codes; the card shows U+FFFD instead."""
+    from dataset_card.examples import printable
+
+    assert printable("a\x00b\x11c\nd\te") == "a\ufffdb\ufffdc\nd\te"
+    assert printable("plain caption, déjà vu") == "plain caption, déjà vu"
