@@ -315,10 +315,15 @@ def test_ctrl_c_is_one_line_and_exit_130(audio_captions_run, tiny_musicgen, tmp_
                                 str(tiny_musicgen), "--duration", "20", "--batch_size", "1"],
                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / ".locks" / "audio.lock").exists() and time.time() < deadline:
+    # Interrupt once generation is under way (the first clip's file exists), not while the model
+    # loads: on a loaded machine a fixed delay can land anywhere from import to the last batch.
+    before = set((run / "audio").rglob("*")) if (run / "audio").exists() else set()
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None and not (
+            (run / ".locks" / "audio.lock").exists() and (run / "audio").exists()
+            and set((run / "audio").rglob("*")) - before):
         time.sleep(0.05)
-    time.sleep(1.0)
+    assert process.poll() is None, "audio generate ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
