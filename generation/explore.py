@@ -183,24 +183,10 @@ def concept_clap(tags: list[str], clips: dict[str, dict], scores: dict[str, floa
 
 
 # -- the latent pad ---------------------------------------------------------------------------------
-def kl_per_dimension(model, sets: list[list[str]]) -> np.ndarray:
-    """Mean KL(q(z_j|x) || N(0, 1)) of each latent dimension over the given tag sets (nats)."""
-    import torch
-
-    from .vae_model import multi_hot
-
-    with torch.no_grad():
-        mu, logvar = model.encode(multi_hot(sets, model.tags))
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)
-    return kl.mean(0).numpy()
-
-
 def _latent_attributes(run: Path) -> dict | None:
     """RUN/vae/lsr.json (generation/vae_lsr.py): the VAE's attribute-regularised dimensions, or None."""
-    try:
-        from .vae_lsr import load_lsr
-    except ImportError:  # a tree without latent attributes
-        return None
+    from .vae_lsr import load_lsr
+
     record = load_lsr(run)
     return record if record and record.get("attributes") else None
 
@@ -215,6 +201,8 @@ def latent_axes(run: Path, model, sets: list[list[str]], choice: list[str], exte
     """
     record = _latent_attributes(run)
     regularised = {name: int(entry["dim"]) for name, entry in ((record or {}).get("attributes") or {}).items()}
+    from .vae_model import kl_per_dimension
+
     kl = kl_per_dimension(model, sets)
     if choice:
         dims = []

@@ -96,6 +96,7 @@ def explain_vae(args: VaeExplainArguments) -> dict:
 def _explain(args: VaeExplainArguments) -> dict:
     from .run_dir import read_table, write_json
     from .vae_lsr import LSR_FILE, load_lsr, load_model, posterior_means
+    from .vae_model import kl_per_dimension
 
     started = time.time()
     run = Path(args.run)
@@ -123,7 +124,7 @@ def _explain(args: VaeExplainArguments) -> dict:
         raise ConceptCapsError(f"--anchors {args.anchors}: the training split has only {len(train)} rows; ask for fewer.")
 
     means = posterior_means(model, train)
-    kl = mean_kl(model, train)
+    kl = kl_per_dimension(model, train)
     dims = list(dict.fromkeys(args.dims)) if args.dims else choose_dims(kl, regularised, args.top_kl)
     if not dims:
         raise ConceptCapsError("nothing to explain: the VAE has no regularised dimension and --top_kl is 0; give "
@@ -146,17 +147,6 @@ def _explain(args: VaeExplainArguments) -> dict:
               "regularised": len(regularised), "active_dims": result["active_dims"]}
     logger.info("vae explain: %d dimensions, %d uncertain; wrote %s", counts["dims"], counts["uncertain"], out_md)
     return write_manifest(run, "vae_explain", args, inputs=inputs, counts=counts, started=started)
-
-
-def mean_kl(model, sets: list[list[str]]) -> np.ndarray:
-    """Mean over rows of KL(q(z_d | x) || N(0, 1)) per latent dimension."""
-    import torch
-
-    from .vae_model import multi_hot
-
-    with torch.no_grad():
-        mu, logvar = model.encode(multi_hot(sets, model.tags))
-    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0).double().numpy()
 
 
 def choose_dims(kl: np.ndarray, regularised: dict[int, str], top_kl: int) -> list[int]:

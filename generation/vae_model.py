@@ -146,6 +146,16 @@ def multi_hot(sets: list[list[str]], tags: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def kl_per_dimension(model: BetaVAE, sets: list[list[str]]):
+    """Mean KL(q(z_d | x) || N(0, 1)) of each latent dimension over `sets`: a float64 numpy array, in nats.
+
+    The dimensions with the most KL are the ones the VAE uses most (`vae explain`, `explore`).
+    """
+    mu, logvar = model.encode(multi_hot(sets, model.tags))
+    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0).double().numpy()
+
+
+@torch.no_grad()
 def reconstruct(model: BetaVAE, sets: list[list[str]], taxonomy, **rule) -> list[list[str]]:
     """Encode to the posterior mean, decode, apply the decoding rule (deterministic)."""
     model.eval()
