@@ -44,9 +44,9 @@ def make_parser(words: tuple[str, ...]):
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for action in parser._actions:
         # HfArgumentParser gives a bool option's `--no_x` twin the help of `--x`; say what it does.
-        positive = action.option_strings[0][len("--no_"):] if action.option_strings else ""
-        if action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
-            action.help = f"Same as --{positive} false."
+        flag = action.option_strings[0] if action.option_strings else ""
+        if flag.startswith("--no_") and action.const is False:
+            action.help = f"Same as --{flag[len('--no_'):]} false."
     return parser
 
 
