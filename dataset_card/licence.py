@@ -91,21 +91,6 @@ def _recorded_run(manifest: dict) -> str | None:
     return arguments.get("run") or arguments.get("out")
 
 
-def is_tiny(model: str, run: str | Path, recorded_run: str | None = None) -> bool:
-    """Whether `model` is a folder RUN/models/<name>: a tiny random-weight model built by `conceptcaps run`.
-
-    Checked against the run as it is now and as the manifest recorded it, so a moved run still
-    counts its tiny models (the recorded path then names the old place).
-    """
-    from generation.run_dir import run_relative
-
-    for base in (run, recorded_run):
-        if base and (run_relative(model, base) or "").startswith("RUN/models/"):
-            return True
-    path = Path(model)
-    return bool(recorded_run) and path.parent.name == "models" and path.parent.parent.name == Path(recorded_run).name
-
-
 def _is_musicgen(model: str) -> bool:
     """A MusicGen checkpoint: facebook/musicgen-* on the Hub, or a local folder whose config says model_type musicgen."""
     if model.lower().startswith("facebook/musicgen"):
@@ -122,6 +107,8 @@ def _is_musicgen(model: str) -> bool:
 
 def model_uses(run: str | Path, manifests: dict[str, dict]) -> list[ModelUse]:
     """The captioner and audio models recorded in the run's manifests (RUN/manifests/*.json by stem)."""
+    from generation.models import is_tiny_model
+
     uses = []
     captions, trained = manifests.get("captions_generate"), manifests.get("captioner_train")
     base = ((captions or {}).get("plan") or {}).get("base_model")
@@ -131,13 +118,13 @@ def model_uses(run: str | Path, manifests: dict[str, dict]) -> list[ModelUse]:
         base = (arguments.get("model") or {}).get("model_name_or_path") or (arguments.get("captioner") or {}).get("model")
         source = trained
     if base:
-        kind = ("tiny" if is_tiny(base, run, _recorded_run(source or {})) else
+        kind = ("tiny" if is_tiny_model(base, run, _recorded_run(source or {})) else
                 "llama" if base.lower().startswith(LLAMA_PREFIXES) else "other")
         uses.append(ModelUse("captioner", str(base), kind))
     audio = manifests.get("audio")
     model = ((audio or {}).get("arguments") or {}).get("model")
     if model:
-        kind = "tiny" if is_tiny(model, run, _recorded_run(audio)) else "musicgen" if _is_musicgen(model) else "other"
+        kind = "tiny" if is_tiny_model(model, run, _recorded_run(audio)) else "musicgen" if _is_musicgen(model) else "other"
         uses.append(ModelUse("audio", str(model), kind))
     return uses
 

@@ -93,6 +93,19 @@ def load_pretrained(loader, name: str, option: str = "model", what: str = "model
         ) from err
 
 
+def is_tiny_model(model: str, run: str | Path, recorded_run: str | None = None) -> bool:
+    """Whether `model` is a folder RUN/models/<name>: a tiny random-weight model built by `conceptcaps run`.
+
+    Checked against the run as it is now and, when given, as a manifest recorded it, so a moved
+    run still counts its tiny models (the recorded path then names the old place).
+    """
+    for base in (run, recorded_run):
+        if base and (run_relative(model, base) or "").startswith("RUN/models/"):
+            return True
+    path = Path(model)
+    return bool(recorded_run) and path.parent.name == "models" and path.parent.parent.name == Path(recorded_run).name
+
+
 def tiny_models(run: str | Path, models: list[str | None]) -> list[str]:
     """Those of `models` that `conceptcaps run` built from configs into RUN/models/ (random weights: noise)."""
-    return [m for m in (run_relative(m, run) for m in models if m) if m.startswith("RUN/models/")]
+    return [run_relative(m, run) for m in models if m and is_tiny_model(m, run)]
