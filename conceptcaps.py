@@ -33,11 +33,11 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
-from generation.audio_shards import INDEX_COLUMNS, read_shards
-from generation.concepts import ConceptSets, concept_sets, load_release, tag_mask  # noqa: F401 - the public API
-from generation.errors import ConceptCapsError
-from generation.run_dir import stable_hash
-from generation.taxonomy import CATEGORIES, Taxonomy
+from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards
+from conceptcaps_pipeline.release.concepts import ConceptSets, concept_sets, load_release, tag_mask  # noqa: F401 - the public API
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import stable_hash
+from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def read_captions(run: str | Path, tags: list[str]) -> list[dict]:
             f"{path} not found: the dataset's rows are the run's captions. "
             f"Run `conceptcaps captions generate --run {run}` first."
         )
-    from generation.run_dir import read_table
+    from conceptcaps_pipeline.run_dir import read_table
 
     table = read_table(path, fix=f"re-run `conceptcaps captions generate --run {run} --force`")
     missing = [c for c in CAPTION_COLUMNS if c not in table.column_names]
@@ -181,7 +181,7 @@ def check_clips(run: str | Path, rows: dict[str, dict], audio: AudioIndex, heade
 
     import soundfile as sf
 
-    from generation.audio_shards import caption_sha256
+    from conceptcaps_pipeline.audio.shards import caption_sha256
 
     run = Path(run)
     stale = [i for i in audio.ids if i in rows and audio.made_from.get(i) != caption_sha256(str(rows[i]["caption"]))]
@@ -592,7 +592,7 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
                     f"config {self.config.name!r} needs clips in {run / 'audio'}, and there are none: run "
                     f"`conceptcaps audio generate --run {run}` first, or use a config without audio."
                 )
-            from dataset_card.licence import release_licence
+            from conceptcaps_pipeline.dataset_card.licence import release_licence
 
             # The clips carry the terms of the weights that made them (MusicGen: CC BY-NC 4.0).
             licence = release_licence(run, [self.config.name]).configs[self.config.name].text

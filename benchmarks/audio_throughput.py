@@ -5,13 +5,13 @@
     python benchmarks/audio_throughput.py --model large --batch_sizes 8,32,48 --duration 30
 
 For each path (`generate`: MusicgenForConditionalGeneration.generate; `static`: the audio stage's
-default, generation/musicgen_decode.py, CUDA graphs on a GPU) and batch size, in one run: ms per
+default, generation/audio/decode.py, CUDA graphs on a GPU) and batch size, in one run: ms per
 decode step, audio-seconds per device-second (decoding and the codec), host ops and host syncs
 per step (aten ops dispatched by Python, counted; on a GPU each is a kernel launch), and the
 ratio to the bandwidth floor (the time to read the decoder's weights and the filled KV cache
 once per step at the device's bandwidth), with the projected device-hours for the paper preset
 (23,815 clips of 30 s, guidance 3.3). `--model large` builds facebook/musicgen-large's
-architecture from the config written out in generation/tiny_musicgen.py with random weights:
+architecture from the config written out in generation/testing/tiny_musicgen.py with random weights:
 the real model's cost, nothing downloaded. On a CPU (tiny model) the figures that mean something
 are the static/generate ratios and the ops per step. Prints a table; writes nothing.
 """
@@ -35,8 +35,8 @@ def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
     import torch
     from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
-    from generation.audio_generate import load_musicgen
-    from generation.tiny_musicgen import (
+    from conceptcaps_pipeline.audio.generate import load_musicgen
+    from conceptcaps_pipeline.testing.tiny_musicgen import (
         build_tiny_musicgen,
         make_audible,
         musicgen_generation_config,
@@ -49,7 +49,7 @@ def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
     if name not in ("large", "probe48"):
         return load_musicgen(name, device, dtype)
     if name == "probe48":  # musicgen-large's 48 decoder layers at toy width: its host ops per step, cheaply
-        from generation.tiny_musicgen import tiny_musicgen_config
+        from conceptcaps_pipeline.testing.tiny_musicgen import tiny_musicgen_config
 
         tokenizer = train_t5_tokenizer(captions, vocab_size=512)
         config = tiny_musicgen_config(len(tokenizer), layers=48)
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from bandwidth_floor import OpCounter, describe_device, device_bandwidth, per_step, synchronize
 
-    from generation.audio_generate import codec_timing, decoding_steps
-    from generation.musicgen_decode import StaticMusicgenDecoder
+    from conceptcaps_pipeline.audio.generate import codec_timing, decoding_steps
+    from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
     torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu

@@ -44,7 +44,7 @@ def build(name: str, captions: list[str], device, dtype, work: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from generation.tiny_llm import TinyLlmConfig, build_tiny_llm
+    from conceptcaps_pipeline.testing.tiny_llm import TinyLlmConfig, build_tiny_llm
 
     folder = build_tiny_llm(work / "tiny", captions, TinyLlmConfig(vocab_size=1024))
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -27,7 +27,7 @@ def smoke(source: str, run: Path) -> tuple[float, dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CONCEPTCAPS_NUM_THREADS")}
     env["CONCEPTCAPS_LOG_LEVEL"] = "WARNING"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "generation.cli", "run", "--preset", "smoke", "--source", source, "--run",
+    subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", "run", "--preset", "smoke", "--source", source, "--run",
                     str(run)], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     stages = json.loads((run / "manifests" / "run.json").read_text())["counts"]["stage_wall_time_s"]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/tcav_calibration.py                    # 20 repetitions of each world
     .venv/bin/python benchmarks/tcav_calibration.py --repetitions 50 --n_random 20
 
-Two synthetic worlds (generation/tcav_synthetic.py), each a release folder plus a tiny classifier
+Two synthetic worlds (generation/testing/tcav_world.py), each a release folder plus a tiny classifier
 built from a config, in a temporary directory:
 - noise: noise clips, concept tags given at random, an untrained classifier. Every "significant"
   result is a false positive. For each repetition (a new seed: new concept subsets, random sets
@@ -59,8 +59,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    from generation.tcav import TcavArguments, experiment, prepare
-    from generation.tcav_synthetic import (
+    from conceptcaps_pipeline.tcav.stage import TcavArguments, experiment, prepare
+    from conceptcaps_pipeline.testing.tcav_world import (
         NOISE_CONCEPTS,
         PLANTED,
         UNRELATED,
@@ -69,7 +69,7 @@ def main() -> None:
         train_planted_classifier,
         write_release,
     )
-    from generation.tiny_eval_models import build_tiny_audio_classifier
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_audio_classifier
 
     started = time.time()
     print(f"# torch {torch.__version__}, {args.threads} thread(s); {args.repetitions} repetitions per row; "

@@ -20,7 +20,7 @@ import torch
 
 def time_epochs(x: torch.Tensor, tags, categories, batch_size: int, threads: int, epochs: int) -> float:
     """Mean seconds per epoch of the real training step (BetaVAE.loss + Adam) at the paper's sizes."""
-    from generation.vae_model import BetaVAE
+    from conceptcaps_pipeline.vae.model import BetaVAE
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -46,9 +46,9 @@ def main() -> None:
 
     import pandas as pd
 
-    from generation.distill import DistillArguments, distill
-    from generation.taxonomy import Taxonomy
-    from generation.vae_model import multi_hot
+    from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill
+    from conceptcaps_pipeline.taxonomy import Taxonomy
+    from conceptcaps_pipeline.vae.model import multi_hot
 
     with tempfile.TemporaryDirectory() as run:
         distill(DistillArguments(run=run, source=args.source))

@@ -1,6 +1,6 @@
 """Fill the dataset card template (dataset_card/template.md) from a run and its release.
 
-    from dataset_card.card import write_card
+    from conceptcaps_pipeline.dataset_card.card import write_card
     write_card("runs/demo", "runs/demo/release", infos=..., stats=...)   # called by `conceptcaps build`
 
 The card is rendered by huggingface_hub: `DatasetCard.from_template(DatasetCardData(...),
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .figures import FigureData, clap_by_tag, frequency_correlation, write_figures
-from .licence import LICENSE_FILE, release_licence, write_license_file
+from conceptcaps_pipeline.dataset_card.figures import FigureData, clap_by_tag, frequency_correlation, write_figures
+from conceptcaps_pipeline.dataset_card.licence import LICENSE_FILE, release_licence, write_license_file
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def source_datasets(distill: dict | None) -> list[str]:
 
 def read_manifests(run: Path) -> dict[str, dict]:
     """RUN/manifests/*.json by file stem, in pipeline order (unknown stages last, by name)."""
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     found = {p.stem: read_json(p, fix=f"delete it and re-run `conceptcaps {p.stem.replace('_', ' ')} --force`")
              for p in sorted((run / "manifests").glob("*.json"))}
@@ -121,7 +121,7 @@ def read_metrics(run: Path) -> list[dict] | None:
     path = run / "eval" / "metrics.json"
     if not path.is_file():
         return None
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     rows = read_json(path, fix=f"re-run `conceptcaps evaluate --run {run} --force`").get("rows") or []
     return [{**row, "value": _number(row.get("value")), "paper": _number(row.get("paper"))} for row in rows]
@@ -161,7 +161,7 @@ def public_path(value, run_path: str | Path | None, run: str | Path | None = Non
     """
     if not isinstance(value, str) or not value:
         return value
-    from generation.run_dir import run_relative
+    from conceptcaps_pipeline.run_dir import run_relative
 
     for base in (run_path, run):
         if base and (value == str(base) or value.startswith(str(base).rstrip("/") + "/")):
@@ -194,7 +194,7 @@ def _flag(name: str, value, run_path: str | None, run: str | Path | None = None)
 def stage_command(stem: str, manifest: dict, run: str | Path | None = None) -> str | None:
     """The command that wrote a manifest, with its non-default arguments; the run directory (`run`, or
     as the manifest recorded it) reads RUN."""
-    from generation.cli import COMMANDS
+    from conceptcaps_pipeline.cli import COMMANDS
 
     words = STAGE_WORDS.get(stem) or tuple(stem.split("_"))
     if words not in COMMANDS:
@@ -222,7 +222,7 @@ def stage_command(stem: str, manifest: dict, run: str | Path | None = None) -> s
     processes = max((s.get("processes", 1) for s in sessions), default=1)
     command = shlex.join(parts)
     if processes > 1:
-        command = f"accelerate launch --num_processes {processes} -m generation.cli " + shlex.join(parts[1:])
+        command = f"accelerate launch --num_processes {processes} -m conceptcaps_pipeline.cli " + shlex.join(parts[1:])
     return command
 
 
@@ -274,7 +274,7 @@ def _packages(manifests: dict) -> dict[str, str]:
 
 def _taxonomy_rows(run: Path, stats: dict) -> tuple[dict, list[dict]]:
     """(taxonomy.json header, one row per tag with its count per split and in the source)."""
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     raw = read_json(run / "taxonomy.json", fix=f"re-run `conceptcaps distill --out {run} --force`")
     counts = stats["tag_counts"]
@@ -342,7 +342,7 @@ def card_data(infos: dict, stats: dict, manifests: dict, licence_yaml: dict, ver
 
 def public_taxonomy(run: Path) -> dict:
     """RUN/taxonomy.json as the release ships it: `source_file` by its file name (or Hub id), never a local path."""
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     taxonomy = read_json(run / "taxonomy.json", fix=f"re-run `conceptcaps distill --run {run} --force`")
     if taxonomy.get("source_file"):
@@ -355,7 +355,7 @@ def _clap_scores(run: Path) -> dict[str, float]:
     path = run / "eval" / "metrics.json"
     if not path.is_file():
         return {}
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     details = read_json(path, fix=f"re-run `conceptcaps evaluate --run {run} --force`").get("details") or {}
     scores = ((details.get("audio") or {}).get("clap") or {}).get("clap_scores") or {}
@@ -366,7 +366,7 @@ def _vae_history(run: Path) -> list[dict]:
     path = run / "vae" / "history.json"
     if not path.is_file():
         return []
-    from generation.run_dir import read_json
+    from conceptcaps_pipeline.run_dir import read_json
 
     history = read_json(path, fix=f"re-run `conceptcaps vae train --run {run} --force`")
     return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
@@ -394,9 +394,9 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     import shutil
 
     from conceptcaps import ConceptCaps  # its VERSION is the release's version
-    from generation.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
+    from conceptcaps_pipeline.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
 
-    from .examples import write_examples
+    from conceptcaps_pipeline.dataset_card.examples import write_examples
 
     run, release = Path(run), Path(release)
     manifests = read_manifests(run)

@@ -1,6 +1,6 @@
 """A handful of clips of the release, written as WAV files for the card's audio players.
 
-    from dataset_card.examples import write_examples
+    from conceptcaps_pipeline.dataset_card.examples import write_examples
     examples = write_examples("runs/demo/release", category_of, n=6)   # -> RELEASE/examples/<id>.wav
 
 The clips come from the `audio` config's shards as shipped (RELEASE/data/audio/*.parquet), chosen
@@ -30,7 +30,7 @@ def printable(text: str) -> str:
 
 def choose_examples(rows: list[dict], n: int) -> list[dict]:
     """Up to n rows that together hold the most distinct tags (greedy; ties by the hash of the id)."""
-    from generation.run_dir import stable_hash
+    from conceptcaps_pipeline.run_dir import stable_hash
 
     left = sorted(rows, key=lambda r: (stable_hash(r["id"]), r["id"]))
     shown: set[str] = set()
@@ -59,7 +59,7 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
     import pyarrow.parquet as pq
     import soundfile as sf
 
-    from generation.run_dir import atomic_dir
+    from conceptcaps_pipeline.run_dir import atomic_dir
 
     release = Path(release)
     shards = sorted((release / "data" / config).glob("*.parquet"))

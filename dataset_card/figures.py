@@ -1,6 +1,6 @@
 """The dataset card's figures, drawn from the release and the run.
 
-    from dataset_card.figures import FigureData, write_figures
+    from conceptcaps_pipeline.dataset_card.figures import FigureData, write_figures
     figures = write_figures("runs/demo/release/figures", FigureData(release_sets=..., source_sets=..., ...))
 
 What is drawn (each only when its data is there; `write_figures` returns the drawn ones, with a

@@ -1,6 +1,6 @@
 """The licence of every config of a release, decided from the models recorded in the run.
 
-    from dataset_card.licence import release_licence
+    from conceptcaps_pipeline.dataset_card.licence import release_licence
     licence = release_licence("runs/demo", ["default", "audio", "25pct", "25pct_audio", "10pct", "10pct_audio"])
     licence.yaml          # the card's licence fields: {"license": "cc-by-sa-4.0"} or license: other + name + link
     licence.configs       # config -> ConfigLicence (what applies to it, and why)
@@ -107,7 +107,7 @@ def _is_musicgen(model: str) -> bool:
 
 def model_uses(run: str | Path, manifests: dict[str, dict]) -> list[ModelUse]:
     """The captioner and audio models recorded in the run's manifests (RUN/manifests/*.json by stem)."""
-    from generation.models import is_tiny_model
+    from conceptcaps_pipeline.models import is_tiny_model
 
     uses = []
     captions, trained = manifests.get("captions_generate"), manifests.get("captioner_train")
@@ -155,7 +155,7 @@ def release_licence(run: str | Path, configs: list[str], manifests: dict[str, di
                     public=lambda name: name) -> ReleaseLicence:
     """The licence of each config of a release of `run`; `public` turns a recorded model into the name the card shows."""
     if manifests is None:
-        from .card import read_manifests
+        from conceptcaps_pipeline.dataset_card.card import read_manifests
 
         manifests = read_manifests(Path(run))
     models = model_uses(run, manifests)
@@ -168,7 +168,7 @@ def write_license_file(path: str | Path, licence: ReleaseLicence, context: dict)
     """Render dataset_card/license_template.md into `path` (RELEASE/LICENSE.md)."""
     import jinja2
 
-    from generation.run_dir import atomic_path
+    from conceptcaps_pipeline.run_dir import atomic_path
 
     template = jinja2.Template(TEMPLATE.read_text(encoding="utf-8"), keep_trailing_newline=True)
     text = re.sub(r"\n{3,}", "\n\n", template.render(licence=licence, by_sa=BY_SA, by_nc=BY_NC, **context))

@@ -1,6 +1,6 @@
 """ConceptCaps generation pipeline: one module per stage, and the `conceptcaps` CLI.
 
-Stages read and write one run directory (see `generation.run_dir`):
+Stages read and write one run directory (see `conceptcaps_pipeline.run_dir`):
 distill -> vae train -> vae sample -> captioner train -> captions generate
 -> audio generate -> evaluate -> build -> tcav -> push.
 """

@@ -27,45 +27,45 @@ import sys
 
 # command words -> (module, function, dataclass names in that module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
-    ("distill",): ("generation.distill", "distill", ("DistillArguments",),
+    ("distill",): ("conceptcaps_pipeline.taxonomy.distill", "distill", ("DistillArguments",),
                    "Map MusicCaps tags onto the taxonomy and keep (attributes, caption) pairs."),
-    ("taxonomy", "propose"): ("generation.taxonomy_propose", "propose", ("ProposeArguments",),
+    ("taxonomy", "propose"): ("conceptcaps_pipeline.taxonomy.propose", "propose", ("ProposeArguments",),
                               "Print candidate tags per category with counts, for revising the taxonomy."),
-    ("vae", "train"): ("generation.vae_train", "train_vae", ("VaeTrainArguments",),
+    ("vae", "train"): ("conceptcaps_pipeline.vae.train", "train_vae", ("VaeTrainArguments",),
                        "Train the beta-VAE on the distilled multi-hot attribute vectors."),
-    ("vae", "sample"): ("generation.vae_sample", "sample_attributes", ("VaeSampleArguments",),
+    ("vae", "sample"): ("conceptcaps_pipeline.vae.sample", "sample_attributes", ("VaeSampleArguments",),
                         "Sample plausible attribute sets from the trained VAE."),
-    ("vae", "explain"): ("generation.vae_explain", "explain_vae", ("VaeExplainArguments",),
+    ("vae", "explain"): ("conceptcaps_pipeline.vae.explain", "explain_vae", ("VaeExplainArguments",),
                          "Explain each latent dimension by traversal: the tags it raises and lowers, with certainty."),
-    ("captioner", "train"): ("generation.captioner_train", "train_captioner",
+    ("captioner", "train"): ("conceptcaps_pipeline.captions.train", "train_captioner",
                              ("CaptionerArguments", "SFTConfig", "ModelConfig"),
                              "Fine-tune an LLM (LoRA/QLoRA via TRL SFTTrainer) to caption attribute sets."),
-    ("captions", "generate"): ("generation.captions_generate", "generate_captions", ("CaptionsArguments",),
+    ("captions", "generate"): ("conceptcaps_pipeline.captions.generate", "generate_captions", ("CaptionsArguments",),
                                "Write one caption per sampled attribute set, resumably."),
-    ("audio", "generate"): ("generation.audio_generate", "generate_audio", ("AudioArguments",),
+    ("audio", "generate"): ("conceptcaps_pipeline.audio.generate", "generate_audio", ("AudioArguments",),
                             "Synthesize one MusicGen clip per caption (accelerate launch for many GPUs)."),
-    ("audio", "verify"): ("generation.audio_verify", "verify_audio", ("VerifyArguments",),
+    ("audio", "verify"): ("conceptcaps_pipeline.audio.verify", "verify_audio", ("VerifyArguments",),
                           "Check every caption has exactly one sound, decodable, non-silent clip."),
-    ("build",): ("generation.build", "build_release", ("BuildArguments",),
+    ("build",): ("conceptcaps_pipeline.release.build", "build_release", ("BuildArguments",),
                  "Write RUN/release/: Parquet shards per config and split, and the dataset card."),
-    ("evaluate",): ("generation.evaluate_run", "evaluate_run", ("EvaluateArguments",),
+    ("evaluate",): ("conceptcaps_pipeline.evaluate.run", "evaluate_run", ("EvaluateArguments",),
                     "Score the run with the eval/ metric modules; write RUN/eval/."),
-    ("concepts", "export"): ("generation.concepts_export", "export_concepts", ("ExportArguments",),
+    ("concepts", "export"): ("conceptcaps_pipeline.release.export", "export_concepts", ("ExportArguments",),
                              "Write concept and random sets of a release as audio folders (TCAV layout) or id lists."),
-    ("tcav",): ("generation.tcav", "run_tcav", ("TcavArguments",),
+    ("tcav",): ("conceptcaps_pipeline.tcav.stage", "run_tcav", ("TcavArguments",),
                 "Test which concepts an audio classifier uses for its classes (TCAV, corrected statistics)."),
-    ("explore",): ("generation.explore", "explore", ("ExploreArguments",),
+    ("explore",): ("conceptcaps_pipeline.explore.page", "explore", ("ExploreArguments",),
                    "Write RUN/explorer/: a static page to browse concepts, listen to clips and walk the VAE's latent space."),
-    ("push",): ("generation.push", "push_release", ("PushArguments",),
+    ("push",): ("conceptcaps_pipeline.release.push", "push_release", ("PushArguments",),
                 "Upload RUN/release/ to the Hub as a new revision (branch, tag or PR)."),
-    ("run",): ("generation.run_all", "run_pipeline", ("RunArguments",),
+    ("run",): ("conceptcaps_pipeline.run_all", "run_pipeline", ("RunArguments",),
                "Run every stage in order from a preset (smoke, paper), resumably."),
-    ("env",): ("generation.env_report", "env_report", ("EnvArguments",),
+    ("env",): ("conceptcaps_pipeline.env_report", "env_report", ("EnvArguments",),
                "Print the versions, devices and paths a bug report needs."),
 }
 
 # The loggers this project owns; only these are configured (see the module docstring).
-PROJECT_LOGGERS = ("generation", "conceptcaps_eval", "dataset_card", "conceptcaps", "__main__", "evaluate_modules")
+PROJECT_LOGGERS = ("conceptcaps_pipeline", "conceptcaps_eval", "conceptcaps", "__main__", "evaluate_modules")
 
 
 def _usage(group: str | None = None) -> str:
@@ -118,7 +118,7 @@ def configure_logging(level: str | None = None) -> None:
     later finds one there and adds no second (every line would print twice), and a host
     application's (or pytest's) root handlers see the project's records too.
     """
-    from .errors import ConceptCapsError
+    from conceptcaps_pipeline.errors import ConceptCapsError
 
     level = (level or os.environ.get("CONCEPTCAPS_LOG_LEVEL") or "INFO").upper()
     if level not in logging.getLevelNamesMapping():
@@ -145,15 +145,15 @@ def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
 
 def make_parser(words: tuple[str, ...]):
     """The TrlParser of one sub-command (YAML `--config` plus command-line overrides)."""
-    from .options import make_parser as options_parser
+    from conceptcaps_pipeline.options import make_parser as options_parser
 
     return options_parser(words)
 
 
 def run_command(argv: list[str]):
     """Parse argv for the sub-command it names and run it; returns the stage's result."""
-    from .errors import ConceptCapsError
-    from .options import parse_options
+    from conceptcaps_pipeline.errors import ConceptCapsError
+    from conceptcaps_pipeline.options import parse_options
 
     found = _find(argv)
     if found is None:
@@ -225,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("--version", "-V"):
-        from . import __version__
+        from conceptcaps_pipeline import __version__
 
         print(f"conceptcaps {__version__}")
         return 0
     if argv[0] in _groups() and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(_usage(argv[0]))
         return 0
-    from .errors import ConceptCapsError
+    from conceptcaps_pipeline.errors import ConceptCapsError
 
     try:
         configure_logging()

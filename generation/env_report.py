@@ -67,7 +67,7 @@ def _ffmpeg() -> str:
 def _paths() -> dict:
     from huggingface_hub import constants
 
-    from .taxonomy import DEFAULT_TAXONOMY
+    from conceptcaps_pipeline.taxonomy import DEFAULT_TAXONOMY
 
     package = Path(__file__).resolve().parent
     return {"package": str(package), "presets": str(package / "presets"), "taxonomy": str(DEFAULT_TAXONOMY),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConceptCapsError
-from .run_dir import run_relative
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import run_relative
 
 CHECKPOINT_FILES = ("config.json", "adapter_config.json")
 

@@ -1,6 +1,6 @@
 """Options of a stage from the command line, a `--config` YAML file or a preset section, checked alike.
 
-    from generation.options import parse_options
+    from conceptcaps_pipeline.options import parse_options
     args, = parse_options(("vae", "sample"), ["--run", "runs/demo", "--config", "sample.yaml", "--n", "50"])
     args, = parse_options(("vae", "sample"), [], options={"run": "runs/demo", "min-per-tag": 20})
 
@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ConceptCapsError
+from conceptcaps_pipeline.errors import ConceptCapsError
 
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
@@ -30,7 +30,7 @@ def make_parser(words: tuple[str, ...]):
     """The parser of one sub-command: TrlParser over its dataclasses, with one-line errors."""
     from trl import TrlParser
 
-    from .cli import COMMANDS
+    from conceptcaps_pipeline.cli import COMMANDS
 
     module_name, _, class_names, help_line = COMMANDS[words]
     module = importlib.import_module(module_name)

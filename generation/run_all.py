@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConceptCapsError
-from .run_dir import atomic_dir, write_json, write_manifest
-from .source import HUB_DEFAULT
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import atomic_dir, write_json, write_manifest
+from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT
 
 logger = logging.getLogger(__name__)
 PRESETS = Path(__file__).parent / "presets"
@@ -37,22 +37,22 @@ TINY = "@tiny/"
 
 # stage -> (module, function, [(preset sub-section or None, dataclass name)])
 STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
-    "distill": ("generation.distill", "distill", [(None, "DistillArguments")]),
-    "vae_train": ("generation.vae_train", "train_vae", [(None, "VaeTrainArguments")]),
-    "vae_sample": ("generation.vae_sample", "sample_attributes", [(None, "VaeSampleArguments")]),
+    "distill": ("conceptcaps_pipeline.taxonomy.distill", "distill", [(None, "DistillArguments")]),
+    "vae_train": ("conceptcaps_pipeline.vae.train", "train_vae", [(None, "VaeTrainArguments")]),
+    "vae_sample": ("conceptcaps_pipeline.vae.sample", "sample_attributes", [(None, "VaeSampleArguments")]),
     # what each latent dimension does (RUN/vae/explain.json|md); needs only the VAE
-    "vae_explain": ("generation.vae_explain", "explain_vae", [(None, "VaeExplainArguments")]),
-    "captioner_train": ("generation.captioner_train", "train_captioner",
+    "vae_explain": ("conceptcaps_pipeline.vae.explain", "explain_vae", [(None, "VaeExplainArguments")]),
+    "captioner_train": ("conceptcaps_pipeline.captions.train", "train_captioner",
                         [("captioner", "CaptionerArguments"), ("sft", "SFTConfig"), ("model", "ModelConfig")]),
-    "captions_generate": ("generation.captions_generate", "generate_captions", [(None, "CaptionsArguments")]),
-    "audio_generate": ("generation.audio_generate", "generate_audio", [(None, "AudioArguments")]),
+    "captions_generate": ("conceptcaps_pipeline.captions.generate", "generate_captions", [(None, "CaptionsArguments")]),
+    "audio_generate": ("conceptcaps_pipeline.audio.generate", "generate_audio", [(None, "AudioArguments")]),
     # evaluate before build, so that the dataset card carries the metrics table
-    "evaluate": ("generation.evaluate_run", "evaluate_run", [(None, "EvaluateArguments")]),
-    "build": ("generation.build", "build_release", [(None, "BuildArguments")]),
+    "evaluate": ("conceptcaps_pipeline.evaluate.run", "evaluate_run", [(None, "EvaluateArguments")]),
+    "build": ("conceptcaps_pipeline.release.build", "build_release", [(None, "BuildArguments")]),
     # tcav reads the release: which of its concepts a classifier uses
-    "tcav": ("generation.tcav", "run_tcav", [(None, "TcavArguments")]),
+    "tcav": ("conceptcaps_pipeline.tcav.stage", "run_tcav", [(None, "TcavArguments")]),
     # explore last: its page shows the release, the evaluation and the VAE's latent pad
-    "explore": ("generation.explore", "explore", [(None, "ExploreArguments")]),
+    "explore": ("conceptcaps_pipeline.explore.page", "explore", [(None, "ExploreArguments")]),
 }
 
 
@@ -83,7 +83,7 @@ STAGE_WORDS = {
 
 def load_preset(preset: str, _chain: tuple[str, ...] = ()) -> dict:
     """A preset's sections; `extends: NAME` at its top takes NAME's sections and overrides them key by key."""
-    from .options import read_config
+    from conceptcaps_pipeline.options import read_config
 
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
     if not path.is_file():
@@ -123,30 +123,30 @@ def build_tiny_model(name: str, run: Path) -> Path:
     target = run / "models" / name
     if (target / "config.json").exists():
         return target
-    from .run_dir import read_table
+    from conceptcaps_pipeline.run_dir import read_table
 
     texts = read_table(run / "distilled.parquet", ["caption"], fix=f"re-run `conceptcaps distill --run {run} --force`"
                        ).column("caption").to_pylist()
     logger.info("run: building tiny %s model into %s", name, target)
     with atomic_dir(target) as tmp:
         if name == "llm":
-            from .tiny_llm import TinyLlmConfig, build_tiny_llm
+            from conceptcaps_pipeline.testing.tiny_llm import TinyLlmConfig, build_tiny_llm
 
             build_tiny_llm(tmp, texts, TinyLlmConfig(vocab_size=1024))
         elif name == "musicgen":
-            from .tiny_musicgen import build_tiny_musicgen
+            from conceptcaps_pipeline.testing.tiny_musicgen import build_tiny_musicgen
 
             build_tiny_musicgen(tmp, texts)
         elif name == "clap":
-            from .tiny_eval_models import build_tiny_clap
+            from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
 
             build_tiny_clap(tmp, texts)
         elif name == "bert":
-            from .tiny_eval_models import build_tiny_bert
+            from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_bert
 
             build_tiny_bert(tmp, texts)
         elif name == "classifier":
-            from .tiny_eval_models import build_tiny_audio_classifier
+            from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_audio_classifier
 
             build_tiny_audio_classifier(tmp)
         else:
@@ -164,7 +164,7 @@ def resolve_tiny(options: dict, run: Path) -> dict:
 
 def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
     """The dataclass instances of one stage: its preset section, checked and converted like the stage's flags."""
-    from .options import parse_options
+    from conceptcaps_pipeline.options import parse_options
 
     _, _, parts = STAGES[stage]
     options: dict = {}
@@ -195,7 +195,7 @@ def _die_with_parent() -> None:
 
 
 def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
-    """The audio stage as `LAUNCHER -m generation.cli audio generate --config ...`."""
+    """The audio stage as `LAUNCHER -m conceptcaps_pipeline.cli audio generate --config ...`."""
     import yaml
 
     run = Path(args.run)
@@ -203,7 +203,7 @@ def launch_audio(launcher: str, section: dict, args: RunArguments) -> None:
     config = run / "manifests" / "audio_generate.preset.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({**options, "run": args.run, "force": args.force}))
-    command = [*shlex.split(launcher), "-m", "generation.cli", "audio", "generate", "--config", str(config)]
+    command = [*shlex.split(launcher), "-m", "conceptcaps_pipeline.cli", "audio", "generate", "--config", str(config)]
     logger.info("run: %s", shlex.join(command))
     if subprocess.run(command, check=False, preexec_fn=_die_with_parent).returncode != 0:
         raise ConceptCapsError(f"audio stage failed under `{launcher}`; fix the error above and re-run the same command to resume.")

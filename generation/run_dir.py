@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ConceptCapsError
+from conceptcaps_pipeline.errors import ConceptCapsError
 
 # Which stage writes which artifact, so that a missing one can say what to run.
 PRODUCERS = {
@@ -312,7 +312,7 @@ def write_manifest(
     extra: dict[str, Any] | None = None,
 ) -> dict:
     """Record what a stage did: arguments, versions, input hashes, counts, wall time."""
-    from . import __version__
+    from conceptcaps_pipeline import __version__
 
     hashes = {}
     for key, path in (inputs or {}).items():

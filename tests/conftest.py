@@ -33,7 +33,7 @@ def musiccaps_csv() -> Path:
 @pytest.fixture(scope="session")
 def distilled_run(tmp_path_factory, musiccaps_csv) -> Path:
     """A run directory after `distill` on the real CSV."""
-    from generation.distill import DistillArguments, distill
+    from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill
 
     run = tmp_path_factory.mktemp("distilled")
     distill(DistillArguments(run=str(run), source=str(musiccaps_csv)))
@@ -43,7 +43,7 @@ def distilled_run(tmp_path_factory, musiccaps_csv) -> Path:
 @pytest.fixture(scope="session")
 def vae_run(tmp_path_factory, distilled_run) -> Path:
     """distilled_run plus a small VAE trained for a few epochs (fast, not converged)."""
-    from generation.vae_train import VaeTrainArguments, train_vae
+    from conceptcaps_pipeline.vae.train import VaeTrainArguments, train_vae
 
     run = tmp_path_factory.mktemp("vae") / "run"
     shutil.copytree(distilled_run, run)
@@ -55,7 +55,7 @@ def vae_run(tmp_path_factory, distilled_run) -> Path:
 @pytest.fixture(scope="session")
 def sampled_run(tmp_path_factory, vae_run) -> Path:
     """vae_run plus RUN/attributes.parquet with 48 sampled attribute sets."""
-    from generation.vae_sample import VaeSampleArguments, sample_attributes
+    from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
 
     run = tmp_path_factory.mktemp("sampled") / "run"
     shutil.copytree(vae_run, run)
@@ -67,7 +67,7 @@ def sampled_run(tmp_path_factory, vae_run) -> Path:
 def lsr_run(tmp_path_factory, distilled_run) -> Path:
     """distilled_run plus a small attribute-regularised VAE (tempo, instrument count, vocals, arousal; not valence)
     and the plain twin's figures in its metrics.json (a few epochs: fast, not converged)."""
-    from generation.vae_train import VaeTrainArguments, train_vae
+    from conceptcaps_pipeline.vae.train import VaeTrainArguments, train_vae
 
     run = tmp_path_factory.mktemp("lsr") / "run"
     shutil.copytree(distilled_run, run)
@@ -93,7 +93,7 @@ def tiny_musicgen(tmp_path_factory, distilled_run) -> Path:
     """A tiny random MusicGen checkpoint + processor (T5 tokenizer trained on the distilled captions)."""
     import pyarrow.parquet as pq
 
-    from generation.tiny_musicgen import build_tiny_musicgen
+    from conceptcaps_pipeline.testing.tiny_musicgen import build_tiny_musicgen
 
     captions = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
     return build_tiny_musicgen(tmp_path_factory.mktemp("tiny_musicgen") / "model", captions)
@@ -133,7 +133,7 @@ def launch_audio_generate(run: Path, model: Path, *options: str, processes: int 
 
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-        "--num_processes", str(processes), "-m", "generation.cli", "audio", "generate",
+        "--num_processes", str(processes), "-m", "conceptcaps_pipeline.cli", "audio", "generate",
         "--run", str(run), "--model", str(model), *options,
     ]
     # One thread per process: the test machine has two cores shared with other jobs.
@@ -159,7 +159,7 @@ def audio_run(tmp_path_factory, audio_captions_run, tiny_musicgen) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory, musiccaps_csv) -> Path:
     """A random-weight tiny Llama whose BPE tokenizer is trained on the MusicCaps captions (output is noise)."""
-    from generation.tiny_llm import TinyLlmConfig, build_tiny_llm, captions_from_source
+    from conceptcaps_pipeline.testing.tiny_llm import TinyLlmConfig, build_tiny_llm, captions_from_source
 
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm") / "model", captions_from_source(musiccaps_csv),
                           TinyLlmConfig(vocab_size=1024))
@@ -167,7 +167,7 @@ def tiny_llm(tmp_path_factory, musiccaps_csv) -> Path:
 
 def tiny_captioner_configs(run: Path, model: Path, **sft_overrides):
     """(CaptionerArguments, SFTConfig, ModelConfig) for a few-step LoRA fine-tune of a tiny model on CPU."""
-    from generation.captioner_train import CaptionerArguments, ModelConfig, SFTConfig
+    from conceptcaps_pipeline.captions.train import CaptionerArguments, ModelConfig, SFTConfig
 
     sft = {"num_train_epochs": 1, "learning_rate": 5e-3, "logging_steps": 1, "disable_tqdm": True, **sft_overrides}
     return (CaptionerArguments(run=str(run), model=str(model), max_train_samples=16, max_eval_samples=8),
@@ -177,7 +177,7 @@ def tiny_captioner_configs(run: Path, model: Path, **sft_overrides):
 @pytest.fixture(scope="session")
 def captioner_run(tmp_path_factory, sampled_run, tiny_llm) -> Path:
     """sampled_run plus RUN/captioner: a LoRA adapter (paper settings) on tiny_llm after 4 SFT steps."""
-    from generation.captioner_train import train_captioner
+    from conceptcaps_pipeline.captions.train import train_captioner
 
     run = tmp_path_factory.mktemp("captioner") / "run"
     shutil.copytree(sampled_run, run)
@@ -188,7 +188,7 @@ def captioner_run(tmp_path_factory, sampled_run, tiny_llm) -> Path:
 @pytest.fixture(scope="session")
 def release_run(tmp_path_factory, audio_run) -> Path:
     """audio_run plus RUN/release/ from `conceptcaps build`; tiny shards, so the audio config has several."""
-    from generation.build import BuildArguments, build_release
+    from conceptcaps_pipeline.release.build import BuildArguments, build_release
 
     run = tmp_path_factory.mktemp("release") / "run"
     shutil.copytree(audio_run, run)
@@ -199,7 +199,7 @@ def release_run(tmp_path_factory, audio_run) -> Path:
 @pytest.fixture(scope="session")
 def captions(musiccaps_csv) -> list[str]:
     """Every caption of the real MusicCaps CSV (tokenizers of tiny models are trained on them)."""
-    from generation.source import read_source
+    from conceptcaps_pipeline.taxonomy.source import read_source
 
     rows, _ = read_source(str(musiccaps_csv))
     return [row.caption for row in rows]

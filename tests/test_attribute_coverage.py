@@ -49,7 +49,7 @@ def test_recording_quality_rate(metric):
 
 
 def test_per_caption_function():
-    from generation.captions_generate import load_coverage_module
+    from conceptcaps_pipeline.captions.generate import load_coverage_module
 
     module = load_coverage_module()  # the very file evaluate.load reads
     taxonomy = module.load_taxonomy()
@@ -73,7 +73,7 @@ def test_taxonomy_is_an_argument(metric, tmp_path):
 
 
 def test_misaligned_inputs_are_refused():
-    from generation.captions_generate import load_coverage_module
+    from conceptcaps_pipeline.captions.generate import load_coverage_module
 
     with pytest.raises(ValueError, match="must align"):
         load_coverage_module().summarize(["a caption"], [], None)

@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from conftest import launch_audio_generate
 
-from generation.audio_generate import (
+from conceptcaps_pipeline.audio.generate import (
     AudioArguments,
     batch_seed,
     codec_timing,
@@ -27,10 +27,10 @@ from generation.audio_generate import (
     load_musicgen,
     synthesize,
 )
-from generation.audio_shards import INDEX_COLUMNS, read_shards, shard_paths
-from generation.audio_verify import VerifyArguments, verify_audio
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest
+from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards, shard_paths
+from conceptcaps_pipeline.audio.verify import VerifyArguments, verify_audio
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def caption_ids(run: Path) -> list[str]:
 def test_tiny_musicgen_has_musicgens_layout(tiny_musicgen, tiny):
     from transformers import AutoProcessor, MusicgenConfig
 
-    from generation.tiny_musicgen import musicgen_large_config
+    from conceptcaps_pipeline.testing.tiny_musicgen import musicgen_large_config
 
     config = MusicgenConfig.from_pretrained(tiny_musicgen)
     decoder, codec = config.decoder, config.audio_encoder
@@ -72,7 +72,7 @@ def test_clip_length_seeding_and_stereo(tiny, distilled_run):
     import torch
     from transformers import MusicgenForConditionalGeneration
 
-    from generation.tiny_musicgen import make_audible, tiny_musicgen_config
+    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, tiny_musicgen_config
 
     model, processor = tiny
     prompts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()[:3]

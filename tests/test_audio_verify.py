@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from generation.audio_shards import Batch, ShardWriter, encode_flac, read_shards, shard_paths
-from generation.audio_verify import VerifyArguments, check_clip, verify_audio
-from generation.cli import main
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest
+from conceptcaps_pipeline.audio.shards import Batch, ShardWriter, encode_flac, read_shards, shard_paths
+from conceptcaps_pipeline.audio.verify import VerifyArguments, check_clip, verify_audio
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest
 
 RATE = 8000
 

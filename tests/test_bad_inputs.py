@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from generation.cli import main
+from conceptcaps_pipeline.cli import main
 
 TINY = {}  # filled by the `full` fixture: name -> path of a tiny model
 
@@ -51,8 +51,8 @@ QUICK_CAPTIONS = ["--max_new_tokens", "8", "--require_end_of_turn", "false", "--
 
 def interrupted_captions(run: Path, corrupt: bool = False):
     """Two real caption shards, as a killed `captions generate` leaves them; the first one damaged if asked."""
-    from generation.captions_generate import generate_captions
-    from generation.options import parse_options
+    from conceptcaps_pipeline.captions.generate import generate_captions
+    from conceptcaps_pipeline.options import parse_options
 
     generate_captions(*parse_options(("captions", "generate"), ["--run", str(run), *QUICK_CAPTIONS]))
     (run / "captions.parquet").unlink()
@@ -311,7 +311,7 @@ def test_ctrl_c_is_one_line_and_exit_130(audio_captions_run, tiny_musicgen, tmp_
     run = tmp_path / "run"
     shutil.copytree(audio_captions_run, run)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "audio", "generate", "--run", str(run), "--model",
+    process = subprocess.Popen([sys.executable, "-m", "conceptcaps_pipeline.cli", "audio", "generate", "--run", str(run), "--model",
                                 str(tiny_musicgen), "--duration", "20", "--batch_size", "1"],
                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)

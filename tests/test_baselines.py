@@ -10,15 +10,15 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from generation.errors import ConceptCapsError
-from generation.evaluate_run import EvaluateArguments, evaluate_run
-from generation.run_dir import read_manifest
-from generation.vae_sample import VaeSampleArguments, sample_attributes
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.evaluate.run import EvaluateArguments, evaluate_run
+from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, distilled_run):
-    from generation.tiny_eval_models import build_tiny_bert
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_bert
 
     texts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
     return str(build_tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "bert", texts))
@@ -47,7 +47,7 @@ def test_random_control_is_scored_beside_the_real_sets(sampled_run, copy_run):
 
 
 def test_zero_shot_captions_are_scored_apart(captioner_run, tiny_bert, tmp_path):
-    from generation.captions_generate import CaptionsArguments, generate_captions
+    from conceptcaps_pipeline.captions.generate import CaptionsArguments, generate_captions
 
     run = tmp_path / "run"
     shutil.copytree(captioner_run, run)

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conceptcaps import SPLITS, ConceptCaps
-from generation.audio_shards import decode_flac, read_shards
-from generation.build import BuildArguments, build_release, release_files
-from generation.cli import main
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest
+from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
+from conceptcaps_pipeline.release.build import BuildArguments, build_release, release_files
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest
 
 CONFIGS = ["default", "audio", "25pct", "25pct_audio", "10pct", "10pct_audio"]
 SHARD = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.parquet$")

@@ -23,9 +23,9 @@ from conceptcaps import (
     subset_min_positives,
     tag_categories,
 )
-from generation.audio_shards import decode_flac, read_shards
-from generation.errors import ConceptCapsError
-from generation.taxonomy import Taxonomy
+from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.taxonomy import Taxonomy
 
 
 def prepare(run, config, cache):

@@ -10,9 +10,9 @@ from conceptcaps_eval.attribute_coverage.recording_quality import (
     recording_quality_mentions,
 )
 
-from generation.caption_cleaning import clean_caption
-from generation.run_dir import read_manifest
-from generation.taxonomy import Taxonomy
+from conceptcaps_pipeline.taxonomy.cleaning import clean_caption
+from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.taxonomy import Taxonomy
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_real_captions_are_cleaned(distilled_run):
 
 
 def test_cleaning_can_be_switched_off(tmp_path, musiccaps_csv):
-    from generation.cli import run_command
+    from conceptcaps_pipeline.cli import run_command
 
     manifest = run_command(["distill", "--out", str(tmp_path / "run"), "--source", str(musiccaps_csv),
                             "--clean_captions", "false"])

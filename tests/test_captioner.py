@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_captioner_configs
 
-from generation.errors import ConceptCapsError
+from conceptcaps_pipeline.errors import ConceptCapsError
 
 PRESET = ROOT / "generation" / "configs" / "captioner.yaml"
 
@@ -32,7 +32,7 @@ def test_tiny_llm_loads_by_path_with_chat_template(tiny_llm):
 
 
 def test_paper_defaults_and_preset_parse():
-    from generation.cli import make_parser
+    from conceptcaps_pipeline.cli import make_parser
 
     parser = make_parser(("captioner", "train"))
     args, sft, model = parser.parse_args_and_config(["--run", "runs/x", "--model", "some/model"])
@@ -47,7 +47,7 @@ def test_paper_defaults_and_preset_parse():
 
 
 def test_sft_trains_lora_weights_only(distilled_run, copy_run, tiny_llm):
-    from generation.captioner_train import build_trainer
+    from conceptcaps_pipeline.captions.train import build_trainer
 
     run = copy_run(distilled_run)
     trainer = build_trainer(*tiny_captioner_configs(run, tiny_llm, max_steps=2, eval_strategy="no"))
@@ -86,7 +86,7 @@ def test_train_captioner_writes_adapter_and_summary(captioner_run, tiny_llm):
 
 
 def test_rerun_is_skipped_when_up_to_date(captioner_run, tiny_llm):
-    from generation.captioner_train import train_captioner
+    from conceptcaps_pipeline.captions.train import train_captioner
 
     run = captioner_run  # same arguments and inputs: nothing is retrained, nothing written
     first = json.loads((run / "manifests" / "captioner_train.json").read_text())
@@ -97,7 +97,7 @@ def test_rerun_is_skipped_when_up_to_date(captioner_run, tiny_llm):
 def test_qlora_on_cpu_is_a_clear_error_before_loading(distilled_run, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from generation.cli import main
+    from conceptcaps_pipeline.cli import main
 
     # The preset's model is a Hub id that cannot load offline: the CUDA check must come first.
     code = main(["captioner", "train", "--config", str(PRESET), "--run", str(distilled_run)])
@@ -107,7 +107,7 @@ def test_qlora_on_cpu_is_a_clear_error_before_loading(distilled_run, capsys):
 
 
 def test_hub_id_offline_says_how_to_use_a_local_copy(distilled_run, copy_run):
-    from generation.captioner_train import CaptionerArguments, ModelConfig, SFTConfig, train_captioner
+    from conceptcaps_pipeline.captions.train import CaptionerArguments, ModelConfig, SFTConfig, train_captioner
 
     run = copy_run(distilled_run)
     with pytest.raises(ConceptCapsError, match=r"hf download meta-llama/Llama-3.1-8B-Instruct --local-dir DIR.*--model DIR"):
@@ -115,7 +115,7 @@ def test_hub_id_offline_says_how_to_use_a_local_copy(distilled_run, copy_run):
 
 
 def test_missing_inputs_are_clear_errors(tmp_path, tiny_llm):
-    from generation.captioner_train import train_captioner
+    from conceptcaps_pipeline.captions.train import train_captioner
 
     with pytest.raises(ConceptCapsError, match="distilled.parquet.*conceptcaps distill"):
         train_captioner(*tiny_captioner_configs(tmp_path, tiny_llm))
@@ -126,7 +126,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, tiny_llm):
 def test_tiny_llm_warm_up_and_command_line(distilled_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generation.tiny_llm import main
+    from conceptcaps_pipeline.testing.tiny_llm import main
 
     source = distilled_run / "distilled.parquet"
     small = ["--vocab_size", "512", "--train_batch_size", "8", "--train_max_tokens", "48"]

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from generation.captions_generate import CaptionsArguments, clean_caption, degeneracy, generate_captions
-from generation.errors import ConceptCapsError
+from conceptcaps_pipeline.captions.generate import CaptionsArguments, clean_caption, degeneracy, generate_captions
+from conceptcaps_pipeline.errors import ConceptCapsError
 
 # A tiny model trained for 4 steps never learns to end its turn: accept unfinished outputs,
 # keep them short. The other degeneracy checks stay on.
@@ -69,7 +69,7 @@ def test_generate_from_sampled_attributes(captioner_run, copy_run):
     assert sorted(r["id"] for r in rows) == sorted(a["id"] for a in attributes if a["id"] not in failed)
     by_id = {a["id"]: a for a in attributes}
     coverage = _load_coverage()
-    from generation.taxonomy import Taxonomy
+    from conceptcaps_pipeline.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.load(run / "taxonomy.json")
     for row in rows:
@@ -88,13 +88,13 @@ def test_generate_from_sampled_attributes(captioner_run, copy_run):
 
 
 def _load_coverage():
-    from generation.captions_generate import load_coverage_module
+    from conceptcaps_pipeline.captions.generate import load_coverage_module
 
     return load_coverage_module()
 
 
 def _launch(run, *options):
-    command = [sys.executable, "-m", "generation.cli", "captions", "generate", "--run", str(run), *options]
+    command = [sys.executable, "-m", "conceptcaps_pipeline.cli", "captions", "generate", "--run", str(run), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -125,7 +125,7 @@ def test_kill_and_resume_gives_each_id_once_and_the_same_captions(captioner_run,
     with pytest.raises(ConceptCapsError, match="other settings.*--force"):
         generate_captions(CaptionsArguments(run=str(killed), batch_size=8, limit=24, max_new_tokens=24,
                                             require_end_of_turn=False, seed=7))
-    from generation.cli import main
+    from conceptcaps_pipeline.cli import main
 
     assert main(["captions", "generate", "--run", str(killed), *options]) == 0
     manifest = json.loads((killed / "manifests" / "captions_generate.json").read_text())
@@ -182,11 +182,11 @@ def test_two_processes_write_the_captions_of_one(captioner_run, tmp_path):
     options = ["--batch_size", "4", "--limit", "16", "--max_new_tokens", "24", "--require_end_of_turn", "false",
                "--seed", "5"]
     one, two = shutil.copytree(captioner_run, tmp_path / "one"), shutil.copytree(captioner_run, tmp_path / "two")
-    from generation.cli import main
+    from conceptcaps_pipeline.cli import main
 
     assert main(["captions", "generate", "--run", str(one), *options]) == 0
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "-m", "generation.cli",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "-m", "conceptcaps_pipeline.cli",
                "captions", "generate", "--run", str(two), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -200,7 +200,7 @@ def test_merged_adapter_writes_the_captions_of_the_unmerged_one(captioner_run, t
     """merge_and_unload folds LoRA into the weights: the same logits (float32) and the same greedy captions."""
     import torch
 
-    from generation.captions_generate import generate_batch, load_captioner
+    from conceptcaps_pipeline.captions.generate import generate_batch, load_captioner
 
     adapter = str(captioner_run / "captioner")
     rows = pq.read_table(captioner_run / "attributes.parquet").to_pylist()[:6]
@@ -229,7 +229,7 @@ def test_vllm_engine_without_vllm_is_a_clear_error(captioner_run, copy_run):
 
 def test_zero_shot_baseline_writes_its_own_file(captioner_run, copy_run):
     """--zero_shot: the captioner's base model without the adapter, beside (not over) the real captions."""
-    from generation.run_dir import read_manifest
+    from conceptcaps_pipeline.run_dir import read_manifest
 
     run = copy_run(captioner_run)
     real = generate_captions(CaptionsArguments(run=str(run), seed=1, limit=16, **QUICK))

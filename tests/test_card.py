@@ -23,12 +23,12 @@ from conftest import write_captions_parquet
 from huggingface_hub import DatasetCard
 
 from conceptcaps import SPLITS, ConceptCaps
-from dataset_card.card import model_license, read_manifests, size_category, source_datasets, stage_command
-from dataset_card.figures import clap_by_tag
-from generation.audio_shards import decode_flac
-from generation.build import AUDIO_CONFIGS, TEXT_CONFIGS, BuildArguments, build_release, config_names, release_files
-from generation.cli import main
-from generation.run_dir import read_manifest
+from conceptcaps_pipeline.dataset_card.card import model_license, read_manifests, size_category, source_datasets, stage_command
+from conceptcaps_pipeline.dataset_card.figures import clap_by_tag
+from conceptcaps_pipeline.audio.shards import decode_flac
+from conceptcaps_pipeline.release.build import AUDIO_CONFIGS, TEXT_CONFIGS, BuildArguments, build_release, config_names, release_files
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.run_dir import read_manifest
 
 CONFIGS = config_names(True)
 
@@ -85,7 +85,7 @@ def test_card_body_comes_from_the_run(release_run):
     # ... naming the source by its file name and a model outside the run by its folder's name
     assert re.search(r"conceptcaps distill --(out|run) RUN --source musiccaps-public.csv", body)
     model = Path(audio["arguments"]["model"]).name
-    assert (f"accelerate launch --num_processes 2 -m generation.cli audio generate --run RUN --model "
+    assert (f"accelerate launch --num_processes 2 -m conceptcaps_pipeline.cli audio generate --run RUN --model "
             f"{model} --duration 0.5 --batch_size 2") in body
     assert "conceptcaps build --run RUN --max_shard_size 5KB --rows_per_group 2" in body
     # models, versions, taxonomy, statistics, figures
@@ -304,7 +304,7 @@ def test_example_clips_play_the_audio_config(smoke_release):
 
 
 def test_push_refuses_a_tiny_model_release(smoke_release):
-    command = [sys.executable, "-m", "generation.cli", "push", "--run", str(smoke_release), "--repo_id", "my-org/x",
+    command = [sys.executable, "-m", "conceptcaps_pipeline.cli", "push", "--run", str(smoke_release), "--repo_id", "my-org/x",
                "--dry_run"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -319,7 +319,7 @@ def test_push_refuses_a_tiny_model_release(smoke_release):
 
 def test_example_captions_are_printable():
     """A noisy model's caption may hold NUL or other control codes; the card shows U+FFFD instead."""
-    from dataset_card.examples import printable
+    from conceptcaps_pipeline.dataset_card.examples import printable
 
     assert printable("a\x00b\x11c\nd\te") == "a\ufffdb\ufffdc\nd\te"
     assert printable("plain caption, déjà vu") == "plain caption, déjà vu"

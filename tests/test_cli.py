@@ -3,12 +3,12 @@
 import subprocess
 import sys
 
-from generation.cli import COMMANDS
+from conceptcaps_pipeline.cli import COMMANDS
 
 
 def conceptcaps(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "generation.cli", *args], capture_output=True, text=True, timeout=300, check=False, **kwargs
+        [sys.executable, "-m", "conceptcaps_pipeline.cli", *args], capture_output=True, text=True, timeout=300, check=False, **kwargs
     )
 
 
@@ -55,7 +55,7 @@ def test_out_is_an_alias_of_run_in_flags_and_config_files(tmp_path, musiccaps_cs
 
 
 def test_version_and_group_listing():
-    from generation import __version__
+    from conceptcaps_pipeline import __version__
 
     result = conceptcaps("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"conceptcaps {__version__}"
@@ -92,17 +92,17 @@ def test_debug_logging_is_the_projects_own(tmp_path, musiccaps_csv):
 
     env = {**os.environ, "CONCEPTCAPS_LOG_LEVEL": "DEBUG", "MPLCONFIGDIR": str(tmp_path / "mpl")}
     script = ("import logging, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
-              "from generation.cli import configure_logging\n"
+              "from conceptcaps_pipeline.cli import configure_logging\n"
               "configure_logging()\n"
-              "logging.getLogger('generation.demo').debug('project detail')\n"
+              "logging.getLogger('conceptcaps_pipeline.demo').debug('project detail')\n"
               f"plt.figure(); plt.text(0.5, 0.5, 'font lookup'); plt.savefig({str(tmp_path / 'x.png')!r})\n"
               "logging.getLogger('matplotlib').warning('third-party warning')\n"
               "logging.basicConfig(level=logging.INFO)\n"  # as some libraries do: must not print lines twice
-              "logging.getLogger('generation.demo').info('once')\n")
+              "logging.getLogger('conceptcaps_pipeline.demo').info('once')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                             check=False)
     lines = result.stderr.splitlines()
-    assert any("DEBUG generation.demo: project detail" in line for line in lines), result.stderr
+    assert any("DEBUG conceptcaps_pipeline.demo: project detail" in line for line in lines), result.stderr
     assert not any("DEBUG" in line and "matplotlib" in line for line in lines), result.stderr
     assert any("third-party warning" in line for line in lines)  # warnings still reach stderr
     assert sum("once" in line for line in lines) == 1, result.stderr
@@ -113,7 +113,7 @@ def test_docs_spell_every_flag_with_underscores():
     import re
     from pathlib import Path
 
-    from generation.options import make_parser
+    from conceptcaps_pipeline.options import make_parser
 
     root = Path(__file__).resolve().parents[1]
     flags = {o for words in COMMANDS for a in make_parser(words)._actions for o in a.option_strings if "_" in o}

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["generation.concepts", "generation.tcav_stats", "generation.cli", "generation.audio_generate"])
+@pytest.mark.parametrize("name", ["conceptcaps_pipeline.release.concepts", "conceptcaps_pipeline.tcav.stats", "conceptcaps_pipeline.cli", "conceptcaps_pipeline.audio.generate"])
 def test_module_examples(name):
     module = importlib.import_module(name)
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

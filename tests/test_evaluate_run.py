@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 from conftest import ROOT
 
-from generation.errors import ConceptCapsError
-from generation.evaluate_run import PAPER, EvaluateArguments, evaluate_run, metrics_table, reference_clips
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.evaluate.run import PAPER, EvaluateArguments, evaluate_run, metrics_table, reference_clips
 
 JACCARD_PAPER = "Jaccard, paper definition: 0.5 threshold, pooled (validation)"
 JACCARD_RULE = "Jaccard, decoding rule, mean per set (validation)"
@@ -43,7 +43,7 @@ N_CAPTIONS = 12
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory, distilled_run):
     """Tiny CLAP and BERT (random weights, tokenizers trained on the distilled MusicCaps captions)."""
-    from generation.tiny_eval_models import build_tiny_bert, build_tiny_clap
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_bert, build_tiny_clap
 
     texts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
     folder = tmp_path_factory.mktemp("tiny_eval")
@@ -55,8 +55,8 @@ def full_run(tmp_path_factory, captioner_run, tiny_musicgen):
     """captioner_run (distilled, VAE, attributes, captioner) plus captions and audio from the real stages."""
     from accelerate import PartialState
 
-    from generation.audio_generate import AudioArguments, generate_audio
-    from generation.captions_generate import CaptionsArguments, generate_captions
+    from conceptcaps_pipeline.audio.generate import AudioArguments, generate_audio
+    from conceptcaps_pipeline.captions.generate import CaptionsArguments, generate_captions
 
     run = tmp_path_factory.mktemp("evaluate") / "run"
     shutil.copytree(captioner_run, run)
@@ -342,12 +342,12 @@ def test_metrics_table_formats_ours_beside_the_paper():
 
 
 def test_cli_on_an_empty_run_is_one_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "generation.cli", "evaluate", "--run", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", "evaluate", "--run", str(tmp_path)],
                             check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 2
     assert "distilled.parquet not found" in result.stderr and "conceptcaps distill" in result.stderr
     assert "Traceback" not in result.stderr
-    help_text = subprocess.run([sys.executable, "-m", "generation.cli", "evaluate", "--help"],
+    help_text = subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", "evaluate", "--help"],
                                check=False, capture_output=True, text=True, timeout=300, cwd=ROOT).stdout
     assert "--reference_audio" in help_text and "--clap_model" in help_text and "--skip" in help_text
     assert "--reference_split" in help_text and "--reference_column" in help_text and "Hub dataset" in help_text
@@ -356,7 +356,7 @@ def test_cli_on_an_empty_run_is_one_clear_error(tmp_path):
 def test_paper_preset_computes_fad_against_gtzan_from_the_hub(tmp_path):
     """The paper preset scores FAD the paper's way (CLAP against GTZAN): a parquet copy of GTZAN on the
     Hub, named by id, split and column (a loading-script copy would not load with datasets>=4)."""
-    from generation.run_all import load_preset
+    from conceptcaps_pipeline.run_all import load_preset
 
     section = load_preset("paper")["evaluate"]
     args = EvaluateArguments(run=str(tmp_path), **section)

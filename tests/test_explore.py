@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from generation.errors import ConceptCapsError
-from generation.explore import DATA_GLOBAL, ExploreArguments, explore
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.explore.page import DATA_GLOBAL, ExploreArguments, explore
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -127,7 +127,7 @@ def test_stage_writes_a_space_folder_and_skips_when_up_to_date(explorer_run):
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\n") and "\nsdk: static\n" in readme and "\napp_file: index.html\n" in readme
     for name in ("index.html", "app.js", "style.css"):
-        assert (out / name).read_bytes() == (Path(__file__).parents[1] / "generation" / "explorer" / name).read_bytes()
+        assert (out / name).read_bytes() == (Path(__file__).parents[1] / "generation" / "explore" / "static" / name).read_bytes()
 
     # At most clips_per_tag examples per concept, each holding it; every clip on the page has its audio file,
     # byte for byte the FLAC stored in the release.
@@ -169,8 +169,8 @@ def test_clap_scores_per_concept_after_evaluate(browser, explorer_run, copy_run,
     """After `conceptcaps evaluate` (tiny CLAP), each concept shows the mean CLAP score of its clips."""
     import pyarrow.parquet as pq
 
-    from generation.evaluate_run import EvaluateArguments, evaluate_run
-    from generation.tiny_eval_models import build_tiny_clap
+    from conceptcaps_pipeline.evaluate.run import EvaluateArguments, evaluate_run
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
 
     run = copy_run(explorer_run)
     texts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
@@ -215,8 +215,8 @@ def test_clear_errors(tmp_path, explorer_run, copy_run):
 
 def test_pad_uses_regularised_dimensions_when_the_vae_has_them(browser, explorer_run, copy_run):
     """A VAE trained with --lsr tempo arousal: the pad's axes are those two dimensions, labelled in attribute units."""
-    from generation.vae_lsr import latent_to_attribute, load_lsr
-    from generation.vae_train import VaeTrainArguments, train_vae
+    from conceptcaps_pipeline.vae.lsr import latent_to_attribute, load_lsr
+    from conceptcaps_pipeline.vae.train import VaeTrainArguments, train_vae
 
     run = copy_run(explorer_run)
     train_vae(VaeTrainArguments(run=str(run), epochs=5, hidden_dim=128, latent_dim=8, lsr=["tempo", "arousal"],

@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, launch_audio_generate
 
-from generation.audio_generate import AudioArguments, generate_audio
-from generation.audio_shards import read_shards, shard_paths
-from generation.audio_verify import VerifyArguments, verify_audio
-from generation.build import BuildArguments, build_release
-from generation.captions_generate import CaptionsArguments, generate_captions
-from generation.cli import main
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest, stage_lock
+from conceptcaps_pipeline.audio.generate import AudioArguments, generate_audio
+from conceptcaps_pipeline.audio.shards import read_shards, shard_paths
+from conceptcaps_pipeline.audio.verify import VerifyArguments, verify_audio
+from conceptcaps_pipeline.release.build import BuildArguments, build_release
+from conceptcaps_pipeline.captions.generate import CaptionsArguments, generate_captions
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest, stage_lock
 
 
 def rewrite_captions(run: Path, change) -> dict[str, str]:
@@ -60,7 +60,7 @@ def test_changed_captions_are_remade_and_never_shipped_with_old_clips(audio_run,
     after = read_shards(run / "audio").to_pylist()
     assert Counter(r["id"] for r in after) == Counter(new.keys())
     # Each clip now carries the fingerprint of its new caption (the tiny model's sound hardly depends on it).
-    from generation.audio_shards import caption_sha256
+    from conceptcaps_pipeline.audio.shards import caption_sha256
 
     assert all(r["caption_sha256"] == caption_sha256(new[r["id"]]) for r in after) and len(before) == 10
     assert verify_audio(VerifyArguments(run=str(run)))["failing_ids"] == 0
@@ -119,7 +119,7 @@ def test_killing_conceptcaps_run_kills_its_audio_launcher(audio_captions_run, ti
     launcher = (f"{sys.executable} -m accelerate.commands.launch --config_file "
                 f"{ROOT / 'accelerate_configs' / 'cpu.yaml'} --num_processes 2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "generation.cli", "run", "--preset", str(preset), "--run",
+    process = subprocess.Popen([sys.executable, "-m", "conceptcaps_pipeline.cli", "run", "--preset", str(preset), "--run",
                                 str(run), "--audio_launcher", launcher], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -206,14 +206,14 @@ def test_leftovers_of_interrupted_writes_are_removed(release_run, copy_run):
             (path / "part").write_text("half")
     build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
     assert [p for p in leftovers[:3] if p.exists()] == []
-    from generation.run_dir import remove_leftovers
+    from conceptcaps_pipeline.run_dir import remove_leftovers
 
     assert remove_leftovers(run, ["captioner"]) == 1 and not leftovers[3].exists()
 
 
 # 9. No symlink out of the release ---------------------------------------------------------------------
 def test_push_refuses_a_symlink_in_the_release(release_run, copy_run, tmp_path):
-    from generation.push import PushArguments, push_release
+    from conceptcaps_pipeline.release.push import PushArguments, push_release
 
     run = copy_run(release_run)
     secret = tmp_path / "secret.txt"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, captions):
-    from generation.tiny_eval_models import build_tiny_bert
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_bert
 
     return str(build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), captions))
 

@@ -16,7 +16,7 @@ RATE = 22_050  # not the tiny CLAP's 16 kHz, so every call resamples
 
 @pytest.fixture(scope="module")
 def tiny_clap(tmp_path_factory, captions):
-    from generation.tiny_eval_models import build_tiny_clap
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
 
     return str(build_tiny_clap(tmp_path_factory.mktemp("tiny-clap"), captions))
 

@@ -28,8 +28,8 @@ def fad_module(fad):
 
 @pytest.fixture(scope="module")
 def tiny_clap(tmp_path_factory, musiccaps_csv):
-    from generation.source import read_source
-    from generation.tiny_eval_models import build_tiny_clap
+    from conceptcaps_pipeline.taxonomy.source import read_source
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
 
     rows, _ = read_source(str(musiccaps_csv))
     return str(build_tiny_clap(tmp_path_factory.mktemp("tiny-clap"), [row.caption for row in rows]))
@@ -160,8 +160,8 @@ def test_clap_embeddings_and_fad_from_audio(fad, tiny_clap, monkeypatch):
     embeddings = fad.embed_audio(clips, model=tiny_clap, sampling_rate=22_050, batch_size=4)
     assert embeddings.shape == (12, 16)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
-    # Deterministic, and the same procedure as eval/clap_score: eval/fad/clap_windows.py is a symlink to
-    # eval/clap_score/clap_windows.py, one copy of the windowing that evaluate.load copies into each module.
+    # Deterministic, and the same procedure as eval/clap_score: eval/fad/clap_windows.py is a byte-identical
+    # copy of eval/clap_score/clap_windows.py (tests/test_metric_spaces.py keeps them equal).
     np.testing.assert_array_equal(embeddings, fad.embed_audio(clips, model=tiny_clap, sampling_rate=22_050, batch_size=4))
     monkeypatch.chdir(ROOT)
     clap = evaluate.load("eval/clap_score")

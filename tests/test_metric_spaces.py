@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.parent.name for p in (ROOT / "eval").glob("*/*.py") if p.stem == p.parent.name)
 # Packages of this repository: a metric module must run without them (a Space has only its folder).
-FIRST_PARTY = {"generation", "conceptcaps", "conceptcaps_eval", "dataset_card"}
+FIRST_PARTY = {"conceptcaps_pipeline", "conceptcaps", "conceptcaps_eval"}
 
 
 def _normalize(name: str) -> str:
@@ -99,3 +99,12 @@ def test_package_data_ships_the_space_files():
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     for name in MODULES:
         assert {"README.md", "app.py", "requirements.txt"} <= set(package_data[f"conceptcaps_eval.{name}"]), name
+
+
+def test_shared_files_are_plain_equal_copies():
+    """A metric folder holds no symbolic link (a folder copied alone, or checked out on Windows, loads), and the
+    windowing code that clap_score and fad share is one text in two byte-identical files."""
+    links = [str(p.relative_to(ROOT)) for p in (ROOT / "eval").rglob("*") if p.is_symlink()]
+    assert links == []
+    first, second = (ROOT / "eval" / "clap_score" / "clap_windows.py"), (ROOT / "eval" / "fad" / "clap_windows.py")
+    assert first.read_bytes() == second.read_bytes(), "eval/fad/clap_windows.py differs from eval/clap_score's: copy it"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from generation.audio_generate import (
+from conceptcaps_pipeline.audio.generate import (
     AudioArguments,
     batch_size_from_memory,
     codec_timing,
@@ -16,8 +16,8 @@ from generation.audio_generate import (
     load_musicgen,
     synthesize,
 )
-from generation.audio_shards import read_shards
-from generation.musicgen_decode import StaticMusicgenDecoder
+from conceptcaps_pipeline.audio.shards import read_shards
+from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
 PROMPTS = ["A calm jazz piano with soft brushes and a walking double bass",
            "Loud rock guitar riff", "a slow ambient pad with strings, reverb and a distant choir humming"]
@@ -33,7 +33,7 @@ def tiny(tiny_musicgen):
 def stereo(tiny):
     from transformers import MusicgenForConditionalGeneration
 
-    from generation.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
+    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
 
     _, processor = tiny
     torch.manual_seed(1)

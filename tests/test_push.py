@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from generation.build import release_files
-from generation.errors import ConceptCapsError
-from generation.push import PushArguments, push_release
-from generation.run_dir import file_sha256, manifest_path, read_manifest
+from conceptcaps_pipeline.release.build import release_files
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.push import PushArguments, push_release
+from conceptcaps_pipeline.run_dir import file_sha256, manifest_path, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = "hf_SENTINELtokenDoNotPrint0123456789"
@@ -23,7 +23,7 @@ SENTINEL = "hf_SENTINELtokenDoNotPrint0123456789"
 
 def conceptcaps(*args, env=None):
     environment = {**os.environ, "HF_TOKEN": SENTINEL, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "generation.cli", *args], check=False, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", *args], check=False, capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env=environment)
 
 
@@ -34,7 +34,7 @@ def test_dry_run_lists_exactly_the_release_files_and_hides_the_token(release_run
     assert SENTINEL not in output
     release = release_run / "release"
     expected = [p.as_posix() for p in release_files(release)]
-    listed = [line.split(":   ", 1)[1].split()[0] for line in output.splitlines() if "generation.push:   " in line]
+    listed = [line.split(":   ", 1)[1].split()[0] for line in output.splitlines() if "conceptcaps_pipeline.release.push:   " in line]
     assert listed == expected
     assert {p.as_posix() for p in release.rglob("*") if p.is_file()} == {(release / f).as_posix() for f in expected}
     digest = file_sha256(manifest_path(release_run, "build"))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conceptcaps import load_release
-from generation.errors import ConceptCapsError
-from generation.run_all import RunArguments, load_preset, run_pipeline
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_all import RunArguments, load_preset, run_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +111,7 @@ def test_every_preset_section_is_valid_options(preset, tmp_path):
     """Each section of the shipped presets builds its stage's dataclasses (tiny models left unbuilt)."""
     import importlib
 
-    from generation.run_all import STAGES
+    from conceptcaps_pipeline.run_all import STAGES
 
     for stage, section in load_preset(preset).items():
         module_name, _, parts = STAGES[stage]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from generation.errors import ConceptCapsError
-from generation.taxonomy import CATEGORIES, Taxonomy, normalize
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy, normalize
 
 QUALITY_WORDS = ("quality", "noisy", "mono", "amateur", "recording", "muffled", "fidelity", "static", "live")
 
@@ -84,7 +84,7 @@ def test_invalid_taxonomy_is_refused(tmp_path):
 
 
 def test_propose_lists_counts_and_unmapped_tags(musiccaps_csv, capsys):
-    from generation.cli import main
+    from conceptcaps_pipeline.cli import main
 
     assert main(["taxonomy", "propose", "--source", str(musiccaps_csv), "--top", "20", "--min-count", "30"]) == 0
     out = capsys.readouterr().out

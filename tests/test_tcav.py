@@ -1,4 +1,4 @@
-"""`conceptcaps tcav` on synthetic releases whose concepts are known (generation/tcav_synthetic.py):
+"""`conceptcaps tcav` on synthetic releases whose concepts are known (generation/testing/tcav_world.py):
 a planted concept is found, an unrelated one is not, noise is called significant near the nominal
 rate, and activations are computed once per clip."""
 
@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from generation.cli import main
-from generation.run_dir import read_manifest
-from generation.tcav import TcavArguments, experiment, prepare, run_tcav
-from generation.tcav_synthetic import (
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.tcav.stage import TcavArguments, experiment, prepare, run_tcav
+from conceptcaps_pipeline.testing.tcav_world import (
     NOISE_CONCEPTS,
     PLANTED,
     UNRELATED,
@@ -21,7 +21,7 @@ from generation.tcav_synthetic import (
     train_planted_classifier,
     write_release,
 )
-from generation.tiny_eval_models import build_tiny_audio_classifier
+from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_audio_classifier
 
 LAYERS = ["hubert.encoder.layers.0", "hubert.encoder.layers.1"]
 

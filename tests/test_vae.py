@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest
-from generation.taxonomy import CATEGORIES, Taxonomy
-from generation.vae_model import BetaVAE, multi_hot
-from generation.vae_sample import VaeSampleArguments, sample_attributes
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
+from conceptcaps_pipeline.vae.model import BetaVAE, multi_hot
+from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
 
 
 def test_training_lowers_the_loss(vae_run):

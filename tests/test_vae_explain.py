@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from generation.cli import main
-from generation.errors import ConceptCapsError
-from generation.run_dir import read_manifest
-from generation.vae_explain import VaeExplainArguments, explain_vae
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.vae.explain import VaeExplainArguments, explain_vae
 
 SMALL = {"anchors": 24, "seeds": 2, "steps": 7, "top_kl": 3}
 

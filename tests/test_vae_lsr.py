@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from generation.cli import main
-from generation.errors import ConceptCapsError
-from generation.taxonomy import Taxonomy
-from generation.vae_lsr import (
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.taxonomy import Taxonomy
+from conceptcaps_pipeline.vae.lsr import (
     ATTRIBUTES,
     attribute_matrix,
     attribute_spec,
@@ -22,8 +22,8 @@ from generation.vae_lsr import (
     pairwise_order_loss,
     regularised_dims,
 )
-from generation.vae_sample import VaeSampleArguments, sample_attributes
-from generation.vae_train import VaeTrainArguments, check_arguments
+from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
+from conceptcaps_pipeline.vae.train import VaeTrainArguments, check_arguments
 
 REGULARISED = ["tempo", "instrument_count", "vocal", "arousal"]  # the lsr_run fixture's; valence is left out
 

@@ -4,7 +4,7 @@ from another folder, and use the metric modules without the repository on the pa
 The fresh venv gets no packages from the registry (CI may only reach it for the install
 step): a .pth file points it at this venv's site-packages for the dependencies, whose own
 .pth files (this checkout's editable install) Python does not process from there, so
-`generation`, `conceptcaps_eval` and `conceptcaps` come from the wheel alone.
+`conceptcaps_pipeline`, `conceptcaps_eval` and `conceptcaps` come from the wheel alone.
 """
 
 from __future__ import annotations
@@ -54,12 +54,21 @@ def test_wheel_holds_every_stage_resource(wheel):
     for name in ("attribute_coverage", "caption_quality", "clap_score", "fad", "vae_metrics"):
         assert f"conceptcaps_eval/{name}/{name}.py" in names and f"conceptcaps_eval/{name}/README.md" in names
     assert "conceptcaps_eval/attribute_coverage/tag_mentions.py" in names
-    assert {"generation/data/taxonomy.yaml", "generation/presets/smoke.yaml", "generation/presets/paper.yaml",
-            "dataset_card/template.md", "conceptcaps.py"} <= names
+    assert {"conceptcaps_pipeline/data/taxonomy.yaml", "conceptcaps_pipeline/presets/smoke.yaml",
+            "conceptcaps_pipeline/presets/paper.yaml", "conceptcaps_pipeline/configs/captioner.yaml",
+            "conceptcaps_pipeline/dataset_card/template.md", "conceptcaps_pipeline/explore/static/app.js",
+            "conceptcaps.py"} <= names
+
+
+def test_wheel_installs_only_the_projects_own_top_level_names(wheel):
+    """No generic import name (`generation`, `dataset_card`, `tests`) lands in site-packages: only the project's."""
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0].removesuffix(".py") for name in names if ".dist-info/" not in name}
+    assert top == {"conceptcaps", "conceptcaps_pipeline", "conceptcaps_eval"}, top
 
 
 def test_metric_module_runs_without_the_pipeline(fresh_venv, tmp_path):
-    """attribute_coverage loaded by path needs `evaluate` only: no `generation` on the path."""
+    """attribute_coverage loaded by path needs `evaluate` only: no `conceptcaps_pipeline` on the path."""
     taxonomy = tmp_path / "taxonomy.json"
     taxonomy.write_text(json.dumps({"categories": {
         "genre": {"jazz": {"aliases": ["jazzy"]}, "rock": {"aliases": []}},
@@ -69,7 +78,7 @@ def test_metric_module_runs_without_the_pipeline(fresh_venv, tmp_path):
     }}))
     script = (
         "import importlib.util, json, evaluate\n"
-        "assert importlib.util.find_spec('generation') is None\n"
+        "assert importlib.util.find_spec('conceptcaps_pipeline') is None\n"
         f"m = evaluate.load({str(ROOT / 'eval' / 'attribute_coverage')!r})\n"
         "print(json.dumps(m.compute(predictions=['A slow jazzy tune on a grand piano.', 'A rock song.'],\n"
         f"    references=[['jazz', 'piano', 'slow tempo'], ['rock', 'mellow']], taxonomy={str(taxonomy)!r})))\n"
@@ -83,8 +92,8 @@ def test_installed_wheel_runs_the_smoke_preset_from_another_folder(wheel, fresh_
     python = fresh_venv / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
          cwd=tmp_path)
-    where = _run([str(python), "-c", ("import generation, conceptcaps_eval, conceptcaps; "
-                  "print(generation.__file__, conceptcaps_eval.__file__, conceptcaps.__file__)")], cwd=tmp_path)
+    where = _run([str(python), "-c", ("import conceptcaps_pipeline, conceptcaps_eval, conceptcaps; "
+                  "print(conceptcaps_pipeline.__file__, conceptcaps_eval.__file__, conceptcaps.__file__)")], cwd=tmp_path)
     assert str(ROOT) not in where and where.count(str(fresh_venv)) == 3
     env = {**os.environ, "PYTHONPATH": ""}
     _run([str(fresh_venv / "bin" / "conceptcaps"), "run", "--preset", "smoke", "--source", str(Path(musiccaps_csv).resolve()),

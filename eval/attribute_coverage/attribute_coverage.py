@@ -83,7 +83,7 @@ def load_taxonomy(taxonomy=None):
     """A tag matcher (`find(text)`, `category_of`): as given, or from a path, a dict or the default."""
     if hasattr(taxonomy, "find") and hasattr(taxonomy, "category_of"):
         return taxonomy
-    if hasattr(taxonomy, "mentions"):  # a generation.taxonomy.Taxonomy
+    if hasattr(taxonomy, "mentions"):  # a conceptcaps_pipeline.taxonomy.Taxonomy
         return taxonomy.mentions
     return TagMentions.from_file(taxonomy)
 

@@ -7,7 +7,7 @@
 ConceptCaps describes music, not the recording that carried it: the taxonomy excludes
 recording-quality tags and the captioner's system prompt forbids such remarks. MusicCaps
 captions are full of them (about 30% of the distilled captions), so the distill stage
-removes them from the captions the captioner learns from (generation/caption_cleaning.py
+removes them from the captions the captioner learns from (generation/taxonomy/cleaning.py
 imports the patterns below), and the `attribute_coverage` metric reports how many
 generated captions still make one (`recording_quality_rate`). One list serves both.
 

@@ -10,7 +10,7 @@ boundaries, after normalisation (lower case; '-', '_', '/' become spaces; punctu
 
 This file needs only the standard library (and PyYAML for a YAML taxonomy), so the
 `attribute_coverage` metric runs in any environment that has `evaluate`. The pipeline's
-`generation.taxonomy.Taxonomy` uses the same functions, so the numbers in a run's
+`conceptcaps_pipeline.taxonomy.Taxonomy` uses the same functions, so the numbers in a run's
 captions.parquet and this metric come from one implementation.
 """
 
@@ -49,7 +49,7 @@ def plural(phrase: str) -> str:
 def installed_taxonomy() -> Path | None:
     """The taxonomy YAML of an installed ConceptCaps (found without importing its code), if any."""
     try:
-        spec = find_spec("generation")
+        spec = find_spec("conceptcaps_pipeline")
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:

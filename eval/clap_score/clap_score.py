@@ -78,7 +78,7 @@ Examples:
     >>> import tempfile
     >>> import evaluate
     >>> import numpy as np
-    >>> from generation.tiny_eval_models import build_tiny_clap
+    >>> from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
     >>> texts = ["a calm piano melody", "loud rock drums and distorted guitar"]
     >>> model_dir = build_tiny_clap(tempfile.mkdtemp(), texts)
     >>> clap_score = evaluate.load("eval/clap_score")

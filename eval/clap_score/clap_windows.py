@@ -4,10 +4,10 @@
     clap, processor, device = load_clap("laion/larger_clap_music")
     audio = embed_audio_items(clap, processor, ["clip.flac", {"array": wave, "sampling_rate": 32000}], device=device)
 
-eval/fad/clap_windows.py is a symlink to this file. `evaluate.load` copies a module's relative
-imports (`from .clap_windows import ...`) from the module's own folder into its cache (copying
-follows the link), so both metrics embed audio with exactly this code; a copy of a module
-folder made with `cp -rL` (a Hub Space upload) holds a real file.
+eval/clap_score/clap_windows.py and eval/fad/clap_windows.py are two byte-identical copies
+(tests/test_metric_spaces.py keeps them equal): each metric folder stands alone, so a module
+copied by itself (a Hub Space, a Windows checkout) loads, and both metrics embed audio with
+exactly this code.
 
 The procedure, deterministic by design:
 - a clip (a path, `{"bytes"|"path"}`, `{"array", "sampling_rate"}`, a decoded datasets `Audio`

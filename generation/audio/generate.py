@@ -1,0 +1,553 @@
+r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or many.
+
+    conceptcaps audio generate --run runs/demo                                  # one process
+    conceptcaps audio generate --run runs/demo --model facebook/musicgen-large --duration 30 \
+        --guidance_scale 3.3 --batch_size 8
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m conceptcaps_pipeline.cli \
+        audio generate --run runs/demo                                          # every GPU of a node
+
+Reads RUN/captions.parquet (id, caption). Every caption goes into a fixed batch (captions
+sorted by prompt length, so the text encoder pads little); the batches that still lack a clip
+are split between the processes by Accelerate (`PartialState.split_between_processes`). Each
+batch is generated with a seed from the base seed and its first id (by default the paper's
+classifier-free guidance 3.3 and 30-second clips, the only generation settings the paper states,
+and top-k 250 sampling, MusicGen's own default, not the paper's) and handed to a writer thread that encodes
+FLAC and writes `RUN/audio/shard-r{rank}-{writer}-{n}.parquet` atomically. Because batches and
+seeds do not depend on what was done before or on the number of processes, a resumed or
+multi-process run makes the clips of one uninterrupted run (on the same device type, with the
+same --num_threads on a CPU; the manifest records what the samples depend on).
+
+Every clip stores the fingerprint of its caption and the settings that made it. A re-run sets
+aside (RUN/.set-aside/audio/) and makes again the clips whose caption has changed, and refuses
+to mix in clips of other settings. `--force` checks every option and loads the model first, then
+sets the old clips aside, and drops them only once the new ones are made. One process at a time
+may work on a run (RUN/.locks/audio.lock). On a GPU the model runs in bf16 while the EnCodec
+decoder stays in float32. Writes RUN/manifests/audio.json (counts per rank, audio seconds, wall
+time, and one entry per session when a run was resumed).
+
+`--model` takes a Hub id (facebook/musicgen-small, -medium, -large, -stereo-*) or a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, shard_paths
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.models import load_pretrained, resolve_model
+from conceptcaps_pipeline.run_dir import read_manifest, require, write_manifest
+
+logger = logging.getLogger(__name__)
+
+STAGE = "audio"
+DEFAULT_MODEL = "facebook/musicgen-large"
+
+
+@dataclass
+class AudioArguments:
+    run: str = field(metadata={"help": "Run directory holding captions.parquet; clips go to RUN/audio/."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "MusicGen checkpoint: a Hub id or a local folder."})
+    duration: float = field(default=30.0, metadata={"help": "Seconds of audio per caption (the paper: 30)."})
+    guidance_scale: float = field(default=3.3, metadata={"help": "Classifier-free guidance scale (the paper: 3.3)."})
+    top_k: int = field(default=250, metadata={"help": "Top-k sampling over each codebook (MusicGen's default: 250)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    batch_size: int = field(
+        default=0,
+        metadata={"help": "Captions decoded together on each process; 0: on a GPU the largest batch its free memory "
+                          "holds (KV cache and codec), on a CPU 8. The clips depend on it (their batches)."})
+    decoder: str = field(
+        default="static",
+        metadata={"help": "static: the static-cache decode loop (CUDA graphs on a GPU; the same clips as generate); "
+                          "generate: transformers' MusicgenForConditionalGeneration.generate."})
+    codec_batch_size: int = field(
+        default=0, metadata={"help": "Clips the EnCodec decoder turns into audio at once (0: 4 on a GPU, all on a CPU)."})
+    seed: int = field(default=0, metadata={"help": "Base seed; each batch's seed derives from it and its first id."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Transformer dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32. "
+                          "The EnCodec decoder always runs in float32."},
+    )
+    flac_subtype: str = field(default="PCM_16", metadata={"help": "FLAC sample format: PCM_16 or PCM_24."})
+    max_pending: int = field(default=4, metadata={"help": "Batches that may wait for the writer thread."})
+    num_threads: int = field(
+        default=1,
+        metadata={"help": "Torch CPU threads per process. On a CPU the exact samples depend on it, so the default "
+                          "(1) gives the same clips whatever launcher or core count runs them; 0: torch's default."})
+    cpu: bool = field(default=False, metadata={"help": "Run on CPU even where a GPU is present."})
+    force: bool = field(default=False, metadata={"help": "Make every clip again; the old ones are set aside and "
+                                                         "dropped once the new ones are made."})
+
+
+def batch_seed(base_seed: int, first_id: str) -> int:
+    """A batch's seed: a hash of the base seed and its first id, so it never depends on ranks."""
+    digest = hashlib.sha256(f"{base_seed}:{first_id}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def codec_timing_from(model_id: str) -> dict:
+    """codec_timing of a checkpoint, from its config alone (no weights loaded)."""
+    from transformers import MusicgenConfig
+
+    return codec_timing(load_pretrained(MusicgenConfig, resolve_model(model_id, "model"), "model", "MusicGen config"))
+
+
+def codec_timing(config) -> dict:
+    """Frame rate, hop length and codebooks per channel of a MusicgenConfig."""
+    audio = config.audio_encoder
+    decoder = config.decoder
+    return {
+        "sampling_rate": int(audio.sampling_rate),
+        "frame_rate": float(audio.frame_rate),
+        "hop_length": int(audio.hop_length),
+        "audio_channels": int(decoder.audio_channels),
+        "channel_codebooks": int(decoder.num_codebooks // decoder.audio_channels),
+    }
+
+
+def decoding_steps(duration: float, timing: dict) -> tuple[int, int]:
+    """(frames wanted, max_new_tokens) for `duration` seconds.
+
+    MusicGen's delay pattern offsets codebook k by k steps, so `n` decoder steps give
+    n - (codebooks - 1) complete frames: ask for that many more steps than frames.
+    """
+    frames = max(1, round(duration * timing["frame_rate"]))
+    return frames, frames + timing["channel_codebooks"] - 1
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise ConceptCapsError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}.") from None
+
+
+def load_processor(model_id: str):
+    """The MusicGen processor (tokenizer + feature extractor) of a Hub id or folder."""
+    from transformers import AutoProcessor
+
+    return load_pretrained(AutoProcessor, resolve_model(model_id, "model"), "model", "MusicGen processor")
+
+
+def load_musicgen(model_id: str, device, dtype, processor=None):
+    """Load model and processor; transformer weights in `dtype`, the EnCodec decoder in float32."""
+    import torch
+    from transformers import MusicgenForConditionalGeneration
+
+    processor = processor or load_processor(model_id)
+    model_id = resolve_model(model_id, "model")
+    model = load_pretrained(MusicgenForConditionalGeneration, model_id, "model", "MusicGen model", dtype=dtype)
+    # Why: EnCodec's decoder is small but numerically touchy; bf16 there adds audible noise.
+    model.audio_encoder.to(torch.float32)
+    return model.to(device).eval(), processor
+
+
+def synthesize(model, processor, prompts: list[str], *, seed: int, max_new_tokens: int,
+               guidance_scale: float = 3.3, top_k: int = 250, temperature: float = 1.0,
+               decoder=None, codec_batch_size: int | None = None) -> np.ndarray:
+    """Generate one clip per prompt: (batch, channels, samples) float32 audio.
+
+    With `decoder` (a `StaticMusicgenDecoder`) the loop is the static-cache one, which gives the
+    same clips as `model.generate` for the same seed; the codec then decodes `codec_batch_size`
+    clips at a time (EnCodec's activations for 30 s clips are large).
+    """
+    import torch
+
+    # On CUDA the compiled step sees one prompt length per bucket of 32 tokens: fewer recompilations.
+    bucket = 32 if decoder is not None and decoder.compile_step else None
+    inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt",
+                       pad_to_multiple_of=bucket).to(model.device)
+    torch.manual_seed(seed)  # seeds every device's generator: same batch + seed -> same clips
+    with torch.inference_mode():
+        if decoder is None:
+            audio = model.generate(
+                **inputs, do_sample=True, top_k=top_k, temperature=temperature,
+                guidance_scale=guidance_scale, max_new_tokens=max_new_tokens,
+            )
+        else:
+            codes = decoder.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
+                                           guidance_scale=guidance_scale, top_k=top_k, temperature=temperature)
+            step = codec_batch_size or codes.shape[1]
+            audio = torch.cat([decoder.decode_audio(codes[:, i:i + step]) for i in range(0, codes.shape[1], step)])
+    return audio.float().cpu().numpy()
+
+
+def plan_batches(ids: list[str], prompts: dict[str, str], tokenizer, batch_size: int) -> list[list[str]]:
+    """Sort ids by tokenised prompt length (then id) and cut them into batches."""
+    if not ids:
+        return []
+    lengths = [len(x) for x in tokenizer([prompts[i] for i in ids], truncation=True)["input_ids"]]
+    ordered = [i for _, i in sorted(zip(lengths, ids))]
+    return [ordered[k:k + batch_size] for k in range(0, len(ordered), batch_size)]
+
+
+def _partial_state(args: AudioArguments):
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import is_mps_available, is_xpu_available, parse_flag_from_env
+
+    # Why: PartialState picks the gloo CPU backend only when told to run on CPU, and
+    # `accelerate launch` exports ACCELERATE_USE_CPU only for its single-process launcher;
+    # so a machine without any accelerator runs on CPU too (two CPU processes under torchrun).
+    no_accelerator = not (torch.cuda.is_available() or is_xpu_available() or is_mps_available())
+    return PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+
+
+def _die_with_launcher() -> int | None:
+    """Under a launcher (torchrun), make this process die with it; returns the launcher's pid.
+
+    Why: torchrun starts every worker in a session of its own, so `kill -9` of the launcher or
+    of its process group leaves the workers running; a re-run would then generate their ids a
+    second time. On Linux the kernel kills us with the launcher (PR_SET_PDEATHSIG); elsewhere
+    the generation loop checks the parent pid between batches.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    launcher = os.getppid()
+    if launcher == 1:  # the launcher is already gone
+        os._exit(1)
+    return launcher
+
+
+def _read_captions(path: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["id", "caption"])
+    except Exception as err:
+        raise ConceptCapsError(
+            f"{path} cannot be read as captions (need columns id, caption): {err}. "
+            f"Re-run `conceptcaps captions generate --run {path.parent}`."
+        ) from err
+    ids, captions = table.column("id").to_pylist(), table.column("caption").to_pylist()
+    prompts: dict[str, str] = {}
+    for clip_id, caption in zip(ids, captions):
+        if not clip_id or clip_id in prompts:
+            raise ConceptCapsError(
+                f"{path}: id {clip_id!r} is empty or repeated; each caption needs a unique id. "
+                f"Re-run `conceptcaps captions generate --run {path.parent} --force`."
+            )
+        if not caption or not str(caption).strip():
+            raise ConceptCapsError(f"{path}: caption of id {clip_id!r} is empty; fix or regenerate captions.parquet.")
+        prompts[clip_id] = str(caption)
+    return prompts
+
+
+SETTING_KEYS = ("model", "duration", "guidance_scale", "top_k", "temperature", "flac_subtype")
+DECODERS = ("static", "generate")
+CPU_BATCH_SIZE = 8
+GPU_CODEC_BATCH_SIZE = 4
+MEMORY_HEADROOM = 0.85  # of the free memory after the weights: allocator slack, the codec, activations
+
+
+def kv_bytes_per_clip(decoder_config, max_new_tokens: int, guidance: bool, dtype_bytes: int, text_tokens: int = 128) -> int:
+    """Bytes one clip holds on the device while it decodes: self- and cross-attention KV cache, both CFG halves."""
+    rows = 2 if guidance else 1
+    width = decoder_config.hidden_size  # heads x head size
+    layers = decoder_config.num_hidden_layers
+    self_attention = 2 * layers * width * (max_new_tokens + 1) * dtype_bytes
+    cross_attention = 2 * layers * width * text_tokens * dtype_bytes
+    return rows * (self_attention + cross_attention)
+
+
+def batch_size_from_memory(free_bytes: int, decoder_config, max_new_tokens: int, guidance: bool, dtype_bytes: int,
+                           limit: int = 256) -> int:
+    """The largest batch whose KV cache fits in MEMORY_HEADROOM of `free_bytes` (at least 1, at most `limit`).
+
+    >>> from transformers import MusicgenDecoderConfig
+    >>> large = MusicgenDecoderConfig(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32)
+    >>> batch_size_from_memory(72 * 2**30, large, 1503, guidance=True, dtype_bytes=2)   # H100 after bf16 weights
+    51
+    """
+    per_clip = kv_bytes_per_clip(decoder_config, max_new_tokens, guidance, dtype_bytes)
+    return max(1, min(limit, int(free_bytes * MEMORY_HEADROOM) // per_clip))
+FLAC_SUBTYPES = ("PCM_S8", "PCM_16", "PCM_24")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_batch_size(args: AudioArguments, device, max_new_tokens: int) -> int:
+    """--batch_size, or (0) the largest batch the GPU's free memory holds next to the weights, or 8 on a CPU."""
+    if args.batch_size:
+        return args.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    import torch
+    from transformers import MusicgenConfig, MusicgenForConditionalGeneration
+
+    config = load_pretrained(MusicgenConfig, resolve_model(args.model, "model"), "model", "MusicGen config")
+    with torch.device("meta"):  # counts the weights without allocating them
+        parameters = sum(p.numel() for p in MusicgenForConditionalGeneration(config).parameters())
+    dtype_bytes = resolve_dtype(args.dtype, device).itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    size = batch_size_from_memory(free - parameters * dtype_bytes, config.decoder, max_new_tokens,
+                                  args.guidance_scale > 1, dtype_bytes)
+    logger.info("audio: batch size %d from %.1f GiB free on %s (weights %.1f GiB)", size, free / 2**30, device,
+                parameters * dtype_bytes / 2**30)
+    return size
+
+
+def check_arguments(args: AudioArguments) -> None:
+    """Every option that can be checked before a model loads or a file is touched: one clear error each."""
+    checks = [
+        (args.batch_size >= 0, f"--batch_size {args.batch_size}: give 0 (from memory) or more."),
+        (args.decoder in DECODERS, f"--decoder {args.decoder!r}: use one of {', '.join(DECODERS)}."),
+        (args.codec_batch_size >= 0, f"--codec_batch_size {args.codec_batch_size}: give 0 (automatic) or more."),
+        (args.duration > 0, f"--duration {args.duration}: give a positive number of seconds."),
+        (args.top_k >= 0, f"--top_k {args.top_k}: give 0 (no top-k cut) or a positive number of codes."),
+        (args.temperature > 0, f"--temperature {args.temperature}: give a positive temperature, e.g. 1.0."),
+        (args.guidance_scale >= 0, f"--guidance_scale {args.guidance_scale}: give 0 or more (1 and below: no guidance)."),
+        (args.dtype in DTYPES, f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}."),
+        (args.flac_subtype in FLAC_SUBTYPES, f"--flac_subtype {args.flac_subtype!r}: use one of {', '.join(FLAC_SUBTYPES)}."),
+        (args.max_pending >= 1, f"--max_pending {args.max_pending}: give at least 1."),
+        (args.num_threads >= 0, f"--num_threads {args.num_threads}: give 0 (torch's default) or more."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptCapsError(message)
+
+
+def clip_settings(args: AudioArguments, run: Path) -> dict:
+    """What a clip's sound depends on besides its caption and seed (stored with every clip)."""
+    from conceptcaps_pipeline.run_dir import run_relative
+
+    settings = {key: getattr(args, key) for key in SETTING_KEYS}
+    settings["model"] = run_relative(args.model, run)
+    return settings
+
+
+def _check_settings(index, settings: dict, run: Path) -> None:
+    """Refuse to mix clips made with other settings into one run (use --force to redo them)."""
+    stored = {s for s in index.column("settings").to_pylist() if s}
+    models = {m for m in index.column("model").to_pylist() if m}
+    from conceptcaps_pipeline.run_dir import run_relative
+
+    for text in sorted(stored):
+        other = json.loads(text)
+        differ = {k: (other.get(k), settings[k]) for k in settings if other.get(k) != settings[k]}
+        if differ:
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differ.items()))
+            raise ConceptCapsError(
+                f"{run / 'audio'} holds clips made with other settings ({listed}): resume with the same settings, "
+                f"or pass --force to set the old clips aside and make every clip again."
+            )
+    if not stored and models and {run_relative(m, run) for m in models} != {settings["model"]}:
+        raise ConceptCapsError(
+            f"{run / 'audio'} holds clips made by {sorted(models)}, but --model is {settings['model']!r}: resume with "
+            f"the same --model, or pass --force to set the old clips aside and start again."
+        )
+
+
+def stale_clips(index, prompts: dict[str, str]) -> dict[str, set[str]]:
+    """{shard: ids} of clips whose caption changed since they were made (or that carry no caption fingerprint)."""
+    from conceptcaps_pipeline.audio.shards import caption_sha256
+
+    stale: dict[str, set[str]] = {}
+    columns = zip(index.column("id").to_pylist(), index.column("caption_sha256").to_pylist(),
+                  index.column("shard").to_pylist())
+    for clip_id, fingerprint, shard in columns:
+        if clip_id in prompts and fingerprint != caption_sha256(prompts[clip_id]):
+            stale.setdefault(shard, set()).add(clip_id)
+    return stale
+
+
+def plan_all_batches(prompts: dict[str, str], tokenizer, batch_size: int) -> list[list[str]]:
+    """Every caption in fixed batches (sorted by prompt length, then id).
+
+    Why fixed: a clip depends on the batch it was made in; batches planned over all captions,
+    whatever is done already and however many processes share the work, make a resumed or
+    multi-process run give the clips of a single uninterrupted run.
+    """
+    return plan_batches(sorted(prompts), prompts, tokenizer, batch_size)
+
+
+def prepare_audio_dir(args: AudioArguments, run: Path, stale: dict[str, set[str]]) -> dict:
+    """Main process, under the stage lock, with the model loaded: set aside what --force or changed captions replace."""
+    from conceptcaps_pipeline.audio.shards import move_rows_aside, remove_stale_temporaries
+    from conceptcaps_pipeline.run_dir import set_aside
+
+    audio_dir = run / "audio"
+    report = {"leftovers": remove_stale_temporaries(audio_dir) if audio_dir.is_dir() else 0,
+              "stale": sum(len(ids) for ids in stale.values())}
+    if args.force:
+        folder = set_aside(run, STAGE, shard_paths(audio_dir))
+        if folder:
+            logger.info("audio: --force: the old clips are set aside in %s until the new ones are made", folder)
+    elif report["stale"]:
+        folder = move_rows_aside(run, stale, STAGE)
+        logger.warning("audio: %d clip(s) were made from captions that have changed since (or carry no caption "
+                       "fingerprint); they are set aside in %s and made again", report["stale"], folder)
+    return report
+
+
+def generate_audio(args: AudioArguments) -> dict:
+    """Generate the missing clips of RUN on this process's share; returns the stage manifest."""
+    import contextlib
+
+    import torch
+    from accelerate.utils import gather_object, tqdm
+
+    from conceptcaps_pipeline.audio.shards import caption_sha256
+    from conceptcaps_pipeline.run_dir import drop_set_aside, stage_lock
+
+    started = time.time()
+    run = Path(args.run)
+    captions_path = require(run, "captions.parquet")
+    audio_dir = run / "audio"
+    check_arguments(args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    prompts = _read_captions(captions_path)
+    settings = clip_settings(args, run)
+    processor = load_processor(args.model)  # a wrong id or folder fails here, before anything is touched
+    launcher = _die_with_launcher()
+    state = _partial_state(args)
+    rank = state.process_index
+
+    with stage_lock(run, STAGE) if state.is_main_process else contextlib.nullcontext():
+        # 1. What is there, read-only: clips of other settings are refused, changed captions are redone.
+        index = read_shards(audio_dir, columns=INDEX_COLUMNS)
+        if not args.force:
+            _check_settings(index, settings, run)
+        stale = {} if args.force else stale_clips(index, prompts)
+        gone = {i for ids in stale.values() for i in ids}
+        done = set() if args.force else set(index.column("id").to_pylist()) - gone
+        max_new_tokens = decoding_steps(args.duration, codec_timing_from(args.model))[1]
+        batch_size = resolve_batch_size(args, state.device, max_new_tokens)
+        batches = plan_all_batches(prompts, processor.tokenizer, batch_size)
+        todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
+        previous = read_manifest(run, STAGE)
+        if not todo:
+            if state.is_main_process:
+                logger.info("audio: all %d captions have a clip in %s; nothing to do (--force redoes them)",
+                            len(prompts), audio_dir)
+            if previous is not None and previous.get("counts", {}).get("clips") == len(prompts):
+                state.wait_for_everyone()
+                return previous
+
+        # 2. Load the model; only then does the main process set aside what is replaced.
+        device = state.device
+        dtype = resolve_dtype(args.dtype, device)
+        model, processor = load_musicgen(args.model, device, dtype, processor)
+        timing = codec_timing(model.config)
+        static = None
+        if args.decoder == "static":
+            from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
+
+            static = StaticMusicgenDecoder(model)
+        codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
+        state.wait_for_everyone()
+        report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
+        # Why: no process may write a shard before the main one has set old clips aside.
+        state.wait_for_everyone()
+
+        # 3. Generate this process's share of the batches; the writer thread does the disk work.
+        local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
+                 "generate_seconds": 0.0, "failed": {}}
+        with state.split_between_processes(todo) as mine:
+            if mine:
+                local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
+                logger.info("audio: rank %d generates %d clips in %d batches on %s (%s, %d thread(s))", rank,
+                            local["assigned"], len(mine), device, str(dtype).replace("torch.", ""),
+                            torch.get_num_threads())
+                writer = ShardWriter(audio_dir, rank, timing["sampling_rate"], settings["model"],
+                                     subtype=args.flac_subtype, max_pending=args.max_pending,
+                                     settings=json.dumps(settings, sort_keys=True))
+                for b in tqdm(list(mine), desc="audio", unit="batch"):
+                    if launcher is not None and os.getppid() != launcher:
+                        os._exit(1)  # orphaned: the launcher died; stop before writing anything more
+                    batch_ids = batches[b]
+                    seed = batch_seed(args.seed, batch_ids[0])
+                    tick = time.time()
+                    audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
+                                       max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
+                                       top_k=args.top_k, temperature=args.temperature, decoder=static,
+                                       codec_batch_size=codec_batch)
+                    local["generate_seconds"] += time.time() - tick
+                    writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
+                                     caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
+                                     keep=[i not in done for i in batch_ids]))
+                stats = writer.close()
+                local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
+                             failed=stats.failed)
+        local["generate_seconds"] = round(local["generate_seconds"], 3)
+
+        # 4. Collect every process's counts; the main process writes the manifest.
+        per_rank = gather_object([local])
+        state.wait_for_everyone()
+        manifest = None
+        if state.is_main_process:
+            manifest = _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing,
+                                             report, state, started, batch_size)
+            drop_set_aside(run, STAGE)  # the new clips are in place: what --force or a caption change replaced goes
+    state.wait_for_everyone()
+    return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
+
+
+def determinism(args: AudioArguments, state, batch_size: int) -> dict:
+    """What a clip's exact samples depend on, recorded so that a rerun can match it (docs/audio.md)."""
+    import torch
+
+    record = {"torch": torch.__version__, "device": str(state.device), "threads": torch.get_num_threads(),
+              "batch_size": batch_size, "seed": args.seed, "dtype": args.dtype, "decoder": args.decoder,
+              "codec_batch_size": args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if state.device.type == "cuda" else
+                                                             "all")}
+    if torch.cuda.is_available() and state.device.type == "cuda":
+        record.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
+                      cudnn=torch.backends.cudnn.version())
+    return record
+
+
+def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing, report, state,
+                          started, batch_size) -> dict:
+    audio_dir = run / "audio"
+    index = read_shards(audio_dir, columns=INDEX_COLUMNS)
+    clip_ids = index.column("id").to_pylist()
+    failed = {k: v for r in per_rank for k, v in r["failed"].items()}
+    session = {
+        "processes": state.num_processes, "generated": sum(r["clips"] for r in per_rank),
+        "audio_seconds": round(sum(r["audio_seconds"] for r in per_rank), 3),
+        "wall_time_s": round(time.time() - started, 3), "per_rank": per_rank,
+        "determinism": determinism(args, state, batch_size),
+        "stale_replaced": report.get("stale", 0), "leftovers_removed": report.get("leftovers", 0),
+    }
+    counts = {
+        "captions": len(prompts), "already_done": len(prompts) - sum(r["assigned"] for r in per_rank),
+        "assigned": sum(r["assigned"] for r in per_rank), "batches_run": len(todo),
+        "generated": session["generated"], "failed": len(failed), "clips": len(set(clip_ids) & set(prompts)),
+        "missing": len(set(prompts) - set(clip_ids)), "shards": len(shard_paths(audio_dir)),
+        "audio_seconds_total": round(float(np.sum(index.column("duration_s").to_numpy())), 3),
+        "audio_seconds_generated": session["audio_seconds"],
+        "per_rank": {str(r["rank"]): r["clips"] for r in per_rank},  # str: the same keys as in the JSON file
+    }
+    sessions = (previous or {}).get("sessions", []) if not args.force else []
+    extra = {"sessions": sessions + [session], "failed_ids": failed,
+             "codec": {**timing, "frames_per_clip": decoding_steps(args.duration, timing)[0]}}
+    manifest = write_manifest(run, STAGE, args, inputs={"captions": captions_path}, counts=counts,
+                              started=started, extra=extra)
+    logger.info("audio: %d/%d captions have a clip (%d generated now by %d process(es), %.1f s of audio)",
+                counts["clips"], len(prompts), counts["generated"], state.num_processes,
+                counts["audio_seconds_generated"])
+    if failed:
+        logger.warning("audio: %d clip(s) were not written (NaN/Inf): %s; re-run to retry them",
+                       len(failed), ", ".join(sorted(failed)[:20]))
+    return manifest

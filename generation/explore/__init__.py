@@ -1,0 +1,1 @@
+"""`conceptcaps explore`: a static page (RUN/explorer/) to browse concepts and walk the VAE's latent space."""

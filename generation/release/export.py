@@ -1,0 +1,136 @@
+"""Write concept sets of a release as files: audio folders in the TCAV layout, or JSON id lists.
+
+    conceptcaps concepts export --run runs/demo --tags piano "slow tempo" --format tcav
+    conceptcaps concepts export --run runs/demo --out sets/ --tags piano --format ids --n 50 --n_random 20
+    conceptcaps concepts export --run probe --dataset my-org/conceptcaps --tags jazz --split validation
+
+Reads the `audio` config of RUN/release (or --dataset: a release folder or Hub dataset id).
+
+`--format tcav` writes the layout that the `tcav` package and captum's TCAV tutorials read:
+`OUT/<tag>/<id>.wav` (--n clips holding the tag) and `OUT/random500_<k>/<id>.wav` (--n_random
+random sets of --random_size clips holding none of the exported tags), WAV at the release's
+sampling rate. `--format ids` writes `OUT/concept_sets.json` with the same sets as id lists
+(no audio is read). Both write `OUT/concept_sets.json`, so the sets can be traced back to the
+release; the same seed gives the same sets. Writes into a temporary folder and renames it, so
+an interrupted export leaves no partial OUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from conceptcaps_pipeline.errors import ConceptCapsError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("tcav", "ids")
+RANDOM_PREFIX = "random500_"  # the name the tcav package looks for, whatever the set size
+
+
+@dataclass
+class ExportArguments:
+    run: str = field(metadata={"help": "Run directory: reads RUN/release (unless --dataset); default --out RUN/concepts."})
+    tags: list[str] = field(default_factory=list, metadata={"help": "Taxonomy tags to export, e.g. piano 'slow tempo'."})
+    format: str = field(default="tcav", metadata={"help": "tcav (<tag>/*.wav and random500_<k>/*.wav) or ids (JSON)."})
+    out: str | None = field(default=None, metadata={"help": "Output folder (default RUN/concepts); must not exist yet "
+                                                            "unless --force."})
+    dataset: str | None = field(default=None, metadata={"help": "A release folder or Hub dataset id (default RUN/release)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --dataset (branch, tag or commit)."})
+    split: str = field(default="train", metadata={"help": "Split the sets come from."})
+    n: int = field(default=50, metadata={"help": "Clips per concept set (the paper's concept-set size: 50)."})
+    n_random: int = field(default=10, metadata={"help": "Random sets (holding none of the exported tags)."})
+    random_size: int | None = field(default=None, metadata={"help": "Clips per random set (default: --n)."})
+    seed: int = field(default=0, metadata={"help": "The same seed gives the same sets."})
+    force: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+
+
+def safe_name(tag: str) -> str:
+    """A folder name for a tag: letters, digits, '-', '_' and '&' kept, spaces to '_' ("slow tempo" -> slow_tempo)."""
+    return re.sub(r"[^\w&-]+", "_", tag.strip()).strip("_") or "tag"
+
+
+def choose_sets(dataset, args: ExportArguments) -> dict:
+    """{"concepts": {tag: row indices}, "random": [row indices, ...]} for the split."""
+    from conceptcaps_pipeline.release.concepts import draw_sets, random_sets, tag_mask
+
+    rng = np.random.default_rng(args.seed)
+    masks = {tag: tag_mask(dataset, tag) for tag in args.tags}
+    any_tag = np.any(np.stack(list(masks.values())), axis=0)
+    concepts = {}
+    for tag, mask in masks.items():
+        positives, _ = draw_sets(mask, args.n, 0, rng, what=f"--tags {tag!r} in split {args.split!r}")
+        concepts[tag] = positives.tolist()
+    randoms = random_sets(~any_tag, args.n_random, args.random_size or args.n, rng, what="the exported tags")
+    return {"concepts": concepts, "random": [r.tolist() for r in randoms]}
+
+
+def write_wavs(dataset, indices: list[int], folder: Path) -> int:
+    """Decode the stored FLAC of each row and write `<id>.wav` (16-bit PCM) into `folder`; returns the count."""
+    import datasets
+    import soundfile as sf
+
+    from conceptcaps_pipeline.audio.shards import decode_flac
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = dataset.cast_column("audio", datasets.Audio(decode=False)).select(indices)
+    for clip_id, audio in zip(raw["id"], raw["audio"]):
+        if not audio.get("bytes"):
+            raise ConceptCapsError(f"clip {clip_id!r} has no stored audio bytes: rebuild the release with audio.")
+        samples, rate = decode_flac(audio["bytes"])
+        sf.write(folder / f"{safe_name(clip_id)}.wav", samples.T, rate, subtype="PCM_16")
+    return len(indices)
+
+
+def export_concepts(args: ExportArguments) -> dict:
+    """Run the command: choose the sets, write them atomically; returns what was written."""
+    from conceptcaps_pipeline.release.concepts import load_release
+    from conceptcaps_pipeline.run_dir import atomic_dir, write_json
+
+    started = time.time()
+    if args.format not in FORMATS:
+        raise ConceptCapsError(f"--format {args.format!r}: use one of {', '.join(FORMATS)}.")
+    if not args.tags:
+        raise ConceptCapsError("--tags is required: name the concepts to export, e.g. --tags piano 'slow tempo'.")
+    if args.n < 1 or args.n_random < 0 or (args.random_size is not None and args.random_size < 1):
+        raise ConceptCapsError(f"--n ({args.n}) and --random_size must be positive, --n_random ({args.n_random}) >= 0.")
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "concepts"
+    if out.exists() and not args.force:
+        raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --out.")
+    source = args.dataset or str(run / "release")
+    if not args.dataset and not (run / "release").is_dir():
+        raise ConceptCapsError(f"{run / 'release'} not found: run `conceptcaps build --run {run}` first, or pass --dataset.")
+    config = "audio" if args.format == "tcav" else "default"
+    try:
+        dataset = load_release(source, config, args.split, args.revision)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConceptCapsError(f"cannot read split {args.split!r} of the {config!r} config of {source}: "
+                               f"{str(err).splitlines()[0]}") from err
+
+    sets = choose_sets(dataset, args)
+    ids = dataset["id"]
+    listing = {
+        "source": args.dataset or "RUN/release", "revision": args.revision, "split": args.split, "seed": args.seed,
+        "arguments": {k: v for k, v in asdict(args).items() if k not in ("run", "out", "force")},
+        "concepts": {tag: [ids[i] for i in rows] for tag, rows in sets["concepts"].items()},
+        "random": {f"{RANDOM_PREFIX}{k}": [ids[i] for i in rows] for k, rows in enumerate(sets["random"])},
+    }
+    clips = 0
+    with atomic_dir(out) as tmp:
+        if args.format == "tcav":
+            for tag, rows in sets["concepts"].items():
+                clips += write_wavs(dataset, rows, tmp / safe_name(tag))
+            for k, rows in enumerate(sets["random"]):
+                clips += write_wavs(dataset, rows, tmp / f"{RANDOM_PREFIX}{k}")
+            listing["folders"] = {tag: safe_name(tag) for tag in sets["concepts"]}
+        write_json(tmp / "concept_sets.json", listing)
+    logger.info("concepts export: %d concept set(s) and %d random set(s) of split %s written to %s (%d wav files)",
+                len(sets["concepts"]), len(sets["random"]), args.split, out, clips)
+    return {"out": str(out), "concepts": len(sets["concepts"]), "random": len(sets["random"]), "wav_files": clips,
+            "wall_time_s": round(time.time() - started, 2)}
