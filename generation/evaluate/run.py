@@ -579,7 +579,7 @@ def audio_metrics(args: EvaluateArguments, run: Path, models: dict, skipped: dic
 # -- figures and report -----------------------------------------------------------------------
 def draw_figures(run: Path, out: Path, args: EvaluateArguments, details: dict) -> tuple[dict, dict]:
     """({name: relative path}, {name: reason not drawn}) of the PNGs written under out/figures/."""
-    from conceptcaps_pipeline import eval_figures as figures
+    from conceptcaps_pipeline.evaluate import figures
 
     drawn, missing = {}, {}
     folder = out / "figures"
