@@ -25,44 +25,7 @@ import logging
 import os
 import sys
 
-# command words -> (module, function, dataclass names in that module, one-line help)
-COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
-    ("distill",): ("conceptcaps_pipeline.taxonomy.distill", "distill", ("DistillArguments",),
-                   "Map MusicCaps tags onto the taxonomy and keep (attributes, caption) pairs."),
-    ("taxonomy", "propose"): ("conceptcaps_pipeline.taxonomy.propose", "propose", ("ProposeArguments",),
-                              "Print candidate tags per category with counts, for revising the taxonomy."),
-    ("vae", "train"): ("conceptcaps_pipeline.vae.train", "train_vae", ("VaeTrainArguments",),
-                       "Train the beta-VAE on the distilled multi-hot attribute vectors."),
-    ("vae", "sample"): ("conceptcaps_pipeline.vae.sample", "sample_attributes", ("VaeSampleArguments",),
-                        "Sample plausible attribute sets from the trained VAE."),
-    ("vae", "explain"): ("conceptcaps_pipeline.vae.explain", "explain_vae", ("VaeExplainArguments",),
-                         "Explain each latent dimension by traversal: the tags it raises and lowers, with certainty."),
-    ("captioner", "train"): ("conceptcaps_pipeline.captions.train", "train_captioner",
-                             ("CaptionerArguments", "SFTConfig", "ModelConfig"),
-                             "Fine-tune an LLM (LoRA/QLoRA via TRL SFTTrainer) to caption attribute sets."),
-    ("captions", "generate"): ("conceptcaps_pipeline.captions.generate", "generate_captions", ("CaptionsArguments",),
-                               "Write one caption per sampled attribute set, resumably."),
-    ("audio", "generate"): ("conceptcaps_pipeline.audio.generate", "generate_audio", ("AudioArguments",),
-                            "Synthesize one MusicGen clip per caption (accelerate launch for many GPUs)."),
-    ("audio", "verify"): ("conceptcaps_pipeline.audio.verify", "verify_audio", ("VerifyArguments",),
-                          "Check every caption has exactly one sound, decodable, non-silent clip."),
-    ("build",): ("conceptcaps_pipeline.release.build", "build_release", ("BuildArguments",),
-                 "Write RUN/release/: Parquet shards per config and split, and the dataset card."),
-    ("evaluate",): ("conceptcaps_pipeline.evaluate.run", "evaluate_run", ("EvaluateArguments",),
-                    "Score the run with the eval/ metric modules; write RUN/eval/."),
-    ("concepts", "export"): ("conceptcaps_pipeline.release.export", "export_concepts", ("ExportArguments",),
-                             "Write concept and random sets of a release as audio folders (TCAV layout) or id lists."),
-    ("tcav",): ("conceptcaps_pipeline.tcav.stage", "run_tcav", ("TcavArguments",),
-                "Test which concepts an audio classifier uses for its classes (TCAV, corrected statistics)."),
-    ("explore",): ("conceptcaps_pipeline.explore.page", "explore", ("ExploreArguments",),
-                   "Write RUN/explorer/: a static page to browse concepts, listen to clips and walk the VAE's latent space."),
-    ("push",): ("conceptcaps_pipeline.release.push", "push_release", ("PushArguments",),
-                "Upload RUN/release/ to the Hub as a new revision (branch, tag or PR)."),
-    ("run",): ("conceptcaps_pipeline.run_all", "run_pipeline", ("RunArguments",),
-               "Run every stage in order from a preset (smoke, paper), resumably."),
-    ("env",): ("conceptcaps_pipeline.env_report", "env_report", ("EnvArguments",),
-               "Print the versions, devices and paths a bug report needs."),
-}
+from conceptcaps_pipeline.stages import STAGES, by_words, groups
 
 # The loggers this project owns; only these are configured (see the module docstring).
 PROJECT_LOGGERS = ("conceptcaps_pipeline", "conceptcaps_eval", "conceptcaps", "__main__", "evaluate_modules")
@@ -70,8 +33,8 @@ PROJECT_LOGGERS = ("conceptcaps_pipeline", "conceptcaps_eval", "conceptcaps", "_
 
 def _usage(group: str | None = None) -> str:
     """The command list: every command, or those of one group (`conceptcaps vae`)."""
-    chosen = {words: entry for words, entry in COMMANDS.items() if group is None or words[0] == group}
-    width = max(len(" ".join(words)) for words in chosen)
+    chosen = [entry for entry in STAGES if group is None or entry.words[0] == group]
+    width = max(len(" ".join(entry.words)) for entry in chosen)
     name = f"conceptcaps {group}" if group else "conceptcaps"
     lines = [
         f"usage: {name} <command> [options]   ({name} <command> --help for its options)",
@@ -80,15 +43,10 @@ def _usage(group: str | None = None) -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {' '.join(words):<{width}}  {entry[3]}" for words, entry in chosen.items()]
+    lines += [f"  {' '.join(entry.words):<{width}}  {entry.help}" for entry in chosen]
     if group is None:
         lines += ["", "options:", "  -h, --help   this list", "  --version    the installed conceptcaps version"]
     return "\n".join(lines)
-
-
-def _groups() -> set[str]:
-    """Command words that only name a group (`vae`, `audio`, ...): they need a verb after them."""
-    return {words[0] for words in COMMANDS if len(words) > 1} - {words[0] for words in COMMANDS if len(words) == 1}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -116,7 +74,8 @@ def configure_logging(level: str | None = None) -> None:
     from WARNING up, so third-party DEBUG/INFO chatter (matplotlib's font manager, faiss, absl)
     stays off. The handler sits on the root so that a library calling `logging.basicConfig`
     later finds one there and adds no second (every line would print twice), and a host
-    application's (or pytest's) root handlers see the project's records too.
+    application's (or pytest's) root handlers see the project's records too. Then the libraries'
+    own chatter (model-loading bars, known warnings) is prevented or filtered: generation/quiet.py.
     """
     from conceptcaps_pipeline.errors import ConceptCapsError
 
@@ -133,12 +92,15 @@ def configure_logging(level: str | None = None) -> None:
     root.addHandler(handler)
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    from conceptcaps_pipeline.quiet import quiet_libraries
+
+    quiet_libraries()  # library chatter prevented or filtered, each with its reason (generation/quiet.py)
 
 
 def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     for length in (2, 1):
         words = tuple(argv[:length])
-        if words in COMMANDS:
+        if by_words(words) is not None:
             return words, argv[length:]
     return None
 
@@ -157,15 +119,15 @@ def run_command(argv: list[str]):
 
     found = _find(argv)
     if found is None:
-        group = [" ".join(w) for w in COMMANDS if w[0] == (argv[0] if argv else "")]
+        group = [" ".join(s.words) for s in STAGES if s.words[0] == (argv[0] if argv else "")]
         hint = f"its commands are: {', '.join(group)}" if group else "`conceptcaps --help` lists the commands"
         raise ConceptCapsError(f"unknown command {' '.join(argv[:2])!r}: {hint}.")
     words, rest = found
     if "-h" in rest or "--help" in rest:
         make_parser(words).parse_args_into_dataclasses(args=["--help"])  # prints the help and exits 0
-    module_name, function_name, _, _ = COMMANDS[words]
+    entry = by_words(words)
     arguments = parse_options(words, rest)
-    function = getattr(importlib.import_module(module_name), function_name)
+    function = getattr(importlib.import_module(entry.module), entry.function)
     set_cpu_threads()
     return function(*arguments)
 
@@ -229,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"conceptcaps {__version__}")
         return 0
-    if argv[0] in _groups() and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+    if argv[0] in groups() and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(_usage(argv[0]))
         return 0
     from conceptcaps_pipeline.errors import ConceptCapsError

@@ -16,46 +16,124 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import enum
 import importlib
 import json
 import os
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.stages import by_words
 
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
 def make_parser(words: tuple[str, ...]):
-    """The parser of one sub-command: TrlParser over its dataclasses, with one-line errors."""
+    """The parser of one sub-command: TrlParser over its dataclasses, with one-line errors and defaults in the help."""
     from trl import TrlParser
 
-    from conceptcaps_pipeline.cli import COMMANDS
-
-    module_name, _, class_names, help_line = COMMANDS[words]
-    module = importlib.import_module(module_name)
-    types = [getattr(module, name) for name in class_names]
+    entry = by_words(words)
+    module = importlib.import_module(entry.module)
+    types = [getattr(module, name) for name in entry.arguments]
 
     class Parser(TrlParser):
         def error(self, message):  # argparse prints its usage block and exits; one line says more
             raise ConceptCapsError(f"{self.prog}: {message} (`{self.prog} --help` lists the options).")
 
-    parser = Parser(types, prog=f"conceptcaps {' '.join(words)}", description=(module.__doc__ or help_line).strip(),
+    parser = Parser(types, prog=f"conceptcaps {' '.join(words)}", description=(module.__doc__ or entry.help).strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for action in parser._actions:
         # HfArgumentParser gives a bool option's `--no_x` twin the help of `--x`; say what it does.
         flag = action.option_strings[0] if action.option_strings else ""
         if flag.startswith("--no_") and action.const is False:
             action.help = f"Same as --{flag[len('--no_'):]} false."
+        elif flag and action.help is not argparse.SUPPRESS and action.default is not argparse.SUPPRESS \
+                and not action.required and "default:" not in (action.help or "").lower():
+            # Why: a user deciding whether to pass a flag needs what happens without it.
+            shown = show_default(action.default).replace("%", "%%")  # argparse %-formats help strings
+            action.help = f"{action.help or ''} (default: {shown})".lstrip()
     return parser
 
 
+def show_default(value) -> str:
+    """A default as the flag would take it: `true`, `1000`, `a b` for a list, `not set` for None.
+
+    >>> show_default(None), show_default(True), show_default([]), show_default(["rock", "jazz"]), show_default(0.5)
+    ('not set', 'true', 'none', 'rock jazz', '0.5')
+    """
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(show_default(v) for v in value) if value else "none"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
+
+
+CONFIG_LIMIT = 1 << 20  # bytes: a file of options is a few lines; a larger one is a mistake or an attack
+
+
+def _strict_loader():
+    """yaml.SafeLoader that refuses aliases (`*name`: a few lines could expand to gigabytes) and duplicate keys
+    (the later one would silently win)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"alias *{event.anchor} (aliases are not accepted in option files: write the value)",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # a list or mapping as a key: reported as not a mapping of options below
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (keep one)", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def _check_finite(value, where: str) -> None:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConceptCapsError(f"{where} = {value}: give a finite number (not .inf or .nan).")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}: {key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item, where)
+
+
 def read_config(path: str | os.PathLike) -> dict:
-    """A `--config` YAML file as a mapping, with one clear error for a missing or malformed file."""
+    """A `--config` YAML file as a mapping, with one clear error for a missing, oversized or malformed file.
+
+    Checked before any work: at most CONFIG_LIMIT bytes, no aliases, no duplicate keys, finite numbers.
+    """
     import yaml
 
     path = Path(path)
     try:
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise ConceptCapsError(f"--config {path} is not a file: pass the path of a YAML file of options.")
+        size = path.stat().st_size
+        if size > CONFIG_LIMIT:
+            raise ConceptCapsError(f"--config {path} has {size} bytes, more than an option file's {CONFIG_LIMIT}: "
+                                   f"pass the right file.")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConceptCapsError(f"--config {path} not found: pass the path of a YAML file of options.") from None
@@ -64,18 +142,68 @@ def read_config(path: str | os.PathLike) -> dict:
     except OSError as err:
         raise ConceptCapsError(f"--config {path} cannot be read ({err.strerror}).") from None
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=_strict_loader())  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ConceptCapsError(f"--config {path} is not valid YAML{line} ({getattr(err, 'problem', None) or err}): "
                                f"fix the file (one `option: value` per line).") from None
+    except RecursionError:
+        raise ConceptCapsError(f"--config {path} is nested too deeply: write one `option: value` per line.") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
         raise ConceptCapsError(f"--config {path} holds a {type(config).__name__}, not a mapping of options: write one "
                                f"`option: value` per line.")
+    _check_finite(config, f"--config {path}")
     return config
+
+
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+
+
+def apply_env(env, path: str) -> None:
+    """A config file's `env:` mapping (as TrlParser): names like HF_HOME, scalar values; all checked, then set."""
+    import re
+
+    if not isinstance(env, dict):
+        raise ConceptCapsError(f"--config {path}: `env` must map variable names to values.")
+    for name, value in env.items():
+        if not isinstance(name, str) or not re.fullmatch(ENV_NAME, name):
+            raise ConceptCapsError(f"--config {path}: `env` key {name!r} is not a variable name (letters, digits and _, "
+                                   f"not starting with a digit).")
+        if not isinstance(value, (str, int, float, bool)) or "\x00" in str(value) or len(str(value)) > 4096:
+            raise ConceptCapsError(f"--config {path}: `env` value of {name} must be one short text or number.")
+    for name, value in env.items():
+        os.environ[name] = str(value)
+
+
+def check_values(instances) -> None:
+    """Every float option finite, and --run a folder (or a new name) of a valid length: before any work."""
+    import dataclasses
+    import math
+
+    for instance in instances:
+        if not dataclasses.is_dataclass(instance):
+            continue
+        for item in dataclasses.fields(instance):
+            value = getattr(instance, item.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for one in values:
+                if isinstance(one, float) and not math.isfinite(one):
+                    raise ConceptCapsError(f"--{item.name} {one}: give a finite number.")
+        run = getattr(instance, "run", None)
+        if isinstance(run, str) and run:
+            _check_run(run)
+
+
+def _check_run(run: str) -> None:
+    path = Path(run)
+    if "\x00" in run or len(os.fsencode(run)) > 4096 or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise ConceptCapsError(f"--run {run[:80]!r}{'...' if len(run) > 80 else ''}: a folder name is at most 255 bytes "
+                               f"(a path 4096): give a shorter run directory.")
+    if path.exists() and not path.is_dir():
+        raise ConceptCapsError(f"--run {run}: it is not a folder: give a run directory (or a new name for one).")
 
 
 def _convert(action, key: str, value, where: str):
@@ -156,19 +284,26 @@ def parse_options(words: tuple[str, ...], argv: list[str] | None = None, options
     argv = list(argv or [])
     if options:
         apply_options(parser, options, where)
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
+    # --config FILE or --config=FILE, once.
+    given = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if len(given) > 1:
+        raise ConceptCapsError(f"{parser.prog}: --config is given {len(given)} times: pass one file (merge the options "
+                               f"into it, or override single options with flags).")
+    if given:
+        at = given[0]
+        if argv[at].startswith("--config="):
+            path, width = argv[at][len("--config="):], 1
+        elif at + 1 < len(argv) and not argv[at + 1].startswith("--"):
+            path, width = argv[at + 1], 2
+        else:
+            path, width = "", 1
+        if not path:
             raise ConceptCapsError(f"{parser.prog}: --config needs the path of a YAML file.")
-        path = argv[at + 1]
-        del argv[at:at + 2]
+        del argv[at:at + width]
         config = read_config(path)
         env = config.pop("env", None) or {}
-        if not isinstance(env, dict):
-            raise ConceptCapsError(f"--config {path}: `env` must map variable names to values.")
-        for name, value in env.items():  # as TrlParser: `env:` sets environment variables
-            os.environ[str(name)] = str(value)
         apply_options(parser, config, f"--config {path}")
+        apply_env(env, path)  # as TrlParser: `env:` sets environment variables (after every check of the file)
     *instances, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         flags = [a for a in unknown if a.startswith("-")] or unknown
@@ -177,4 +312,5 @@ def parse_options(words: tuple[str, ...], argv: list[str] | None = None, options
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConceptCapsError(f"{parser.prog}: unknown option {flags[0]!r}{hint} (`{parser.prog} --help` lists the "
                                f"options).")
+    check_values(instances)
     return instances

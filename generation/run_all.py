@@ -29,31 +29,15 @@ from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import atomic_dir, write_json, write_manifest
+from conceptcaps_pipeline.stages import RUN_STAGES, by_name
 from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT
 
 logger = logging.getLogger(__name__)
 PRESETS = Path(__file__).parent / "presets"
 TINY = "@tiny/"
 
-# stage -> (module, function, [(preset sub-section or None, dataclass name)])
-STAGES: dict[str, tuple[str, str, list[tuple[str | None, str]]]] = {
-    "distill": ("conceptcaps_pipeline.taxonomy.distill", "distill", [(None, "DistillArguments")]),
-    "vae_train": ("conceptcaps_pipeline.vae.train", "train_vae", [(None, "VaeTrainArguments")]),
-    "vae_sample": ("conceptcaps_pipeline.vae.sample", "sample_attributes", [(None, "VaeSampleArguments")]),
-    # what each latent dimension does (RUN/vae/explain.json|md); needs only the VAE
-    "vae_explain": ("conceptcaps_pipeline.vae.explain", "explain_vae", [(None, "VaeExplainArguments")]),
-    "captioner_train": ("conceptcaps_pipeline.captions.train", "train_captioner",
-                        [("captioner", "CaptionerArguments"), ("sft", "SFTConfig"), ("model", "ModelConfig")]),
-    "captions_generate": ("conceptcaps_pipeline.captions.generate", "generate_captions", [(None, "CaptionsArguments")]),
-    "audio_generate": ("conceptcaps_pipeline.audio.generate", "generate_audio", [(None, "AudioArguments")]),
-    # evaluate before build, so that the dataset card carries the metrics table
-    "evaluate": ("conceptcaps_pipeline.evaluate.run", "evaluate_run", [(None, "EvaluateArguments")]),
-    "build": ("conceptcaps_pipeline.release.build", "build_release", [(None, "BuildArguments")]),
-    # tcav reads the release: which of its concepts a classifier uses
-    "tcav": ("conceptcaps_pipeline.tcav.stage", "run_tcav", [(None, "TcavArguments")]),
-    # explore last: its page shows the release, the evaluation and the VAE's latent pad
-    "explore": ("conceptcaps_pipeline.explore.page", "explore", [(None, "ExploreArguments")]),
-}
+# The stages `conceptcaps run` runs, in order; a preset's sections are their names (conceptcaps_pipeline.stages).
+RUN_ORDER = [entry.name for entry in RUN_STAGES]
 
 
 @dataclass
@@ -62,23 +46,13 @@ class RunArguments:
                                                             "resumed); --out is an alias."})
     preset: str = field(default="smoke", metadata={"help": "smoke, paper, or the path of a preset YAML file."})
     source: str = field(default=HUB_DEFAULT, metadata={"help": "MusicCaps-style source: a local CSV or a Hub dataset id."})
-    stages: list[str] = field(default_factory=list, metadata={"help": f"Run only these stages (default: all of {list(STAGES)})."})
+    stages: list[str] = field(default_factory=list, metadata={"help": f"Run only these stages (default: all of {RUN_ORDER})."})
     audio_launcher: str | None = field(
         default=None,
         metadata={"help": "Run the audio stage through this launcher, e.g. "
                           "'accelerate launch --config_file accelerate_configs/multi_gpu.yaml'."},
     )
     force: bool = field(default=False, metadata={"help": "Redo every selected stage even if its outputs are up to date."})
-
-
-# stage -> its command words (the preset section is parsed exactly like that command's flags)
-STAGE_WORDS = {
-    "distill": ("distill",), "vae_train": ("vae", "train"), "vae_sample": ("vae", "sample"),
-    "vae_explain": ("vae", "explain"),
-    "captioner_train": ("captioner", "train"), "captions_generate": ("captions", "generate"),
-    "audio_generate": ("audio", "generate"), "evaluate": ("evaluate",), "build": ("build",), "tcav": ("tcav",),
-    "explore": ("explore",),
-}
 
 
 def load_preset(preset: str, _chain: tuple[str, ...] = ()) -> dict:
@@ -100,9 +74,9 @@ def load_preset(preset: str, _chain: tuple[str, ...] = ()) -> dict:
         if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
             base = str(path.parent / base)  # a path beside the extending preset
         config = merged(load_preset(base, (*_chain, str(path.resolve()))), config)
-    unknown = sorted(set(config) - set(STAGES))
+    unknown = sorted(set(config) - set(RUN_ORDER))
     if unknown:
-        raise ConceptCapsError(f"preset {path} has unknown section(s) {unknown}; sections are stage names: {list(STAGES)}.")
+        raise ConceptCapsError(f"preset {path} has unknown section(s) {unknown}; sections are stage names: {RUN_ORDER}.")
     for stage, section in config.items():
         if section is not None and not isinstance(section, dict):
             raise ConceptCapsError(f"preset {path}: section {stage!r} holds {section!r}, not a mapping of options.")
@@ -166,9 +140,9 @@ def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
     """The dataclass instances of one stage: its preset section, checked and converted like the stage's flags."""
     from conceptcaps_pipeline.options import parse_options
 
-    _, _, parts = STAGES[stage]
+    entry = by_name(stage)
     options: dict = {}
-    for sub, class_name in parts:
+    for sub in entry.sections:
         values = (section.get(sub) or {}) if sub else section
         if not isinstance(values, dict):
             raise ConceptCapsError(f"preset section {stage!r}: {sub!r} holds {values!r}, not a mapping of options.")
@@ -179,7 +153,7 @@ def stage_arguments(stage: str, section: dict, args: RunArguments) -> list:
         options["source"] = args.source
     if args.force:
         options["force"] = True
-    return parse_options(STAGE_WORDS[stage], [], options, where=f"preset section {stage!r}")
+    return parse_options(entry.words, [], options, where=f"preset section {stage!r}")
 
 
 def _die_with_parent() -> None:
@@ -213,10 +187,10 @@ def run_pipeline(args: RunArguments) -> dict:
     """Run the selected stages in order; returns the run manifest with each stage's wall time."""
     started = time.time()
     preset = load_preset(args.preset)
-    unknown = sorted(set(args.stages) - set(STAGES))
+    unknown = sorted(set(args.stages) - set(RUN_ORDER))
     if unknown:
-        raise ConceptCapsError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}.")
-    selected = [s for s in STAGES if s in preset and (not args.stages or s in args.stages)]
+        raise ConceptCapsError(f"unknown stage(s) {unknown}: choose from {RUN_ORDER}.")
+    selected = [s for s in RUN_ORDER if s in preset and (not args.stages or s in args.stages)]
     timings = {}
     for stage in selected:
         stage_started = time.time()
@@ -224,9 +198,9 @@ def run_pipeline(args: RunArguments) -> dict:
         if stage == "audio_generate" and args.audio_launcher:
             launch_audio(args.audio_launcher, preset[stage] or {}, args)
         else:
-            module_name, function_name, _ = STAGES[stage]
+            entry = by_name(stage)
             instances = stage_arguments(stage, preset[stage] or {}, args)
-            getattr(importlib.import_module(module_name), function_name)(*instances)
+            getattr(importlib.import_module(entry.module), entry.function)(*instances)
         timings[stage] = round(time.time() - stage_started, 2)
         logger.info("run: stage %s done in %.1f s", stage, timings[stage])
     write_json(Path(args.run) / "manifests" / "run.preset.json", preset)

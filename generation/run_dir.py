@@ -3,8 +3,9 @@
 A stage writes each artifact to a temporary name in the same folder and renames it into
 place, so a reader (or a resumed run) never sees half a file; the renamed file has the
 permissions any file gets (the umask), not those of a private temporary file. A stage holds
-`RUN/.locks/<stage>.lock` while it works (`stage_lock`), so a second process on the same run
-stops with the first one's pid instead of writing beside it. Work that `--force` replaces is
+`RUN/.locks/<stage>.lock` while it works (`stage_lock`, taken by the `@stage` decorator of
+every stage's entry function), so a second process on the same run stops with the first
+one's pid instead of writing beside it. Work that `--force` replaces is
 set aside (`set_aside`) and dropped only once the new work has succeeded. Each stage also
 writes `RUN/manifests/<stage>.json` with its arguments, package versions, input hashes,
 counts and wall time. Paths inside the run are stored as `RUN/...` (`run_relative`), so a run
@@ -13,7 +14,9 @@ directory can be moved or copied and still resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,25 +25,17 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.stages import STAGES, by_name
 
-# Which stage writes which artifact, so that a missing one can say what to run.
-PRODUCERS = {
-    "taxonomy.json": "conceptcaps distill --source SOURCE --run RUN",
-    "distilled.parquet": "conceptcaps distill --source SOURCE --run RUN",
-    "vae": "conceptcaps vae train --run RUN",
-    "attributes.parquet": "conceptcaps vae sample --run RUN --n N",
-    "captioner": "conceptcaps captioner train --run RUN --model MODEL",
-    "captions.parquet": "conceptcaps captions generate --run RUN",
-    "audio": "conceptcaps audio generate --run RUN",
-    "release": "conceptcaps build --run RUN",
-}
+# Which stage writes which artifact (the stage table's outputs), so that a missing one can say what to run.
+PRODUCERS = {output: f"{s.command} {s.usage}".strip() for s in STAGES for output in s.outputs}
 
 PACKAGES = (
     "torch", "transformers", "datasets", "huggingface-hub", "peft", "trl",
@@ -116,13 +111,9 @@ def remove_leftovers(folder: str | os.PathLike, names: list[str]) -> int:
 
 
 # -- locks -------------------------------------------------------------------------------------
-# The files each stage writes atomically into RUN (beside its manifest): what an interrupted
-# write of them leaves is removed when the stage next takes its lock.
-STAGE_FILES = {
-    "distill": ["taxonomy.json", "distilled.parquet"], "vae_train": ["vae"], "vae_sample": ["attributes.parquet"],
-    "captioner_train": ["captioner"], "captions_generate": ["captions.parquet"], "evaluate": ["eval"],
-    "build": ["release"],
-}
+# The files each stage writes atomically into RUN (its outputs in the stage table), by lock name:
+# what an interrupted write of them leaves is removed when the stage next takes its lock.
+STAGE_FILES = {s.record: list(s.outputs) for s in STAGES if s.outputs}
 
 
 @contextmanager
@@ -173,6 +164,44 @@ def stage_lock(run: str | os.PathLike, stage: str) -> Iterator[Path]:
             path.parent.rmdir()
         except OSError:
             pass  # another stage's lock is still there
+
+
+def stage(name: str, *, check: Callable | None = None, lock: str | Callable | None = None,
+          prepare: Callable[..., dict] | None = None) -> Callable:
+    """The skeleton of every stage's entry function: check the arguments, take the stage's lock, run.
+
+        @stage("vae_train", check=check_arguments)
+        def train_vae(args: VaeTrainArguments) -> dict:
+            ...  # runs holding RUN/.locks/vae_train.lock; returns the manifest
+
+    `name` is the stage's entry in `conceptcaps_pipeline.stages`. The first argument of the
+    function is the dataclass whose `run` is the run directory. In order:
+
+    - `check(*arguments)` raises a `ConceptCapsError` for a bad argument, before anything is touched;
+    - `prepare(*arguments)` does the work that must precede the lock (accelerate's process state)
+      and returns keyword arguments for the function;
+    - `lock` names the lock: a string, or a function of the arguments (and what `prepare`
+      returned) that returns it, or None for a process that takes none (a worker under
+      `accelerate launch`: the main process holds it). Default: the stage's manifest name.
+    """
+    entry = by_name(name)
+    if entry is None:  # a programming error: the table is the one list of stages
+        raise KeyError(f"stage {name!r} is not in conceptcaps_pipeline.stages.STAGES")
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run_stage(*arguments, **options):
+            if check is not None:
+                check(*arguments)
+            prepared = prepare(*arguments) if prepare is not None else {}
+            held = lock(*arguments, **prepared) if callable(lock) else (lock or entry.record)
+            with stage_lock(arguments[0].run, held) if held else contextlib.nullcontext():
+                return function(*arguments, **options, **prepared)
+
+        run_stage.stage = entry
+        return run_stage
+
+    return decorate
 
 
 # -- work replaced by --force --------------------------------------------------------------------

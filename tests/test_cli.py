@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conceptcaps_pipeline.cli import COMMANDS
+from conceptcaps_pipeline.stages import STAGES
 
 
 def conceptcaps(*args, **kwargs):
@@ -15,8 +15,8 @@ def conceptcaps(*args, **kwargs):
 def test_help_lists_every_command():
     result = conceptcaps("--help")
     assert result.returncode == 0
-    for words, entry in COMMANDS.items():
-        assert " ".join(words) in result.stdout and entry[3] in result.stdout
+    for entry in STAGES:
+        assert f"  {' '.join(entry.words)} " in result.stdout and entry.help in result.stdout
 
 
 def test_stage_help_explains_options():
@@ -61,9 +61,9 @@ def test_version_and_group_listing():
     assert result.returncode == 0 and result.stdout.strip() == f"conceptcaps {__version__}"
     for group in ("vae", "audio", "captions", "captioner", "concepts", "taxonomy"):
         result = conceptcaps(group)
-        verbs = [" ".join(words) for words in COMMANDS if words[0] == group]
+        verbs = [" ".join(s.words) for s in STAGES if s.words[0] == group]
         assert result.returncode == 0 and verbs and all(verb in result.stdout for verb in verbs), result.stderr
-        others = [" ".join(words) for words in COMMANDS if words[0] != group]
+        others = [" ".join(s.words) for s in STAGES if s.words[0] != group]
         assert not any(f"  {other} " in result.stdout for other in others)
     assert conceptcaps("vae", "shuffle").returncode == 2  # an unknown verb is still an error
 
@@ -105,7 +105,7 @@ def test_debug_logging_is_the_projects_own(tmp_path, musiccaps_csv):
     assert any("DEBUG conceptcaps_pipeline.demo: project detail" in line for line in lines), result.stderr
     assert not any("DEBUG" in line and "matplotlib" in line for line in lines), result.stderr
     assert any("third-party warning" in line for line in lines)  # warnings still reach stderr
-    assert sum("once" in line for line in lines) == 1, result.stderr
+    assert sum(line.endswith(": once") for line in lines) == 1, result.stderr  # "conceptcaps" holds "once" too
 
 
 def test_docs_spell_every_flag_with_underscores():
@@ -116,9 +116,25 @@ def test_docs_spell_every_flag_with_underscores():
     from conceptcaps_pipeline.options import make_parser
 
     root = Path(__file__).resolve().parents[1]
-    flags = {o for words in COMMANDS for a in make_parser(words)._actions for o in a.option_strings if "_" in o}
+    flags = {o for s in STAGES for a in make_parser(s.words)._actions for o in a.option_strings if "_" in o}
     dashed = {flag.replace("_", "-") for flag in flags}
     pattern = re.compile(r"(?<![\w-])--[a-z0-9]+(?:-[a-z0-9]+)+(?![\w-])")
     pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "generation" / "presets").glob("*"))]
     found = [(page.name, m) for page in pages for m in pattern.findall(page.read_text()) if m in dashed]
     assert not found, found
+
+
+def test_help_shows_each_options_default():
+    """Every optional flag's help says what happens without it: `(default: ...)`, as the flag would take it."""
+    import argparse
+
+    from conceptcaps_pipeline.options import make_parser
+
+    text = conceptcaps("vae", "sample", "--help").stdout
+    assert "Number of attribute sets to sample. (default: 1000)" in " ".join(text.split())
+    assert "(default: none)" in text and "(default: false)" in text  # an empty list, a bool
+    for entry in STAGES:
+        for action in make_parser(entry.words)._actions:
+            if action.option_strings and action.default is not argparse.SUPPRESS and not action.required:
+                assert "default:" in (action.help or "").lower() or action.help.startswith("Same as --"), \
+                    (entry.command, action.option_strings)

@@ -111,12 +111,12 @@ def test_every_preset_section_is_valid_options(preset, tmp_path):
     """Each section of the shipped presets builds its stage's dataclasses (tiny models left unbuilt)."""
     import importlib
 
-    from conceptcaps_pipeline.run_all import STAGES
+    from conceptcaps_pipeline.stages import by_name
 
     for stage, section in load_preset(preset).items():
-        module_name, _, parts = STAGES[stage]
-        module = importlib.import_module(module_name)
-        for sub, class_name in parts:
+        entry = by_name(stage)
+        module = importlib.import_module(entry.module)
+        for sub, class_name in zip(entry.sections, entry.arguments):
             options = dict((section or {}).get(sub) or {}) if sub else dict(section or {})
             if class_name not in ("SFTConfig", "ModelConfig"):
                 options["run"] = str(tmp_path)
