@@ -108,3 +108,108 @@ def test_the_compiled_step_gives_the_same_clips(tiny):
     first = synthesize(model, processor, PROMPTS[:2], **settings, decoder=compiled)
     again = synthesize(model, processor, PROMPTS[:2], **settings, decoder=compiled)  # the compiled graph, reused
     assert np.array_equal(first, reference) and np.array_equal(again, reference)
+
+
+@pytest.fixture(scope="module")
+def wide_text(tiny):
+    """A tiny MusicGen whose text encoder (48 wide) is wider than its decoder (32): the enc_to_dec_proj branch."""
+    from transformers import MusicgenForConditionalGeneration
+
+    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
+
+    _, processor = tiny
+    torch.manual_seed(2)
+    config = tiny_musicgen_config(len(processor.tokenizer), text_hidden_size=48)
+    model = MusicgenForConditionalGeneration(config).eval()
+    make_audible(model)
+    model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
+    return model, processor
+
+
+def test_static_decoding_projects_wider_text_states(wide_text):
+    model, processor = wide_text
+    assert model.enc_to_dec_proj is not None  # the branch under test exists
+    steps = decoding_steps(0.4, codec_timing(model.config))[1]
+    settings = {"seed": 4, "max_new_tokens": steps, "guidance_scale": 3.3, "top_k": 250}
+    reference = synthesize(model, processor, PROMPTS, **settings)
+    static = synthesize(model, processor, PROMPTS, **settings, decoder=StaticMusicgenDecoder(model))
+    assert np.array_equal(static, reference)
+
+
+def test_the_step_compiles_once_per_length_bucket(tiny):
+    """Dynamo's own counters over 7 batches of other prompts, batch sizes and clip lengths (CPU, counting backend).
+
+    Expected graphs: the attention buckets of the longest clip (2 for 200 steps at 128 positions a bucket), all
+    made while warming up; then no recompile and no graph break, whatever the prompt, its length or the batch.
+    """
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    from conceptcaps_pipeline.audio.decode import BUCKET
+
+    model, processor = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    decoder = StaticMusicgenDecoder(model, compile_step=True, compile_backend=backend)
+    longest = 200
+    decoder.warm_up(batch_size=3, max_new_tokens=longest, guidance_scale=3.3)
+    buckets = -(-longest // BUCKET)
+    assert backend.frame_count == buckets == decoder.graphs_for(longest) == 2
+    words = " ".join(PROMPTS).split()
+    batches = [(PROMPTS, 200), (PROMPTS[:1], 40), (PROMPTS[1:], 130), ([" ".join(words)] * 3, 90),
+               (["drums"], 160), ([PROMPTS[2], "a", PROMPTS[0]], 60), (PROMPTS[::-1], 129)]
+    lengths = set()
+    for n, (prompts, steps) in enumerate(batches):
+        inputs = processor(text=prompts, padding=True, return_tensors="pt")
+        lengths.add(inputs["input_ids"].shape[1])
+        torch.manual_seed(n)
+        codes = decoder.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=steps,
+                                       guidance_scale=3.3, top_k=250)
+        assert codes.shape[1] == len(prompts)
+    assert len(lengths) >= 4  # the prompts did differ in length (2 to 54 tokens)
+    assert backend.frame_count == buckets  # no recompile after warm-up
+    assert decoder.slots_made == 1  # one set of buffers served every batch
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # The compiled (counting-backend) step still gives generate's clips for a full batch.
+    steps = decoding_steps(0.6, codec_timing(model.config))[1]
+    settings = {"seed": 9, "max_new_tokens": steps, "guidance_scale": 3.3, "top_k": 250}
+    reference = synthesize(model, processor, PROMPTS, **settings)
+    padded = processor(text=PROMPTS, padding="max_length", max_length=BUCKET, return_tensors="pt")
+    torch.manual_seed(9)
+    codes = decoder.generate_codes(padded["input_ids"], padded["attention_mask"], max_new_tokens=steps,
+                                   guidance_scale=3.3, top_k=250)
+    assert backend.frame_count == buckets
+    torch.manual_seed(9)
+    eager = StaticMusicgenDecoder(model).generate_codes(padded["input_ids"], padded["attention_mask"],
+                                                        max_new_tokens=steps, guidance_scale=3.3, top_k=250)
+    assert torch.equal(codes, eager)
+    assert reference.shape[0] == codes.shape[1]
+
+
+BF16_STEPS = 24  # steps compared in bf16
+BF16_TOLERANCE = 0.05  # max |static - generate| of the guided logits, relative to their spread (std)
+
+
+def test_bf16_static_logits_match_generate(tiny_musicgen):
+    """In bf16 (the GPU dtype; run here on a CPU) the two loops round differently, so tokens may part ways;
+    the guided logits of the first BF16_STEPS steps, fed generate's greedy tokens, agree within BF16_TOLERANCE."""
+    model, processor = load_musicgen(str(tiny_musicgen), torch.device("cpu"), torch.bfloat16)
+    inputs = processor(text=PROMPTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, guidance_scale=3.3, max_new_tokens=BF16_STEPS,
+                             return_dict_in_generate=True, output_scores=True)
+        decoder = StaticMusicgenDecoder(model)
+        slot = decoder.prepare(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=BF16_STEPS,
+                               guidance_scale=3.3)
+        worst = 0.0
+        for step, reference in enumerate(out.scores):
+            scores = decoder.step_scores(slot, step, 3.3, top_k=0)
+            reference = reference.float()
+            worst = max(worst, float((scores - reference).abs().max() / reference.std()))
+            slot.tokens[:, step + 1] = reference.argmax(-1)  # teacher-forced: generate's own next codes
+            slot.position += 1
+    assert len(out.scores) == BF16_STEPS
+    print(f"bf16: max |static - generate| / std over {BF16_STEPS} steps: {worst:.4f}")
+    assert worst < BF16_TOLERANCE, worst

@@ -61,8 +61,13 @@ def _unigram_vocab(tokenizer) -> list[tuple[str, float]]:
 
 
 def tiny_musicgen_config(text_vocab_size: int, *, stereo: bool = False, sampling_rate: int = 8000,
-                         codebook_size: int = 64, hidden_size: int = 32, layers: int = 2):
+                         codebook_size: int = 64, hidden_size: int = 32, layers: int = 2,
+                         text_hidden_size: int | None = None):
     """A MusicgenConfig with MusicGen's structure at toy size.
+
+    `text_hidden_size` (default: `hidden_size`) other than `hidden_size` gives the text encoder
+    another width, as in facebook/musicgen-medium and -large (T5 768 wide, decoder 1536/2048):
+    the model then projects the text states with `enc_to_dec_proj`, a branch equal widths skip.
 
     The codec runs at 50 frames a second like EnCodec 32 kHz (hop 160 at 8 kHz instead of 640
     at 32 kHz), with 4 codebooks per channel; the decoder's pad/bos id is its vocab size
@@ -77,7 +82,8 @@ def tiny_musicgen_config(text_vocab_size: int, *, stereo: bool = False, sampling
     # EnCodec derives its number of quantizers from the bandwidth: 1000 * bw // (frame_rate * bits).
     bandwidth = num_codebooks * frame_rate * bits / 1000
     text_encoder = T5Config(
-        vocab_size=text_vocab_size, d_model=hidden_size, d_kv=8, d_ff=2 * hidden_size, num_layers=1,
+        vocab_size=text_vocab_size, d_model=text_hidden_size or hidden_size, d_kv=8,
+        d_ff=2 * (text_hidden_size or hidden_size), num_layers=1,
         num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="relu",
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
@@ -168,14 +174,17 @@ def make_audible(model, target_rms: float = 0.1, seed: int = 0) -> None:
 
 
 def build_tiny_musicgen(out: str | Path, captions: Iterable[str], *, stereo: bool = False, seed: int = 0,
-                        vocab_size: int = 512) -> Path:
-    """Write a tiny MusicGen checkpoint and processor to `out`; returns the folder."""
+                        vocab_size: int = 512, text_hidden_size: int | None = None) -> Path:
+    """Write a tiny MusicGen checkpoint and processor to `out`; returns the folder.
+
+    text_hidden_size: a text encoder width other than the decoder's (32) takes the enc_to_dec_proj path.
+    """
     import torch
     from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
     out = Path(out)
     tokenizer = train_t5_tokenizer(captions, vocab_size=vocab_size)
-    config = tiny_musicgen_config(len(tokenizer), stereo=stereo)
+    config = tiny_musicgen_config(len(tokenizer), stereo=stereo, text_hidden_size=text_hidden_size)
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config).eval()
     make_audible(model)
@@ -203,9 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", required=True, help="CSV or Parquet file with a `caption` column.")
     parser.add_argument("--out", required=True, help="Folder to write the model and processor to.")
     parser.add_argument("--stereo", action="store_true", help="Build a stereo (8-codebook) decoder.")
+    parser.add_argument("--text_hidden_size", type=int, default=None,
+                        help="Text encoder width; other than 32 (the decoder's) adds enc_to_dec_proj, as in musicgen-large.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build_tiny_musicgen(args.out, _read_captions(args.captions), stereo=args.stereo)
+    build_tiny_musicgen(args.out, _read_captions(args.captions), stereo=args.stereo,
+                        text_hidden_size=args.text_hidden_size)
 
 
 if __name__ == "__main__":
