@@ -1,0 +1,109 @@
+"""Best of K: synthesise K candidates per caption, keep the one whose audio carries its labels best.
+
+    from conceptcaps_pipeline.audio.best_of import candidate_seeds, choose_candidates
+    seeds = candidate_seeds(base_seed=0, key="cc-000001", k=4)   # seeds[0] is today's single-clip seed
+    choice = choose_candidates(scores)   # scores: {id: [per-label evidence of candidate 0, 1, ...]}
+    choice["cc-000001"].index, choice["cc-000001"].means         # the kept candidate, every candidate's mean
+
+The candidate seeds derive from the base seed, the key the generator seeds by (a batch's first
+id in `audio generate`) and the candidate index only, so they never depend on the process count
+or on what was done before: a resumed run makes the same candidates and keeps the same one.
+Candidate 0's seed is `batch_seed(base_seed, key)`, the seed of the single clip `audio generate`
+makes today, so `--candidates 1` changes nothing. A candidate's score is the mean evidence of its
+labels (rank percentile of each label among its category's tags, `audio score`); the highest mean
+wins, ties go to the lowest index (deterministic). Every candidate's score is kept, for the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from conceptcaps_pipeline.errors import ConceptCapsError
+
+
+def candidate_seed(base_seed: int, key: str, index: int) -> int:
+    """The seed of candidate `index` for `key`; index 0 equals `audio generate`'s `batch_seed(base_seed, key)`."""
+    text = f"{base_seed}:{key}" if index == 0 else f"{base_seed}:{key}:candidate-{index}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF  # as batch_seed: a positive int31
+
+
+def candidate_seeds(base_seed: int, key: str, k: int) -> list[int]:
+    """The K candidate seeds of `key` (all distinct)."""
+    if k < 1:
+        raise ConceptCapsError(f"--candidates {k}: give 1 (one clip per caption, as without it) or more.")
+    seeds = [candidate_seed(base_seed, key, i) for i in range(k)]
+    if len(set(seeds)) != k:  # a 32-bit collision: vanishingly rare, but a repeated candidate would waste a slot
+        raise ConceptCapsError(f"candidate seeds of {key!r} collide for --seed {base_seed}: choose another --seed.")
+    return seeds
+
+
+@dataclass
+class Choice:
+    """The kept candidate of one caption, and every candidate's score."""
+
+    index: int  # the kept candidate
+    seed: int | None  # its seed (when seeds were given)
+    means: list[float | None] = field(default_factory=list)  # mean evidence of each candidate's labels
+    evidence: list[list[float]] = field(default_factory=list)  # each candidate's per-label evidence
+
+    def record(self) -> dict:
+        """JSON-ready: what the manifest stores per caption."""
+        return {"kept": self.index, "seed": self.seed, "candidate_means": self.means}
+
+
+def _mean(values) -> float | None:
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else None
+
+
+def choose_candidate(evidence: list[list[float]], seeds: list[int] | None = None) -> Choice:
+    """Keep the candidate whose labels have the highest mean evidence (ties: the lowest index).
+
+    evidence: per candidate, the evidence of each label (aligned with the caption's labels). A
+    candidate without any score (no labels) counts as lowest; if none has one, candidate 0 is kept.
+    """
+    if not evidence:
+        raise ValueError("choose_candidate needs at least one candidate")
+    if seeds is not None and len(seeds) != len(evidence):
+        raise ValueError(f"{len(seeds)} seeds for {len(evidence)} candidates")
+    means = [_mean(e) for e in evidence]
+    best = 0
+    for i, m in enumerate(means):
+        if m is not None and (means[best] is None or m > means[best]):
+            best = i
+    return Choice(index=best, seed=seeds[best] if seeds is not None else None, means=means,
+                  evidence=[list(map(float, e)) for e in evidence])
+
+
+def choose_candidates(scores: dict[str, list[list[float]]],
+                      seeds: dict[str, list[int]] | None = None) -> dict[str, Choice]:
+    """`choose_candidate` for every id of `scores` ({id: per-candidate label evidence})."""
+    return {i: choose_candidate(e, seeds.get(i) if seeds else None) for i, e in scores.items()}
+
+
+def score_candidates(scorer, clips: list[list[bytes]], labels: list[list[str]], tags: list[tuple[str, str]],
+                     text: np.ndarray) -> list[list[list[float]]]:
+    """Per caption, per candidate, the evidence of each label: the rank percentile of the label among its
+    category's tags for that candidate's audio (what `audio score` stores as `evidence`).
+
+    clips: per caption, its K candidates' FLAC bytes; text: unit tag embeddings aligned with `tags`
+    ((tag, category) pairs, from `score.tag_embeddings`). `scorer`: a `score.ClapScorer` or stand-in.
+    """
+    from conceptcaps_pipeline.audio.score import clip_evidence
+
+    flat = [c for candidates in clips for c in candidates]
+    if not flat:
+        return []
+    audio = np.asarray(scorer.embed_audio(flat), dtype=np.float64)
+    similarities = np.clip(audio @ np.asarray(text, dtype=np.float64).T, -1.0, 1.0)
+    flat_labels = [labels[i] for i, candidates in enumerate(clips) for _ in candidates]
+    evidence = clip_evidence(similarities, [t for t, _ in tags], [c for _, c in tags], flat_labels)["rank_percentile"]
+    out, position = [], 0
+    for candidates in clips:
+        out.append(evidence[position : position + len(candidates)])
+        position += len(candidates)
+    return out
