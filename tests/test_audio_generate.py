@@ -188,3 +188,33 @@ def test_offline_hub_id_says_how_to_use_a_local_copy(audio_captions_run, copy_ru
 def test_missing_captions_names_the_stage_to_run(distilled_run, single_process_state):
     with pytest.raises(ConceptCapsError, match="conceptcaps captions generate"):
         generate_audio(AudioArguments(run=str(distilled_run), model="unused"))
+
+
+def test_processes_with_different_free_memory_share_one_batch_plan(tmp_path, audio_captions_run, tiny_musicgen,
+                                                                   monkeypatch):
+    """--batch_size 0 with rank 0 told it holds 6 clips and rank 1 told 2: both use 2, each id is made once."""
+    import json
+
+    import torch
+    from transformers import MusicgenConfig
+
+    from conceptcaps_pipeline.audio.generate import FREE_MEMORY_ENV, batch_size_from_memory, kv_bytes_per_clip
+
+    run = shutil.copytree(audio_captions_run, tmp_path / "run")
+    config = MusicgenConfig.from_pretrained(tiny_musicgen)
+    steps = decoding_steps(0.5, codec_timing(config))[1]
+    weights = 4 * sum(p.numel() for p in load_musicgen(str(tiny_musicgen), torch.device("cpu"), torch.float32)[0]
+                      .parameters())
+    per_clip = kv_bytes_per_clip(config.decoder, steps, guidance=True, dtype_bytes=4)
+    free = [weights + int((clips + 0.5) * per_clip / 0.85) for clips in (6, 2)]
+    assert [batch_size_from_memory(f - weights, config.decoder, steps, True, 4) for f in free] == [6, 2]
+    monkeypatch.setenv(FREE_MEMORY_ENV, ",".join(map(str, free)))  # the free-memory probe's per-rank answer
+    process = launch_audio_generate(run, tiny_musicgen, "--duration", "0.5", "--batch_size", "0",
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    ids = read_shards(run / "audio").column("id").to_pylist()
+    assert Counter(ids) == Counter(caption_ids(run))  # each id exactly once
+    manifest = json.loads((run / "manifests" / "audio.json").read_text())
+    assert manifest["sessions"][-1]["determinism"]["batch_size"] == 2
+    assert sum(manifest["counts"]["per_rank"].values()) == 10 and len(manifest["counts"]["per_rank"]) == 2

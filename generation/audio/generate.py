@@ -168,10 +168,8 @@ def synthesize(model, processor, prompts: list[str], *, seed: int, max_new_token
     """
     import torch
 
-    # On CUDA the compiled step sees one prompt length per bucket of 32 tokens: fewer recompilations.
-    bucket = 32 if decoder is not None and decoder.compile_step else None
-    inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt",
-                       pad_to_multiple_of=bucket).to(model.device)
+    # The compiled static step pads the text itself (to a fixed length): one graph whatever the prompts.
+    inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt").to(model.device)
     torch.manual_seed(seed)  # seeds every device's generator: same batch + seed -> same clips
     with torch.inference_mode():
         if decoder is None:
@@ -285,11 +283,40 @@ FLAC_SUBTYPES = ("PCM_S8", "PCM_16", "PCM_24")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def resolve_batch_size(args: AudioArguments, device, max_new_tokens: int) -> int:
-    """--batch_size, or (0) the largest batch the GPU's free memory holds next to the weights, or 8 on a CPU."""
+FREE_MEMORY_ENV = "CONCEPTCAPS_FREE_MEMORY"
+
+
+def free_memory(device, rank: int = 0) -> int | None:
+    """Free bytes on `device` for sizing the batch (None on a CPU), read by the process of index `rank`.
+
+    $CONCEPTCAPS_FREE_MEMORY overrides the measurement: bytes, or one value per rank separated by commas
+    (to hold memory back for another job, or to make processes disagree in a test); on a CPU too.
+    """
+    value = os.environ.get(FREE_MEMORY_ENV, "").strip()
+    if value:
+        items = [v.strip() for v in value.split(",")]
+        item = items[min(rank, len(items) - 1)]
+        try:
+            return int(float(item))
+        except ValueError:
+            raise ConceptCapsError(f"${FREE_MEMORY_ENV}={value!r}: give bytes (e.g. 40e9), or one value per rank "
+                                   f"separated by commas.") from None
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def resolve_batch_size(args: AudioArguments, device, max_new_tokens: int, rank: int = 0) -> int:
+    """This process's batch: --batch_size, or (0) the largest its free memory holds next to the weights (8 on a CPU).
+
+    A run with several processes uses `agreed_batch_size`, the smallest of these over all ranks.
+    """
     if args.batch_size:
         return args.batch_size
-    if device.type != "cuda":
+    free = free_memory(device, rank)
+    if free is None:
         return CPU_BATCH_SIZE
     import torch
     from transformers import MusicgenConfig, MusicgenForConditionalGeneration
@@ -298,12 +325,30 @@ def resolve_batch_size(args: AudioArguments, device, max_new_tokens: int) -> int
     with torch.device("meta"):  # counts the weights without allocating them
         parameters = sum(p.numel() for p in MusicgenForConditionalGeneration(config).parameters())
     dtype_bytes = resolve_dtype(args.dtype, device).itemsize
-    free, _ = torch.cuda.mem_get_info(device)
     size = batch_size_from_memory(free - parameters * dtype_bytes, config.decoder, max_new_tokens,
                                   args.guidance_scale > 1, dtype_bytes)
-    logger.info("audio: batch size %d from %.1f GiB free on %s (weights %.1f GiB)", size, free / 2**30, device,
-                parameters * dtype_bytes / 2**30)
+    logger.info("audio: rank %d: batch size %d from %.1f GiB free on %s (weights %.1f GiB)", rank, size,
+                free / 2**30, device, parameters * dtype_bytes / 2**30)
     return size
+
+
+def agreed_batch_size(state, local: int) -> int:
+    """The batch size of every process: the main process takes the smallest over the ranks and broadcasts it.
+
+    Why: the batches (and so which process makes which clip, and each clip's seed) are planned from the
+    batch size; ranks with different free memory would otherwise plan different batches and split the
+    work differently, making some clips twice and others never.
+    """
+    if state.num_processes == 1:
+        return local
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    sizes = gather_object([local])
+    decided = [min(sizes) if state.is_main_process else None]
+    broadcast_object_list(decided, from_process=0)
+    if state.is_main_process and len(set(sizes)) > 1:
+        logger.info("audio: batch sizes per rank %s; every rank uses %d", sizes, decided[0])
+    return int(decided[0])
 
 
 def check_arguments(args: AudioArguments) -> None:
@@ -432,8 +477,8 @@ def generate_audio(args: AudioArguments) -> dict:
         gone = {i for ids in stale.values() for i in ids}
         done = set() if args.force else set(index.column("id").to_pylist()) - gone
         max_new_tokens = decoding_steps(args.duration, codec_timing_from(args.model))[1]
-        batch_size = resolve_batch_size(args, state.device, max_new_tokens)
-        batches = plan_all_batches(prompts, processor.tokenizer, batch_size)
+        batch_size = agreed_batch_size(state, resolve_batch_size(args, state.device, max_new_tokens, rank))
+        batches = plan_all_batches(prompts, processor.tokenizer, batch_size)  # a pure function of both: same on every rank
         todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
         previous = read_manifest(run, STAGE)
         if not todo:
@@ -454,6 +499,8 @@ def generate_audio(args: AudioArguments) -> dict:
             from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
             static = StaticMusicgenDecoder(model)
+            if static.compile_step:  # compile every graph now: the first batch then runs at full speed
+                static.warm_up(batch_size, max_new_tokens, args.guidance_scale, args.top_k, args.temperature)
         codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
         state.wait_for_everyone()
         report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
