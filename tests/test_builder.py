@@ -1,4 +1,4 @@
-"""The `datasets` builder in conceptcaps.py against a small real run (MusicCaps captions, tiny-MusicGen
+"""The `datasets` builder in conceptcaps.py (and the split and subset rules of release/splits.py) against a small real run (MusicCaps captions, tiny-MusicGen
 clips), and the split assignment on the real distilled MusicCaps set."""
 
 from __future__ import annotations
@@ -13,18 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conceptcaps import (
-    SPLITS,
-    ConceptCaps,
-    assign_splits,
-    concept_sets,
-    nested_subsets,
-    run_fingerprint,
-    subset_min_positives,
-    tag_categories,
-)
+from conceptcaps import ConceptCaps, concept_sets, tag_categories
 from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.plan import run_fingerprint
+from conceptcaps_pipeline.release.splits import SPLITS, assign_splits, nested_subsets, subset_min_positives
 from conceptcaps_pipeline.taxonomy import Taxonomy
 
 

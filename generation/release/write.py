@@ -1,0 +1,176 @@
+"""Write every config, split and subset of a release in one pass over the run's audio shards.
+
+    from conceptcaps_pipeline.release.plan import load_taxonomy, plan_run
+    from conceptcaps_pipeline.release.write import write_configs
+    plan = plan_run(run, load_taxonomy(run).tags, with_audio=True)
+    infos = write_configs(plan, ["default", "audio", ...], load_taxonomy(run), "release/data",
+                          max_shard_size="500MB", rows_per_group=100, run=run)
+
+Subsets and splits are row selections of the same clips, so each source shard of RUN/audio is
+read once and each of its clips goes to every (config, split) that holds it: the bytes read are
+the audio bytes once (issue: the builder-per-config build read them about ten times). Each
+(config, split) has its own Parquet writer (datasets' `ParquetWriter`, so the files are what
+`download_and_prepare(file_format="parquet")` writes: same schema, features metadata and row
+groups); a writer holds at most one row group, so memory is bounded by `rows_per_group` clips
+per (config, split), not by the dataset. The FLAC header of every clip is checked as it passes.
+Shards are cut like datasets' builder cuts them: a new file once the current one holds more than
+`max_shard_size` bytes (Arrow size, before compression), so a shard exceeds it by at most one group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.plan import RunPlan, clip_opens, refuse_unopenable
+from conceptcaps_pipeline.release.splits import SPLITS
+
+logger = logging.getLogger(__name__)
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+@dataclass
+class _SplitWriter:
+    """The Parquet shards of one (config, split): a new file whenever the current one passes max_shard_size."""
+
+    folder: Path
+    split: str
+    features: object
+    max_shard_size: int
+    rows_per_group: int
+    paths: list[Path] = field(default_factory=list)
+    num_examples: int = 0
+    num_bytes: int = 0
+    _writer: object = None
+
+    def write(self, example: dict) -> None:
+        if self._writer is not None and self._writer._num_bytes > self.max_shard_size:
+            self._close_file()
+        if self._writer is None:
+            self._open_file()
+        self._writer.write(self.features.encode_example(example))
+
+    def close(self) -> None:
+        """Finish the last file (an empty split gets one file with the schema) and give the files their final names."""
+        if self._writer is None and not self.paths:
+            self._open_file()
+        if self._writer is not None:
+            self._close_file()
+        for index, path in enumerate(self.paths):
+            path.rename(self.folder / shard_name(self.split, index, len(self.paths)))
+
+    def _open_file(self) -> None:
+        from datasets.arrow_writer import ParquetWriter
+
+        path = self.folder / f".{self.split}-{len(self.paths):05d}.parquet"
+        self.paths.append(path)
+        self._writer = ParquetWriter(path=str(path), features=self.features, writer_batch_size=self.rows_per_group)
+
+    def _close_file(self) -> None:
+        examples, size = self._writer.finalize()
+        self._writer.close()
+        self._writer = None
+        self.num_examples += examples
+        self.num_bytes += size
+
+
+def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | Path, *, max_shard_size: str | int,
+                  rows_per_group: int, run: str | Path, licences: dict[str, str] | None = None,
+                  progress: bool = True) -> dict:
+    """Write data_dir/<config>/<split>-NNNNN-of-NNNNN.parquet for every config; returns {config: DatasetInfo}."""
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.utils.py_utils import convert_file_size_to_int
+    from tqdm.auto import tqdm
+
+    from conceptcaps import BUILDER_CONFIGS, config_info, make_example, tag_categories
+
+    by_name = {c.name: c for c in BUILDER_CONFIGS}
+    unknown = [c for c in configs if c not in by_name]
+    if unknown:
+        raise ConceptCapsError(f"unknown config(s) {unknown}: ConceptCaps has {sorted(by_name)}.")
+    limit = convert_file_size_to_int(max_shard_size)
+    data_dir = Path(data_dir)
+    infos, writers, members = {}, {}, {}
+    for name in configs:
+        config = by_name[name]
+        info = config_info(config, taxonomy, plan.audio.sampling_rate, (licences or {}).get(name))
+        infos[name] = info
+        (data_dir / name).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            writers[name, split] = _SplitWriter(data_dir / name, split, info.features, limit, rows_per_group)
+            members[name, split] = set(plan.split_ids(split, config.fraction))
+    text = [n for n in configs if not by_name[n].with_audio]
+    audio = [n for n in configs if by_name[n].with_audio]
+    text_features = infos[text[0]].features if text else None
+    audio_features = infos[audio[0]].features if audio else None
+    category_of = tag_categories(text_features or audio_features)
+    split_of = plan.assignment.split_of
+
+    def emit(clip_id: str, clip: dict | None) -> None:
+        split = split_of[clip_id]
+        row = plan.rows[clip_id]
+        if text:
+            example = make_example(row, text_features, category_of=category_of)
+            for name in text:
+                if clip_id in members[name, split]:
+                    writers[name, split].write(example)
+        if clip is not None and audio:
+            example = make_example(row, audio_features, clip, category_of)
+            for name in audio:
+                if clip_id in members[name, split]:
+                    writers[name, split].write(example)
+
+    bar = tqdm(total=len(plan.rows), desc="build", unit="row", disable=not progress)
+    done, bad = set(), []
+    # 1. The clips, shard by shard in stored order (= row order): each source shard is read once.
+    for shard, stored in plan.audio.shards:
+        mine = [i for i in stored if i in plan.rows]
+        if not mine:
+            continue
+        if not audio:
+            for clip_id in mine:
+                emit(clip_id, None)
+        else:
+            table = pq.read_table(shard, columns=["id", "audio", "duration_s"])
+            clips = dict(zip(table.column("id").to_pylist(), zip(table.column("audio").to_pylist(),
+                                                                   table.column("duration_s").to_pylist())))
+            del table
+            for clip_id in mine:
+                data, duration = clips.pop(clip_id)
+                if not clip_opens(data, plan.audio.sampling_rate, plan.audio.duration_s[clip_id]):
+                    bad.append(f"{clip_id} ({shard.name})")
+                    continue
+                emit(clip_id, {"audio": data, "duration_s": duration})
+        done.update(mine)
+        bar.update(len(mine))
+    refuse_unopenable(run, bad)  # before any file is final: the caller's staged folder is dropped
+    # 2. Rows without a clip (text configs of a run without audio), by id as the plan orders them.
+    for split in SPLITS:
+        for clip_id in plan.splits[split]:
+            if clip_id not in done:
+                emit(clip_id, None)
+                bar.update(1)
+    bar.close()
+    for writer in writers.values():
+        writer.close()
+    out = {}
+    for name, info in infos.items():
+        splits = datasets.SplitDict(dataset_name="conceptcaps")
+        for split in SPLITS:
+            writer = writers[name, split]
+            splits.add(datasets.SplitInfo(name=split, num_bytes=writer.num_bytes, num_examples=writer.num_examples,
+                                          dataset_name="conceptcaps"))
+        info.splits = splits
+        info.config_name = name
+        info.dataset_name = "conceptcaps"
+        info.builder_name = "conceptcaps"
+        info.version = by_name[name].version
+        info.dataset_size = sum(s.num_bytes for s in splits.values())
+        out[name] = info
+    return out
