@@ -387,6 +387,21 @@ def _read_one_split(load_path: str, files: dict[str, list[str]], local: bool) ->
     return {"polars": f'pl.read_parquet("{pattern}")', "pandas": pandas, "several": len(train) > 1, "local": local}
 
 
+def markdown_text(value: str | None) -> str | None:
+    """`value` as literal text in Markdown with HTML on: <, >, & escaped, and the characters that start links,
+    images or emphasis backslash-escaped.
+
+    >>> print(markdown_text('<img src=x onerror=alert(9)> [a](javascript:x) *b*'))
+    &lt;img src=x onerror=alert(9)&gt; \\[a\\](javascript:x) \\*b\\*
+    """
+    import html
+
+    if value is None:
+        return None
+    text = html.escape(str(value), quote=True)
+    return re.sub(r"([\\`*_\[\]{}!|#])", r"\\\1", text)
+
+
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
                build_command: str | None = None, revision: str = "main", code_url: str | None = None,
                card_authors: str | None = None, contact: str | None = None) -> Path:
@@ -436,9 +451,10 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "load_path": load_path,
         "repo_id": repo_id,
         "repo_url": f"https://huggingface.co/datasets/{repo_id}" if repo_id else None,
-        "code_url": code_url,
-        "card_authors": card_authors,
-        "contact": contact,
+        # Flags land in Markdown that Hub pages render with HTML: escaped, so markup in them stays text.
+        "code_url": markdown_text(code_url),
+        "card_authors": markdown_text(card_authors),
+        "contact": markdown_text(contact),
         "version": version,
         "licence": licence,
         "license_file": LICENSE_FILE,

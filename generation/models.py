@@ -99,6 +99,8 @@ def is_tiny_model(model: str, run: str | Path, recorded_run: str | None = None) 
     Checked against the run as it is now and, when given, as a manifest recorded it, so a moved
     run still counts its tiny models (the recorded path then names the old place).
     """
+    if str(model).startswith("RUN/models/"):  # as a manifest stores a model inside the run
+        return True
     for base in (run, recorded_run):
         if base and (run_relative(model, base) or "").startswith("RUN/models/"):
             return True

@@ -195,6 +195,15 @@ def check_values(instances) -> None:
         run = getattr(instance, "run", None)
         if isinstance(run, str) and run:
             _check_run(run)
+        if isinstance(getattr(instance, "id_prefix", None), str):
+            from conceptcaps_pipeline.run_dir import check_id
+
+            check_id(instance.id_prefix, "--id_prefix")
+        if isinstance(getattr(instance, "repo_id", None), str):
+            # The Hub's own rule (huggingface_hub.validate_repo_id): also what keeps markup out of the card.
+            from conceptcaps_pipeline.release.push import check_repo_id
+
+            check_repo_id(instance.repo_id)
 
 
 def _check_run(run: str) -> None:

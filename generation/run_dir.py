@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -33,6 +34,8 @@ from typing import Any
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.stages import STAGES, by_name
+
+logger = logging.getLogger(__name__)
 
 # Which stage writes which artifact (the stage table's outputs), so that a missing one can say what to run.
 PRODUCERS = {output: f"{s.command} {s.usage}".strip() for s in STAGES for output in s.outputs}
@@ -79,34 +82,174 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-@contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; swap it into place only on success."""
+# -- atomic publication of folders ------------------------------------------------------------------
+# One mechanism for every output folder: the new output is written into a hidden temporary folder
+# beside the final one, then swapped in. On Linux the swap is renameat2(RENAME_EXCHANGE): one system
+# call that exchanges the two names, so at every moment the final name holds either the old complete
+# output or the new complete one; the old one is then at the temporary name and is deleted. Where
+# renameat2 is missing (another OS, an old kernel, a file system without it), a two-phase swap with a
+# journal (`.NAME.swap.json`: which folder is the new one, where the old one went) is used; the next
+# process that touches NAME (`recover`, called by every `atomic_dir` and by `stage_lock`) completes a
+# swap whose new folder is in place and rolls back one that did not start.
+RENAME_EXCHANGE = 2  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Exchange the names `a` and `b` in one system call; False where the system cannot (then nothing changed)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+# Tests replace this with a function that returns False, to exercise the journal on Linux too.
+exchange = _renameat2_exchange
+
+
+def _journal(final: Path) -> Path:
+    return final.parent / f".{final.name}.swap.json"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        os.unlink(path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def publish(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete folder (or file) `new` at `final`, replacing what is there; never neither in place."""
+    new, final = Path(new), Path(final)
+    if not final.exists() and not final.is_symlink():
+        os.rename(new, final)  # nothing to replace: one rename is atomic
+    elif exchange(new, final):
+        _fsync_folder(final.parent)
+        _remove(new)  # the old output, now at the temporary name
+    else:
+        old = new.with_name(new.name[: -len(".tmp")] + ".old" if new.name.endswith(".tmp") else new.name + ".old")
+        journal = _journal(final)
+        with atomic_path(journal) as tmp:
+            tmp.write_text(json.dumps({"new": new.name, "old": old.name}))
+        os.rename(final, old)  # phase 1: from here the journal completes the swap
+        os.rename(new, final)  # phase 2
+        _fsync_folder(final.parent)
+        _remove(old)
+        os.unlink(journal)
+    _fsync_folder(final.parent)
+
+
+def recover(final: str | os.PathLike) -> str | None:
+    """Finish what an interrupted `publish` to `final` left; returns "completed", "rolled back" or None.
+
+    Call it only while holding the stage's lock. A journaled swap whose old output was moved away is
+    completed (its new folder was complete before the journal was written); one that did not start is
+    rolled back. Then the temporary folders of `final` are deleted: each holds either an uncommitted
+    new output or an old one already replaced, never the committed output (that is always at `final`).
+    """
     final = Path(final)
+    journal = _journal(final)
+    outcome = None
+    if journal.is_file():
+        try:
+            record = json.loads(journal.read_text())
+            new, old = final.parent / record["new"], final.parent / record["old"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            record = None
+        if record is not None:
+            if not final.exists() and new.exists():
+                os.rename(new, final)  # phase 1 happened, phase 2 did not: complete it
+                outcome = "completed"
+            elif not final.exists() and old.exists():
+                os.rename(old, final)  # cannot complete: the old output goes back
+                outcome = "rolled back"
+            elif final.exists() and new.exists():
+                outcome = "rolled back"  # phase 1 never happened: the old output is in place
+            else:
+                outcome = "completed"
+            _fsync_folder(final.parent)
+            for path in (new, old):
+                if path != final and (path.exists() or path.is_symlink()):
+                    _remove(path)
+        os.unlink(journal)
+    for path in final.parent.glob(f".{final.name}.*.tmp"):
+        _remove(path)
+    for path in final.parent.glob(f".{final.name}.*.old"):
+        _remove(path)
+    for path in final.parent.glob(f".{journal.name}.*.tmp"):  # a journal that was never written
+        _remove(path)
+    if outcome:
+        logger.warning("%s: an interrupted publication was %s", final, outcome)
+    return outcome
+
+
+def check_replaceable(final: str | os.PathLike, marker: str | None) -> None:
+    """Refuse to replace `final` unless it is absent or holds `marker` (the command's own earlier output)."""
+    final = Path(final)
+    if marker and (final.exists() or final.is_symlink()) and (final.is_symlink() or not (final / marker).is_file()):
+        raise ConceptCapsError(
+            f"{final} exists and is not an earlier output of this command (it has no {marker}): it is left as it "
+            f"is. Give a new folder, or move that one away first.")
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, *, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; swap it into place only on success (`publish`).
+
+    `marker`: a file name that the stage's own output always holds. An existing `final` without it
+    (the run directory, another stage's folder, a user's folder) is refused before anything is
+    written: a stage replaces only what it made.
+    """
+    final = Path(final)
+    check_replaceable(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
 def remove_leftovers(folder: str | os.PathLike, names: list[str]) -> int:
-    """Delete the temporary files and folders an interrupted atomic write of `names` left in `folder`.
+    """Finish or undo an interrupted publication of each of `names` in `folder` (`recover`); returns how many
+    names had leftovers. Never deletes the committed output: that is always at its final name.
 
     Call it only while holding the stage's lock: then no other process is writing them.
     """
     count = 0
     folder = Path(folder)
     for name in names:
-        for path in folder.glob(f".{name}.*.tmp"):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        if any(folder.glob(f".{name}.*.tmp")) or any(folder.glob(f".{name}.*.old")) or _journal(folder / name).exists():
             count += 1
+        recover(folder / name)
     return count
 
 
@@ -234,6 +377,32 @@ def drop_set_aside(run: str | os.PathLike, stage: str) -> None:
             pass
 
 
+# -- identifiers and paths built from data ------------------------------------------------------------
+# One pattern for clip ids and --id_prefix: they become file names (RUN/release/examples/<id>.wav, the
+# explorer's clips) and text in the card, so only letters, digits and `._-`, not starting with `.` or `-`.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+def check_id(value: str, where: str) -> str:
+    """`value` if it matches ID_PATTERN (and holds no `..`), else one clear error naming `where`."""
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(ID_PATTERN, value) or ".." in value:
+        shown = repr(value)[:80]
+        raise ConceptCapsError(f"{where} {shown}: ids use only letters, digits, '.', '_' and '-' (at most 128, not "
+                               f"starting with '.' or '-', no '..'): give one such as cc or demo-2026.")
+    return value
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """`path` if it resolves inside `root`; a path built from data that leaves it is refused."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(Path(root).resolve()):
+        raise ConceptCapsError(f"{path} is outside {root}: a name from the data or a flag may not leave the run "
+                               f"directory; fix the id or value that built it.")
+    return Path(path)
+
+
 # -- paths inside the run --------------------------------------------------------------------------
 def run_relative(path: str | os.PathLike | None, run: str | os.PathLike) -> str | None:
     """`RUN/...` for a path inside the run directory, else the value unchanged (a Hub id, an outside path)."""
@@ -300,6 +469,73 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+
+# -- what a stage wrote: the manifest's commit record ------------------------------------------------
+HASH_LIMIT = 64 << 20  # bytes: larger files are checked by size (and Parquet row count) only; hashing them would
+# cost more than most stages' skip saves. Captions, attributes, the VAE and every release file but audio shards fit.
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def file_entry(path: Path) -> dict:
+    """Size, sha256 (up to HASH_LIMIT) and, for Parquet, row count of one file."""
+    size = path.stat().st_size
+    entry: dict[str, Any] = {"bytes": size, "sha256": file_sha256(path) if size <= HASH_LIMIT else None}
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            entry["rows"] = pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # noqa: BLE001 - recorded as unreadable; a check against it then fails
+            entry["rows"] = None
+    return entry
+
+
+def file_record(paths: list[str | os.PathLike], base: str | os.PathLike, *, prefix: str = "RUN/") -> dict[str, dict]:
+    """{prefix + path relative to base: file_entry} for each file, and each file inside each folder, of `paths`
+    (hidden files, the temporary folders of unfinished writes, excluded)."""
+    base = Path(base).resolve()
+    record = {}
+    for path in paths:
+        for file in _files_of(Path(path)):
+            record[prefix + file.resolve().relative_to(base).as_posix()] = file_entry(file)
+    return record
+
+
+def check_record(record: dict, base: str | os.PathLike, *, prefix: str = "RUN/", folders: list | None = None) -> list[str]:
+    """What differs between the files under `base` and `record` (from `file_record`): one phrase per file.
+
+    `folders` (paths under base): a file in them that the record does not name is reported as extra.
+    """
+    base = Path(base)
+    problems = []
+    for key, entry in record.items():
+        path = base / key[len(prefix):]
+        if not path.is_file():
+            problems.append(f"{key} is missing")
+            continue
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            problems.append(f"{key} has {size} bytes, not the {entry.get('bytes')} recorded")
+        elif entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{key} changed since it was written (sha256 differs)")
+        elif "rows" in entry and file_entry(path).get("rows") != entry["rows"]:
+            problems.append(f"{key} does not hold the {entry['rows']} rows recorded")
+    for folder in folders or []:
+        for file in _files_of(base / folder):
+            key = prefix + file.relative_to(base).as_posix()
+            if key not in record:
+                problems.append(f"{key} is not part of it (extra file)")
+    return problems
+
+
 def stable_hash(text: str) -> int:
     """A hash of `text` that is the same on every machine and Python process (unlike hash())."""
     return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
@@ -330,6 +566,80 @@ def read_manifest(run: str | os.PathLike, stage: str) -> dict | None:
     return manifest
 
 
+# The outputs each stage named in its skip check (`finished`), recorded by its `write_manifest` in the same
+# process: the stage code names its outputs once.
+_DECLARED: dict[tuple[str, str], list] = {}
+
+
+def _key(run: str | os.PathLike, stage: str) -> tuple[str, str]:
+    return (str(Path(run).resolve()), stage.replace(" ", "_"))
+
+
+def input_record(run: str | os.PathLike, inputs: dict[str, str | os.PathLike] | None) -> dict[str, str]:
+    """sha256 of each input file; a folder (or a missing path) as its RUN/-relative path."""
+    record = {}
+    for key, path in (inputs or {}).items():
+        path = Path(path)
+        record[key] = file_sha256(path) if path.is_file() else run_relative(path, run)
+    return record
+
+
+def portable(value: Any, run: str | os.PathLike) -> Any:
+    """`value` with every string that names an existing path inside `run` replaced by its `RUN/...` form."""
+    if isinstance(value, dict):
+        return {key: portable(item, run) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, run) for item in value]
+    if isinstance(value, str) and value and (os.sep in value or value in (".", str(run))):
+        try:
+            if Path(value).expanduser().exists():
+                return run_relative(value, run)
+        except OSError:
+            return value
+    return value
+
+
+def make_manifest(
+    run: str | os.PathLike,
+    stage: str,
+    args: Any,
+    *,
+    inputs: dict[str, str | os.PathLike] | None = None,
+    counts: dict[str, Any] | None = None,
+    started: float,
+    extra: dict[str, Any] | None = None,
+    outputs: list[str | os.PathLike] | None = None,
+) -> dict:
+    """The manifest `write_manifest` writes, without writing it (a stage that publishes it inside its output)."""
+    from conceptcaps_pipeline import __version__
+
+    arguments = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args
+    # Paths inside the run (the run itself, a model in RUN/models/) are stored as RUN/...: a copied run
+    # names nothing of the original. Everything else (Hub ids, outside paths, numbers) as given.
+    arguments = portable(arguments, run)
+    if outputs is None:
+        outputs = _DECLARED.get(_key(run, stage))
+    manifest = {
+        "stage": stage,
+        "conceptcaps_version": __version__,
+        "arguments": arguments,
+        "packages": package_versions(),
+        "inputs": input_record(run, inputs),
+        "input_files": {key: run_relative(path, run) for key, path in (inputs or {}).items()},
+        "counts": counts or {},
+        "wall_time_s": round(time.time() - started, 3),
+        # The thread count changes a CPU run's speed, and its exact floats (docs/audio.md).
+        "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if outputs is not None:
+        # The commit record: what `finished` compares the files with before it calls them up to date.
+        manifest["outputs"] = file_record(outputs, run)
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
 def write_manifest(
     run: str | os.PathLike,
     stage: str,
@@ -339,28 +649,12 @@ def write_manifest(
     counts: dict[str, Any] | None = None,
     started: float,
     extra: dict[str, Any] | None = None,
+    outputs: list[str | os.PathLike] | None = None,
 ) -> dict:
-    """Record what a stage did: arguments, versions, input hashes, counts, wall time."""
-    from conceptcaps_pipeline import __version__
-
-    hashes = {}
-    for key, path in (inputs or {}).items():
-        path = Path(path)
-        hashes[key] = file_sha256(path) if path.is_file() else str(path)
-    manifest = {
-        "stage": stage,
-        "conceptcaps_version": __version__,
-        "arguments": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args,
-        "packages": package_versions(),
-        "inputs": hashes,
-        "counts": counts or {},
-        "wall_time_s": round(time.time() - started, 3),
-        # The thread count changes a CPU run's speed, and its exact floats (docs/audio.md).
-        "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if extra:
-        manifest.update(extra)
+    """Record what a stage did: arguments, versions, input hashes, counts, wall time, and each output file's
+    size, sha256 and row count (`outputs`, default: those the stage named to `finished`)."""
+    manifest = make_manifest(run, stage, args, inputs=inputs, counts=counts, started=started, extra=extra,
+                             outputs=outputs)
     write_json(manifest_path(run, stage), manifest)
     return manifest
 
@@ -374,19 +668,69 @@ def _comparable(args: Any) -> dict:
     return json.loads(json.dumps(data, default=str))
 
 
+def _same_input(recorded: str | None, run: str | os.PathLike, path: Path) -> bool:
+    if path.is_file():
+        return recorded == file_sha256(path)
+    # A folder: recorded as its RUN/ path (older manifests: as the path given then).
+    return recorded in (run_relative(path, run), str(path))
+
+
+def check_upstream(run: str | os.PathLike, inputs: dict) -> None:
+    """Refuse inputs made from an older version of their own inputs: `X` was written by a stage whose recorded
+    input hashes no longer match the files (e.g. captions.parquet made from attributes.parquet before
+    `vae sample --force`). Names the command that brings it up to date."""
+    run = Path(run)
+    folder = run / "manifests"
+    if not folder.is_dir():
+        return
+    wanted = {run_relative(p, run): Path(p) for p in inputs.values() if Path(p).is_file()}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), dict):
+            continue
+        made = [key for key in wanted if key in manifest["outputs"]]
+        if not made:
+            continue
+        for name, recorded in (manifest.get("inputs") or {}).items():
+            source = from_run_relative((manifest.get("input_files") or {}).get(name), run)
+            source = Path(source) if source else None
+            if source is None or not source.is_file() or not isinstance(recorded, str) or len(recorded) != 64:
+                continue
+            if file_sha256(source) != recorded:
+                stage = str(manifest.get("stage", path.stem)).replace("_", " ")
+                raise ConceptCapsError(
+                    f"{made[0]} was made by `{stage}` from an older {run_relative(source, run)} (its input {name!r} "
+                    f"changed since): run `conceptcaps {stage} --run {run} --force` first, then this command.")
+
+
 def finished(run: str | os.PathLike, stage: str, args: Any, inputs: dict, outputs: list) -> dict | None:
     """The manifest of an identical finished run of `stage`, or None if it must (re)run.
 
-    Identical means: same arguments (but --force and the run path), same input hashes, all outputs present.
+    Identical means: same arguments (but --force and the run path), same input hashes, and every output
+    file as the manifest recorded it (size always, sha256 up to HASH_LIMIT, Parquet row count). An input
+    made from an older version of its own inputs is refused (`check_upstream`). The outputs named here
+    are those `write_manifest` records for the stage.
     """
+    _DECLARED[_key(run, stage)] = [Path(p) for p in outputs]
+    check_upstream(run, inputs)
     manifest = read_manifest(run, stage)
     if manifest is None or not all(Path(p).exists() for p in outputs):
         return None
-    if manifest.get("arguments") is None or _comparable(manifest["arguments"]) != _comparable(args):
+    current = portable(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args), run)
+    if manifest.get("arguments") is None or _comparable(manifest["arguments"]) != _comparable(current):
         return None
     for key, path in inputs.items():
-        path = Path(path)
-        current = file_sha256(path) if path.is_file() else str(path)
-        if manifest.get("inputs", {}).get(key) != current:
+        if not _same_input(manifest.get("inputs", {}).get(key), run, Path(path)):
             return None
+    record = manifest.get("outputs")
+    if not isinstance(record, dict) or not record:
+        return None  # an older manifest without a record of its files: nothing to verify against, so redo
+    problems = check_record(record, run)
+    if problems:
+        logger.warning("%s: not up to date, the outputs differ from %s: %s", stage.replace("_", " "),
+                       manifest_path(run, stage), "; ".join(problems[:3]))
+        return None
     return manifest

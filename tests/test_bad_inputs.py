@@ -221,6 +221,116 @@ CASES = [
 ]
 
 
+def release_as_link(run: Path):
+    """RUN/release a symbolic link to a release elsewhere in the run."""
+    (run / "release").rename(run / "real-release")
+    (run / "release").symlink_to(run / "real-release", target_is_directory=True)
+
+
+def first_shard(config: str):
+    def find(run: Path) -> Path:
+        return sorted((run / "release" / "data" / config).glob("train-*.parquet"))[0]
+    return find
+
+
+def damage_shard(config: str, how):
+    def damage(run: Path):
+        how(first_shard(config)(run))
+    return damage
+
+
+def other_build_record(run: Path):
+    import json
+
+    path = run / "manifests" / "build.json"
+    manifest = json.loads(path.read_text())
+    manifest["release_record"] = {"data/default/train-00000-of-00001.parquet": {"bytes": 1, "sha256": None}}
+    path.write_text(json.dumps(manifest))
+
+
+PUSH = ["push", "--run", "RUN", "--repo_id", "my-org/conceptcaps", "--dry_run", "--allow_tiny_models"]
+
+# Integrity II: hostile option files, values and names; releases that are not what their build wrote; output
+# folders that are not the command's own.
+CASES += [
+    ("config with an alias", write("c.yaml", "a: &x [1, 2]\nn: *x\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"alias \*x \(aliases are not accepted"),
+    ("config with a duplicate key", write("c.yaml", "n: 3\nn: 4\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"key 'n' is given twice"),
+    ("oversized config", write("c.yaml", "# " + "x" * (1 << 20) + "\nn: 3\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"more than an option file's 1048576"),
+    ("config with an infinite number", write("c.yaml", "temperature: .inf\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"temperature = inf: give a finite number"),
+    ("config with NaN", write("c.yaml", "lr: .nan\n"),
+     ["vae", "train", "--run", "RUN", "--config", "RUN/c.yaml"], r"lr = nan: give a finite number"),
+    ("config that is a folder", nothing, ["vae", "sample", "--run", "RUN", "--config", "RUN/vae"],
+     r"--config .*vae is not a file"),
+    ("missing --config=FILE", nothing, ["vae", "sample", "--run", "RUN", "--config=RUN/none.yaml"],
+     r"--config .*none.yaml not found"),
+    ("malformed --config=FILE", write("c.yaml", "n: [1,\n"), ["vae", "sample", "--run", "RUN", "--config=RUN/c.yaml"],
+     r"not valid YAML at line"),
+    ("repeated --config", write("c.yaml", "n: 3\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml", "--config=RUN/c.yaml"], r"--config is given 2 times"),
+    ("--config without a path", nothing, ["vae", "sample", "--run", "RUN", "--config="], r"--config needs the path"),
+    ("env key that is no variable name", write("c.yaml", "env:\n  'A B': 1\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"`env` key 'A B' is not a variable name"),
+    ("env value that is a list", write("c.yaml", "env:\n  HF_HOME: [1, 2]\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"`env` value of HF_HOME must be one short"),
+    ("env that is a list", write("c.yaml", "env: [1]\n"),
+     ["vae", "sample", "--run", "RUN", "--config", "RUN/c.yaml"], r"`env` must map variable names"),
+    ("NaN temperature", nothing, ["vae", "sample", "--run", "RUN", "--temperature", "nan", "--force"],
+     r"--temperature nan: give a finite number"),
+    ("infinite learning rate", nothing, ["vae", "train", "--run", "RUN", "--lr", "inf"], r"--lr inf: give a finite"),
+    ("infinite audio duration", nothing, ["audio", "generate", "--run", "RUN", "--duration", "inf"],
+     r"--duration inf: give a finite"),
+    ("NaN top_p", nothing, ["captions", "generate", "--run", "RUN", "--top_p", "nan"], r"--top_p nan: give a finite"),
+    ("--run that is a file", nothing, ["vae", "sample", "--run", "RUN/taxonomy.json"], r"taxonomy.json: it is not a folder"),
+    ("--run that is a device", nothing, ["build", "--run", "/dev/null"], r"--run /dev/null: it is not a folder"),
+    ("--run with an over-long name", nothing, ["distill", "--run", "RUN/" + "x" * 300], r"at most 255 bytes"),
+    ("--id_prefix leaving the run", nothing, ["vae", "sample", "--run", "RUN", "--id_prefix", "../../../x", "--force"],
+     r"--id_prefix '../../../x': ids use only letters, digits"),
+    ("--id_prefix with markup", nothing,
+     ["vae", "sample", "--run", "RUN", "--id_prefix", "<img src=x onerror=alert(9)>", "--force"],
+     r"--id_prefix '<img src=x onerror=alert\(9\)>': ids use only"),
+    ("--id_prefix hidden", nothing, ["vae", "sample", "--run", "RUN", "--id_prefix", ".x", "--force"],
+     r"--id_prefix '.x': ids use only"),
+    ("build --repo_id with markup", nothing, ["build", "--run", "RUN", "--repo_id", "<b>x</b>/y"],
+     r"--repo_id '<b>x</b>/y' is not a Hub repository id"),
+    ("push --repo_id with --", nothing, ["push", "--run", "RUN", "--repo_id", "my-org/con--caps", "--dry_run"],
+     r"--repo_id 'my-org/con--caps' is not a Hub repository id"),
+    ("push tag with a space", nothing, [*PUSH, "--tag", "v 1"], r"--tag 'v 1' is not a name the Hub accepts"),
+    ("push tag ending in .lock", nothing, [*PUSH, "--tag", "v1.lock"], r"--tag 'v1.lock' is not a name"),
+    ("push revision with ..", nothing, [*PUSH, "--revision", "a..b"], r"--revision 'a..b' is not a name"),
+    ("push revision starting with -", nothing, [*PUSH, "--revision=-main"], r"--revision '-main' is not a name"),
+    ("push a release that is a link", release_as_link, PUSH, r"release is a symbolic link .*Remove the link"),
+    ("push a release without a shard", lambda run: first_shard("audio")(run).unlink(), PUSH,
+     r"not the release its build wrote: data/audio/train-00000-of-\d+.parquet is missing.*build --run .* --force"),
+    ("push a release with an extra shard", write("release/data/default/train-extra.parquet", b"PAR1"), PUSH,
+     r"data/default/train-extra.parquet is not part of it \(extra file\)"),
+    ("push a release with a truncated shard", damage_shard("default", lambda p: p.write_bytes(p.read_bytes()[:-100])),
+     PUSH, r"data/default/train-00000-of-\d+.parquet has \d+ bytes, not the \d+ recorded"),
+    ("push a release with a changed shard", damage_shard("default", lambda p: p.write_bytes(
+        p.read_bytes()[:50] + bytes([p.read_bytes()[50] ^ 1]) + p.read_bytes()[51:])),
+     PUSH, r"data/default/train-00000-of-\d+.parquet changed since it was written"),
+    ("push a release with a changed concepts.json", write("release/concepts.json", "{}"), PUSH,
+     r"concepts.json has 2 bytes, not the"),
+    ("push a release without its build record", lambda run: (run / "release" / ".build.json").unlink(), PUSH,
+     r"\.build\.json is missing"),
+    ("push a card with broken YAML", write("release/README.md", "---\nconfigs: [\n---\n# card\n"), PUSH,
+     r"README.md: its YAML header cannot be read"),
+    ("push with the record of another build", other_build_record, PUSH, r"build.json describes another build than"),
+    ("concepts export over the run", nothing,
+     ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--n", "5", "--n_random", "3", "--out",
+      "RUN", "--force"], r"exists and is not an earlier output of this command \(it has no concept_sets.json\)"),
+    ("concepts export over the release", nothing,
+     ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--out", "RUN/release", "--force"],
+     r"release exists and is not an earlier output of this command"),
+    ("concepts export over a file", nothing,
+     ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--out", "RUN/taxonomy.json",
+      "--force"], r"taxonomy.json exists and is not an earlier output"),
+]
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory, captioner_run, release_run, tiny_llm, tiny_musicgen, musiccaps_csv):
     """One run with every artifact: the VAE, samples, adapter, captions, clips and the release."""

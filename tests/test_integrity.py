@@ -234,3 +234,80 @@ def test_clips_do_not_depend_on_how_many_processes_made_them(audio_run, audio_ca
     assert one == two
     determinism = read_manifest(run, "audio")["sessions"][-1]["determinism"]
     assert determinism["threads"] == 1 and determinism["batch_size"] == 2 and determinism["device"] == "cpu"
+
+
+# 10. Publication survives a kill at every filesystem step ------------------------------------------------
+KILLER = r'''
+import os, shutil, signal, sys
+from pathlib import Path
+from conceptcaps_pipeline import run_dir
+
+mode, k, final = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+if mode == "journal":
+    run_dir.exchange = lambda a, b: False  # the fallback: a two-phase swap with a journal
+steps = 0
+
+def dies_at_step_k(function):
+    def step(*args, **kwargs):
+        global steps
+        steps += 1
+        if steps == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+
+for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
+                     (run_dir, "exchange")):
+    setattr(module, name, dies_at_step_k(getattr(module, name)))
+with run_dir.atomic_dir(final) as tmp:
+    for name in ("a.txt", "sub/b.txt", "sub/c.txt"):
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text("new " + name)
+print("published after", steps, "steps")
+'''
+
+
+@pytest.mark.parametrize("mode", ["exchange", "journal"])
+def test_a_kill_at_any_step_of_publication_leaves_the_old_or_the_new_output(tmp_path, mode):
+    """SIGKILL from inside os.rename/os.replace/os.unlink/shutil.rmtree (and the exchange) at step k = 1, 2, ...:
+    after each, the next process that publishes there finds exactly the old or the new complete folder."""
+    from conceptcaps_pipeline.run_dir import recover
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    old = {"a.txt": "old a", "old-only.txt": "old"}
+    new = {"a.txt": "new a.txt", "sub/b.txt": "new sub/b.txt", "sub/c.txt": "new sub/c.txt"}
+    outcomes = Counter()
+    for k in range(1, 40):
+        parent = tmp_path / f"k{k}"
+        final = parent / "out"
+        final.mkdir(parents=True)
+        for name, text in old.items():
+            (final / name).write_text(text)
+        done = subprocess.run([sys.executable, str(script), mode, str(k), str(final)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
+        recover(final)  # what the next command does first (atomic_dir and stage_lock call it)
+        found = {p.relative_to(final).as_posix(): p.read_text() for p in final.rglob("*") if p.is_file()}
+        assert found in (old, new), (k, found)
+        assert [p.name for p in parent.iterdir()] == ["out"], (k, list(parent.iterdir()))  # no leftovers
+        outcomes["new" if found == new else "old"] += 1
+        if done.returncode == 0:
+            assert found == new
+            break
+    else:
+        pytest.fail("publication did not finish within 39 steps")
+    # Killed before the swap: the old output; at or after it: the new one. Both happen.
+    assert outcomes["old"] >= 1 and outcomes["new"] >= 2, outcomes
+
+
+def test_a_folder_that_is_not_the_commands_own_output_is_refused(tmp_path):
+    from conceptcaps_pipeline.run_dir import atomic_dir
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("a user's file")
+    with pytest.raises(ConceptCapsError, match=r"mine exists and is not an earlier output of this command .*marker"):
+        with atomic_dir(folder, marker="marker.json") as tmp:
+            (tmp / "marker.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (folder / "keep.txt").read_text() == "a user's file"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conceptcaps_pipeline.release.build import release_files
+from conceptcaps_pipeline.release.build import BUILD_RECORD, release_files
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.release.push import PushArguments, push_release
 from conceptcaps_pipeline.run_dir import file_sha256, manifest_path, read_manifest
@@ -36,7 +36,9 @@ def test_dry_run_lists_exactly_the_release_files_and_hides_the_token(release_run
     expected = [p.as_posix() for p in release_files(release)]
     listed = [line.split(":   ", 1)[1].split()[0] for line in output.splitlines() if "conceptcaps_pipeline.release.push:   " in line]
     assert listed == expected
-    assert {p.as_posix() for p in release.rglob("*") if p.is_file()} == {(release / f).as_posix() for f in expected}
+    # Every file is listed but the build record, which stays local (push checks the release against it).
+    assert {p.as_posix() for p in release.rglob("*") if p.is_file()} == {
+        (release / f).as_posix() for f in [*expected, BUILD_RECORD]}
     digest = file_sha256(manifest_path(release_run, "build"))
     assert f"commit message: ConceptCaps release: build manifest manifests/build.json sha256:{digest[:16]}" in output
     assert "tag the commit 'v1.0'" in output and "a Hub token is available" in output

@@ -2,6 +2,7 @@
 metrics, and sampling rules, determinism and conditioning."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -217,3 +218,48 @@ def test_missing_set_sizes_is_a_clear_error(sampled_run, copy_run):
     with pytest.raises(ConceptCapsError, match=r"set_sizes\.json not found.*--sizes threshold"):
         sample_attributes(VaeSampleArguments(run=str(run), n=4, force=True))
     sample_attributes(VaeSampleArguments(run=str(run), n=4, sizes="threshold", force=True))
+
+
+KILLED_AT_EPOCH = r'''
+import os, signal, sys
+from conceptcaps_pipeline.vae import train
+
+save = train.save_checkpoint
+
+def save_then_die(path, state):
+    save(path, state)
+    if len(state["history"]) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.save_checkpoint = save_then_die
+train.train_vae(train.VaeTrainArguments(run=sys.argv[1], **eval(sys.argv[3])))
+'''
+
+
+def test_a_training_killed_mid_way_resumes_to_the_same_model(distilled_run, tmp_path, caplog):
+    """kill -9 after epoch 3 of 6, then the same command: it resumes at epoch 4 and ends with the bytes of an
+    uninterrupted run (weights, Adam state and both random generators are in the checkpoint)."""
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    from conceptcaps_pipeline.vae.train import CHECKPOINT, VaeTrainArguments, train_vae
+
+    options = dict(epochs=6, hidden_dim=64, latent_dim=8, lr=1e-3, diversity_samples=50, num_threads=1)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for run in (whole, killed):
+        shutil.copytree(distilled_run, run)
+    train_vae(VaeTrainArguments(run=str(whole), **options))
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_EPOCH)
+    done = subprocess.run([sys.executable, str(script), str(killed), "3", repr(options)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert (killed / CHECKPOINT).is_file() and not (killed / "vae").exists()
+    with caplog.at_level(logging.INFO, logger="conceptcaps_pipeline.vae.train"):
+        train_vae(VaeTrainArguments(run=str(killed), **options))
+    assert "resuming after epoch 3 of 6" in caplog.text
+    for name in ("model.safetensors", "history.json", "metrics.json"):
+        assert (killed / "vae" / name).read_bytes() == (whole / "vae" / name).read_bytes(), name
+    assert not (killed / CHECKPOINT).exists() and not (whole / CHECKPOINT).exists()

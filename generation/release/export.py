@@ -30,6 +30,7 @@ from conceptcaps_pipeline.errors import ConceptCapsError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("tcav", "ids")
+MARKER = "concept_sets.json"  # every export holds it: what --force may replace
 RANDOM_PREFIX = "random500_"  # the name the tcav package looks for, whatever the set size
 
 
@@ -89,8 +90,7 @@ def write_wavs(dataset, indices: list[int], folder: Path) -> int:
 
 def export_concepts(args: ExportArguments) -> dict:
     """Run the command: choose the sets, write them atomically; returns what was written."""
-    from conceptcaps_pipeline.release.concepts import load_release
-    from conceptcaps_pipeline.run_dir import atomic_dir, write_json
+    from conceptcaps_pipeline.run_dir import check_replaceable, stage_lock
 
     started = time.time()
     if args.format not in FORMATS:
@@ -103,6 +103,16 @@ def export_concepts(args: ExportArguments) -> dict:
     out = Path(args.out) if args.out else run / "concepts"
     if out.exists() and not args.force:
         raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --out.")
+    # --force replaces only an earlier export (it holds concept_sets.json): never the run, the release or a user's folder.
+    check_replaceable(out, MARKER)
+    with stage_lock(run, "concepts_export"):
+        return _export(args, run, out, started)
+
+
+def _export(args: ExportArguments, run: Path, out: Path, started: float) -> dict:
+    from conceptcaps_pipeline.release.concepts import load_release
+    from conceptcaps_pipeline.run_dir import atomic_dir, write_json
+
     source = args.dataset or str(run / "release")
     if not args.dataset and not (run / "release").is_dir():
         raise ConceptCapsError(f"{run / 'release'} not found: run `conceptcaps build --run {run}` first, or pass --dataset.")
@@ -122,14 +132,14 @@ def export_concepts(args: ExportArguments) -> dict:
         "random": {f"{RANDOM_PREFIX}{k}": [ids[i] for i in rows] for k, rows in enumerate(sets["random"])},
     }
     clips = 0
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=MARKER) as tmp:
         if args.format == "tcav":
             for tag, rows in sets["concepts"].items():
                 clips += write_wavs(dataset, rows, tmp / safe_name(tag))
             for k, rows in enumerate(sets["random"]):
                 clips += write_wavs(dataset, rows, tmp / f"{RANDOM_PREFIX}{k}")
             listing["folders"] = {tag: safe_name(tag) for tag in sets["concepts"]}
-        write_json(tmp / "concept_sets.json", listing)
+        write_json(tmp / MARKER, listing)
     logger.info("concepts export: %d concept set(s) and %d random set(s) of split %s written to %s (%d wav files)",
                 len(sets["concepts"]), len(sets["random"]), args.split, out, clips)
     return {"out": str(out), "concepts": len(sets["concepts"]), "random": len(sets["random"]), "wav_files": clips,

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import file_sha256, manifest_path, read_manifest, write_manifest
+from conceptcaps_pipeline.run_dir import file_sha256, manifest_path, read_manifest, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,83 @@ def _human(size: float) -> str:
     return f"{size:.1f} TB"
 
 
+# Git's rules for a ref name (git check-ref-format), which the Hub applies to branches and tags; huggingface_hub
+# validates repository ids (validate_repo_id) but not revisions, so they are checked here before any upload.
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(/|$)|^[/.]|[/.]$|^@$|^-")
+
+
+def check_ref_name(value: str | None, flag: str) -> None:
+    """Refuse a branch or tag name the Hub would refuse (git ref rules), naming the flag and the fix."""
+    if value is None:
+        return
+    if value.startswith("refs/pr/") and value[len("refs/pr/"):].isdigit() and flag == "--revision":
+        return  # a pull request's ref, which the Hub accepts as a revision
+    if not value or len(value.encode()) > 255 or _BAD_REF.search(value):
+        raise ConceptCapsError(
+            f"{flag} {value!r} is not a name the Hub accepts for a branch or tag (no spaces, control characters, "
+            f"'..', '~^:?*[\\', '@{{', leading '-', '/' or '.', trailing '/', '.' or '.lock'; at most 255 bytes): "
+            f"give a name such as v1.0 or release-2026-12.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ORG/NAME as huggingface_hub validates it (validate_repo_id), before any network call."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConceptCapsError(f"--repo_id {repo_id!r} must be ORG/NAME (for example my-org/conceptcaps).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConceptCapsError(f"--repo_id {repo_id!r} is not a Hub repository id ({str(err).splitlines()[0]}): use "
+                               f"letters, digits, '-', '_' and '.', as in my-org/conceptcaps.") from None
+
+
+def verify_against_build(run: Path, release: Path) -> None:
+    """Refuse a release that is not, file for file, the one its build published (missing, extra or changed files,
+    an interrupted build, a record in manifests/ of another build): `conceptcaps build` fixes each."""
+    from conceptcaps_pipeline.release.build import BUILD_RECORD, verify_release
+
+    fix = f"rebuild it with `conceptcaps build --run {run} --force`"
+    problems = verify_release(release)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConceptCapsError(f"{release} is not the release its build wrote: {'; '.join(problems[:3])}{more}: {fix}.")
+    published = read_manifest(run, "build") or {}
+    from conceptcaps_pipeline.run_dir import read_json
+
+    inside = read_json(release / BUILD_RECORD, fix=fix)
+    if published.get("release_record") != inside.get("release_record"):
+        raise ConceptCapsError(f"{manifest_path(run, 'build')} describes another build than {release} (a build was "
+                               f"interrupted after publishing): {fix}.")
+
+
+def check_labels(release: Path) -> None:
+    """Every ClassLabel index in the shards is one of its names (a hand-edited row can hold 999 or -5)."""
+    import json
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for shard in sorted(release.glob("data/*/*.parquet")):
+        try:
+            schema = pq.read_schema(shard)
+            features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+            raise ConceptCapsError(f"{shard} cannot be read as Parquet ({type(err).__name__}): rebuild the release "
+                                   f"with `conceptcaps build --run {release.parent} --force`.") from None
+        for column, feature in features.items():
+            inner = feature.get("feature") if isinstance(feature, dict) else None
+            names = (inner or {}).get("names") if isinstance(inner, dict) and inner.get("_type") == "ClassLabel" else None
+            if names is None or column not in schema.names:
+                continue
+            values = pc.list_flatten(pq.read_table(shard, columns=[column]).column(column))
+            if len(values) and (pc.min(values).as_py() < 0 or pc.max(values).as_py() >= len(names)):
+                bad = pc.min(values).as_py() if pc.min(values).as_py() < 0 else pc.max(values).as_py()
+                raise ConceptCapsError(
+                    f"{shard}: column {column!r} holds label index {bad}, outside its {len(names)} names: the shard "
+                    f"was edited by hand; rebuild with `conceptcaps build --run {release.parent} --force`.")
+
+
 def check_release(release: Path) -> list[str]:
     """Refuse a release whose card is missing or whose `configs:` patterns match no file; returns the config names."""
     from huggingface_hub import DatasetCard
@@ -96,7 +174,13 @@ def check_release(release: Path) -> list[str]:
     card_path = release / "README.md"
     if not card_path.is_file():
         raise ConceptCapsError(f"{card_path} not found: the release has no dataset card. Run `conceptcaps build --run {release.parent}`.")
-    card = DatasetCard.load(card_path)
+    try:
+        card = DatasetCard.load(card_path)
+        card.data.to_dict()
+    except Exception as err:  # noqa: BLE001 - YAML, encoding or structure: one message
+        raise ConceptCapsError(
+            f"{card_path}: its YAML header cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}): "
+            f"rebuild the card with `conceptcaps build --run {release.parent}`.") from None
     configs = card.data.to_dict().get("configs") or []
     if not configs:
         raise ConceptCapsError(f"{card_path} lists no `configs:`; rebuild it with `conceptcaps build --run {release.parent}`.")
@@ -162,12 +246,17 @@ def plan_push(args: PushArguments) -> PushPlan:
 
     run = Path(args.run)
     release = run / "release"
+    check_repo_id(args.repo_id)
+    check_ref_name(args.revision, "--revision")
+    check_ref_name(args.tag, "--tag")
+    if release.is_symlink():
+        raise ConceptCapsError(
+            f"{release} is a symbolic link (to {release.readlink()}): push uploads only a release built in the run. "
+            f"Remove the link and run `conceptcaps build --run {run}`.")
     if not release.is_dir():
         raise ConceptCapsError(
             f"{release} not found: there is no release to push. Run `conceptcaps build --run {run}` first."
         )
-    if "/" not in args.repo_id or args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
-        raise ConceptCapsError(f"--repo_id {args.repo_id!r} must be ORG/NAME (for example my-org/conceptcaps).")
     if args.create_pr and args.revision:
         raise ConceptCapsError(
             "--create_pr opens a pull request against main and cannot be combined with --revision: leave out "
@@ -175,6 +264,8 @@ def plan_push(args: PushArguments) -> PushPlan:
         )
     refuse_links(release)
     configs = check_release(release)
+    verify_against_build(run, release)
+    check_labels(release)
     refuse_tiny_models(run, configs, args.allow_tiny_models)
     check_audio_links(release / "README.md", args.repo_id, args.revision)
     files = [(p.as_posix(), (release / p).stat().st_size) for p in release_files(release)]
@@ -251,18 +342,12 @@ def execute(plan: PushPlan, api) -> dict:
     return {"commit": oid, "commit_url": url, "pr_url": getattr(commit, "pr_url", None), "stale_deleted": stale}
 
 
+@stage(STAGE, lock="build")
 def push_release(args: PushArguments, api=None) -> dict:
     """Run the stage: plan, then (unless --dry_run) upload; returns the plan or the push manifest.
 
     Holds the build lock: a release is never uploaded while `conceptcaps build` rewrites it.
     """
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    with stage_lock(args.run, "build"):
-        return _push(args, api)
-
-
-def _push(args: PushArguments, api=None) -> dict:
     started = time.time()
     plan = plan_push(args)
     log_plan(plan)

@@ -4,6 +4,10 @@
     conceptcaps vae train --run runs/demo --epochs 300 --lr 1e-4 --beta 0.25
     conceptcaps vae train --run runs/demo --lsr tempo instrument_count vocal arousal valence   # docs/latent.md
 
+Resumable: after each epoch the weights, optimiser and random states go to RUN/.vae_train.checkpoint
+(atomically); the same command after a crash, even `kill -9`, continues from the last finished epoch
+and ends with the same model as an uninterrupted run.
+
 Reads RUN/distilled.parquet and RUN/taxonomy.json. Writes RUN/vae/ (model.safetensors +
 config.json via PyTorchModelHubMixin, loss curve and metrics.json) and
 RUN/manifests/vae_train.json. Metrics come from the `eval/vae_metrics` module: Jaccard and
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import atomic_dir, finished, require, write_manifest
+from conceptcaps_pipeline.run_dir import atomic_dir, finished, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -156,16 +160,9 @@ def check_arguments(args: VaeTrainArguments) -> None:
         check_lsr_names(args.lsr)
 
 
+@stage("vae_train", check=check_arguments)
 def train_vae(args: VaeTrainArguments) -> dict:
     """Train, save to RUN/vae, score; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    check_arguments(args)
-    with stage_lock(args.run, "vae_train"):
-        return _train(args)
-
-
-def _train(args: VaeTrainArguments) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -210,7 +207,19 @@ def _train(args: VaeTrainArguments) -> dict:
                                 args.lsr_gamma, args.lsr_delta)
     generator = torch.Generator().manual_seed(args.seed)
     history = []
-    bar = tqdm(range(args.epochs), desc="vae train", unit="epoch")
+    # Resume after a kill: the checkpoint of the last finished epoch (same arguments and inputs) restores the
+    # weights, Adam's moments and both random generators, so the result equals an uninterrupted run's.
+    checkpoint = run / CHECKPOINT
+    key = checkpoint_key(args, inputs)
+    state = load_checkpoint(checkpoint, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        logger.info("vae train: resuming after epoch %d of %d (%s)", len(history), args.epochs, checkpoint)
+    bar = tqdm(range(len(history), args.epochs), initial=len(history), total=args.epochs, desc="vae train", unit="epoch")
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -230,11 +239,14 @@ def _train(args: VaeTrainArguments) -> dict:
         history.append({"epoch": epoch + 1, "train_loss": total / batches, "validation_loss": val,
                         **({"lsr_loss": lsr.epoch_mean()} if lsr is not None else {})})
         bar.set_postfix(train=f"{total / batches:.3f}", val=f"{val:.3f}" if val is not None else "-")
+        save_checkpoint(checkpoint, {"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                                     "history": history})
 
     scores = score_vae(model, taxonomy, {k: v for k, v in sets.items() if v}, sets["train"], args)
     from conceptcaps_pipeline.vae.lsr import latent_scores
 
-    latent, lsr_file = latent_scores(model, taxonomy, sets, args, lsr, scores, retrain=_train)
+    latent, lsr_file = latent_scores(model, taxonomy, sets, args, lsr, scores, retrain=train_vae)
     scores.update(latent)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -249,4 +261,54 @@ def _train(args: VaeTrainArguments) -> dict:
         "first_train_loss": history[0]["train_loss"] if history else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
-    return write_manifest(run, "vae_train", args, inputs=inputs, counts=counts, started=started, extra={"metrics": scores})
+    manifest = write_manifest(run, "vae_train", args, inputs=inputs, counts=counts, started=started,
+                              extra={"metrics": scores})
+    checkpoint.unlink(missing_ok=True)  # the work is published: nothing to resume
+    return manifest
+
+
+# -- resumable training ------------------------------------------------------------------------------
+CHECKPOINT = ".vae_train.checkpoint"  # in RUN, hidden: not an artifact, only what a killed training resumes from
+
+
+def checkpoint_key(args: VaeTrainArguments, inputs: dict) -> str:
+    """What a checkpoint belongs to: the training's arguments (but run, force) and its inputs' hashes."""
+    import dataclasses
+    import hashlib
+
+    from conceptcaps_pipeline.run_dir import file_sha256
+
+    arguments = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("run", "force", "num_threads")}
+    record = {"arguments": arguments, "inputs": {k: file_sha256(p) for k, p in sorted(inputs.items())}}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a kill leaves the previous epoch's checkpoint whole."""
+    import torch
+
+    from conceptcaps_pipeline.run_dir import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, key: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to this training (`key`), else None (it is then overwritten)."""
+    import torch
+
+    from conceptcaps_pipeline.run_dir import remove_leftovers
+
+    remove_leftovers(path.parent, [path.name])  # a checkpoint whose write was interrupted
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint costs the epochs it held, nothing else
+        logger.warning("vae train: ignoring the unreadable checkpoint %s (%s); starting from epoch 0", path,
+                       type(err).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        logger.info("vae train: %s belongs to other settings or inputs; starting from epoch 0", path)
+        return None
+    return state
