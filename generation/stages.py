@@ -79,6 +79,10 @@ STAGES: tuple[Stage, ...] = (
           outputs=("audio",), in_run=True, manifest="audio"),
     Stage("audio_verify", ("audio", "verify"), "conceptcaps_pipeline.audio.verify", "verify_audio",
           ("VerifyArguments",), "Check every caption has exactly one sound, decodable, non-silent clip."),
+    # per-clip, per-label evidence that the audio carries its labels (CLAP, zero-shot; docs/evidence.md)
+    Stage("audio_score", ("audio", "score"), "conceptcaps_pipeline.audio.score", "score_audio", ("ScoreArguments",),
+          "Score every clip against every tag with CLAP: per-label evidence and per-concept agreement.",
+          outputs=("audio_evidence",)),
     # evaluate before build, so that the dataset card carries the metrics table
     Stage("evaluate", ("evaluate",), "conceptcaps_pipeline.evaluate.run", "evaluate_run", ("EvaluateArguments",),
           "Score the run with the eval/ metric modules; write RUN/eval/.", outputs=("eval",), in_run=True),

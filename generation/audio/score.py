@@ -20,10 +20,10 @@ the audio carries them. This stage asks a CLAP model, zero-shot:
 3. Per clip: the cosine similarity to every tag (RUN/audio_evidence/similarities.parquet, a
    list aligned with text_embeddings.parquet's tag order), and per label
    (RUN/audio_evidence/evidence.parquet, lists aligned with `labels`):
-   - `rank_percentile`: the share of the other tags of the label's category that the clip is
-     less similar to (ties count half): 1 = the label is the clip's closest tag of its category,
-     0 = the farthest. This is *the* evidence (`evidence` column, `--min_evidence` thresholds):
-     it compares a clip with itself only, so it does not depend on the rest of the run.
+   - `evidence`: the label's rank percentile, the share of the other tags of its category that
+     the clip is less similar to (ties count half): 1 = the label is the clip's closest tag of
+     its category, 0 = the farthest. This is what `min_evidence` thresholds: it compares a clip
+     with itself only, so it does not depend on the rest of the run.
    - `similarity`: the raw cosine (CLAP's own scale; not comparable across tags).
    - `calibrated`: the cosine as a z-score against the same tag's cosines over every clip of
      the run: how much closer this clip is to the tag than the run's clips are on average.
@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import require
+from conceptcaps_pipeline.run_dir import require, stage
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +246,12 @@ def check_arguments(args: ScoreArguments) -> None:
 
 
 # -- the stage ----------------------------------------------------------------------------------
+@stage(STAGE, check=check_arguments)
 def score_audio(args: ScoreArguments, scorer=None) -> dict:
     """Embed the clips that lack an embedding, then score every clip against every tag; returns the manifest.
 
     `scorer` replaces the CLAP model (an object like `ClapScorer`); by default `args.model` is loaded.
+    Runs holding RUN/.locks/audio_score.lock (`@stage`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -258,12 +260,11 @@ def score_audio(args: ScoreArguments, scorer=None) -> dict:
     from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards, shard_paths
     from conceptcaps_pipeline.release.evidence import write_agreement
     from conceptcaps_pipeline.run_dir import (
-        drop_set_aside, finished, set_aside, stage_lock, write_manifest, write_parquet,
+        drop_set_aside, finished, set_aside, write_manifest, write_parquet,
     )
     from conceptcaps_pipeline.taxonomy import Taxonomy
 
     started = time.time()
-    check_arguments(args)
     run = Path(args.run)
     captions_path = require(run, "captions.parquet")
     taxonomy_path = require(run, "taxonomy.json")
@@ -271,112 +272,111 @@ def score_audio(args: ScoreArguments, scorer=None) -> dict:
     folder = run / FOLDER
     outputs = [folder / name for name in ("evidence.parquet", "similarities.parquet", "text_embeddings.parquet",
                                           "agreement.json")]
-    with stage_lock(run, STAGE):
-        for leftover in (folder / "embeddings").glob(".emb-*.tmp"):
-            leftover.unlink()  # a batch a killed run was writing: it is embedded again
-        ids, labels, label_categories = _labels(captions_path)
-        taxonomy = Taxonomy.load(taxonomy_path)
-        index = read_shards(run / "audio", columns=INDEX_COLUMNS)
-        keys = {}
-        for i, c, s, st in zip(*(index.column(n).to_pylist() for n in ("id", "caption_sha256", "seed", "settings"))):
-            keys.setdefault(i, clip_key(c, s, st))
-        missing = [i for i in ids if i not in keys]
-        if missing:
-            raise ConceptCapsError(f"{len(missing)} caption(s) of {captions_path} have no clip in {run / 'audio'} "
-                                   f"(first: {missing[0]}): run `conceptcaps audio generate --run {run}` first.")
-        model = scorer.name if scorer is not None else args.model
-        clips_digest = hashlib.sha256("\n".join(f"{i} {keys[i]}" for i in ids).encode()).hexdigest()
-        inputs = {"captions": captions_path, "taxonomy": taxonomy_path}
-        previous = None if args.force else finished(run, STAGE, args, inputs, outputs)
-        if previous is not None and previous.get("clips_sha256") == clips_digest:
-            logger.info("audio score: up to date (%d clips, %s); --force redoes it", len(ids), model)
-            return previous
+    for leftover in (folder / "embeddings").glob(".emb-*.tmp"):
+        leftover.unlink()  # a batch a killed run was writing: it is embedded again
+    ids, labels, label_categories = _labels(captions_path)
+    taxonomy = Taxonomy.load(taxonomy_path)
+    index = read_shards(run / "audio", columns=INDEX_COLUMNS)
+    keys = {}
+    for i, c, s, st in zip(*(index.column(n).to_pylist() for n in ("id", "caption_sha256", "seed", "settings"))):
+        keys.setdefault(i, clip_key(c, s, st))
+    missing = [i for i in ids if i not in keys]
+    if missing:
+        raise ConceptCapsError(f"{len(missing)} caption(s) of {captions_path} have no clip in {run / 'audio'} "
+                               f"(first: {missing[0]}): run `conceptcaps audio generate --run {run}` first.")
+    model = scorer.name if scorer is not None else args.model
+    clips_digest = hashlib.sha256("\n".join(f"{i} {keys[i]}" for i in ids).encode()).hexdigest()
+    inputs = {"captions": captions_path, "taxonomy": taxonomy_path}
+    previous = None if args.force else finished(run, STAGE, args, inputs, outputs)
+    if previous is not None and previous.get("clips_sha256") == clips_digest:
+        logger.info("audio score: up to date (%d clips, %s); --force redoes it", len(ids), model)
+        return previous
 
-        # 1. Audio embeddings of the clips that lack one (this model, this clip).
-        if scorer is None:
-            scorer = ClapScorer(args.model, args.device, args.batch_size)
-        if args.force:
-            aside = set_aside(run, STAGE, [folder])
-            if aside:
-                logger.info("audio score: --force: the old evidence is set aside in %s until the new one is written",
-                            aside)
-        wanted = {i: keys[i] for i in ids}
+    # 1. Audio embeddings of the clips that lack one (this model, this clip).
+    if scorer is None:
+        scorer = ClapScorer(args.model, args.device, args.batch_size)
+    if args.force:
+        aside = set_aside(run, STAGE, [folder])
+        if aside:
+            logger.info("audio score: --force: the old evidence is set aside in %s until the new one is written",
+                        aside)
+    wanted = {i: keys[i] for i in ids}
+    done = read_audio_embeddings(run, model, wanted)
+    todo = set(wanted) - set(done)
+    logger.info("audio score: %d of %d clips already embedded with %s; %d to embed", len(done), len(ids), model,
+                len(todo))
+    embedded_now = 0
+    if todo:
+        (folder / "embeddings").mkdir(parents=True, exist_ok=True)
+        token, number = uuid.uuid4().hex[:8], 0
+        progress = tqdm(total=len(todo), desc="audio score", unit="clip", disable=None)
+        pending: list[dict] = []
+
+        def flush(batch: list[dict]) -> None:
+            nonlocal number, embedded_now
+            embeddings = np.asarray(scorer.embed_audio([r["audio"] for r in batch]), dtype=np.float32)
+            batch_ids = [r["id"] for r in batch]
+            _write_embeddings(folder / "embeddings", batch_ids, [wanted[i] for i in batch_ids], model,
+                              embeddings, token, number)
+            number += 1
+            embedded_now += len(batch)
+            progress.update(len(batch))
+
+        # Batches run across shard boundaries (an audio shard holds one generation batch, often
+        # smaller than a scoring batch); memory stays at one shard plus one batch.
+        for path in shard_paths(run / "audio"):
+            for row in pq.read_table(path, columns=["id", "audio"]).to_pylist():
+                if row["id"] in todo:
+                    todo.discard(row["id"])  # a clip stored in two shards (a repaired run) is embedded once
+                    pending.append(row)
+                if len(pending) == args.batch_size:
+                    flush(pending)
+                    pending = []
+        if pending:
+            flush(pending)
+        progress.close()
         done = read_audio_embeddings(run, model, wanted)
-        todo = set(wanted) - set(done)
-        logger.info("audio score: %d of %d clips already embedded with %s; %d to embed", len(done), len(ids), model,
-                    len(todo))
-        embedded_now = 0
-        if todo:
-            (folder / "embeddings").mkdir(parents=True, exist_ok=True)
-            token, number = uuid.uuid4().hex[:8], 0
-            progress = tqdm(total=len(todo), desc="audio score", unit="clip", disable=None)
-            pending: list[dict] = []
 
-            def flush(batch: list[dict]) -> None:
-                nonlocal number, embedded_now
-                embeddings = np.asarray(scorer.embed_audio([r["audio"] for r in batch]), dtype=np.float32)
-                batch_ids = [r["id"] for r in batch]
-                _write_embeddings(folder / "embeddings", batch_ids, [wanted[i] for i in batch_ids], model,
-                                  embeddings, token, number)
-                number += 1
-                embedded_now += len(batch)
-                progress.update(len(batch))
+    # 2. Text embeddings, once per tag, from the prompt ensemble.
+    tags = [(tag, category) for category, members in taxonomy.categories.items() for tag in members]
+    text = tag_embeddings(scorer, tags, args.prompts)
+    write_parquet(pa.table({
+        "tag": [t for t, _ in tags], "category": [c for _, c in tags],
+        "embedding": pa.array([e.astype(np.float32).tolist() for e in text], pa.list_(pa.float32())),
+    }), folder / "text_embeddings.parquet")
 
-            # Batches run across shard boundaries (an audio shard holds one generation batch, often
-            # smaller than a scoring batch); memory stays at one shard plus one batch.
-            for path in shard_paths(run / "audio"):
-                for row in pq.read_table(path, columns=["id", "audio"]).to_pylist():
-                    if row["id"] in todo:
-                        todo.discard(row["id"])  # a clip stored in two shards (a repaired run) is embedded once
-                        pending.append(row)
-                    if len(pending) == args.batch_size:
-                        flush(pending)
-                        pending = []
-            if pending:
-                flush(pending)
-            progress.close()
-            done = read_audio_embeddings(run, model, wanted)
+    # 3. Similarities and per-label evidence.
+    audio = np.stack([done[i] for i in ids]).astype(np.float64)
+    similarities = np.clip(audio @ text.T, -1.0, 1.0)
+    evidence = clip_evidence(similarities, [t for t, _ in tags], [c for _, c in tags], labels)
+    strings, floats = pa.list_(pa.string()), pa.list_(pa.float64())
+    mean = [float(np.nanmean(r)) if r and not np.all(np.isnan(r)) else None for r in evidence["rank_percentile"]]
+    write_parquet(pa.table({
+        "id": pa.array(ids, pa.string()), "labels": pa.array(labels, strings),
+        "categories": pa.array(label_categories, strings),
+        "evidence": pa.array(evidence["rank_percentile"], floats),
+        "similarity": pa.array(evidence["similarity"], floats),
+        "calibrated": pa.array(evidence["calibrated"], floats),
+        "mean_evidence": pa.array(mean, pa.float64()),
+    }), folder / "evidence.parquet")
+    write_parquet(pa.table({"id": pa.array(ids, pa.string()),
+                            "similarity": pa.array(similarities.astype(np.float32).tolist(),
+                                                   pa.list_(pa.float32()))}),
+                  folder / "similarities.parquet")
 
-        # 2. Text embeddings, once per tag, from the prompt ensemble.
-        tags = [(tag, category) for category, members in taxonomy.categories.items() for tag in members]
-        text = tag_embeddings(scorer, tags, args.prompts)
-        write_parquet(pa.table({
-            "tag": [t for t, _ in tags], "category": [c for _, c in tags],
-            "embedding": pa.array([e.astype(np.float32).tolist() for e in text], pa.list_(pa.float32())),
-        }), folder / "text_embeddings.parquet")
-
-        # 3. Similarities and per-label evidence.
-        audio = np.stack([done[i] for i in ids]).astype(np.float64)
-        similarities = np.clip(audio @ text.T, -1.0, 1.0)
-        evidence = clip_evidence(similarities, [t for t, _ in tags], [c for _, c in tags], labels)
-        strings, floats = pa.list_(pa.string()), pa.list_(pa.float64())
-        mean = [float(np.nanmean(r)) if r and not np.all(np.isnan(r)) else None for r in evidence["rank_percentile"]]
-        write_parquet(pa.table({
-            "id": pa.array(ids, pa.string()), "labels": pa.array(labels, strings),
-            "categories": pa.array(label_categories, strings),
-            "evidence": pa.array(evidence["rank_percentile"], floats),
-            "similarity": pa.array(evidence["similarity"], floats),
-            "calibrated": pa.array(evidence["calibrated"], floats),
-            "mean_evidence": pa.array(mean, pa.float64()),
-        }), folder / "evidence.parquet")
-        write_parquet(pa.table({"id": pa.array(ids, pa.string()),
-                                "similarity": pa.array(similarities.astype(np.float32).tolist(),
-                                                       pa.list_(pa.float32()))}),
-                      folder / "similarities.parquet")
-
-        # 4. Per-concept agreement, then the manifest (the commit record).
-        agreement = write_agreement(run, top_k=args.top_k, n_bootstrap=args.n_bootstrap, seed=args.seed)
-        drop_set_aside(run, STAGE)
-        summary = {tag: {"auc": a["auc"], "top_k_share": a["top_k_share"]} for tag, a in agreement["concepts"].items()}
-        manifest = write_manifest(
-            run, STAGE, args, inputs=inputs, started=started,
-            counts={"clips": len(ids), "embedded_now": embedded_now, "tags": len(tags),
-                    "prompts": len(args.prompts),
-                    "mean_evidence": float(np.nanmean([m for m in mean if m is not None])) if any(
-                        m is not None for m in mean) else None},
-            extra={"model": model, "clips_sha256": clips_digest, "agreement": summary}, outputs=outputs,
-        )
-        logger.info("audio score: %d clips scored against %d tags (%d embedded now); RUN/%s/", len(ids), len(tags),
-                    embedded_now, FOLDER)
-        return manifest
+    # 4. Per-concept agreement, then the manifest (the commit record).
+    agreement = write_agreement(run, top_k=args.top_k, n_bootstrap=args.n_bootstrap, seed=args.seed)
+    drop_set_aside(run, STAGE)
+    summary = {tag: {"auc": a["auc"], "top_k_share": a["top_k_share"]} for tag, a in agreement["concepts"].items()}
+    manifest = write_manifest(
+        run, STAGE, args, inputs=inputs, started=started,
+        counts={"clips": len(ids), "embedded_now": embedded_now, "tags": len(tags),
+                "prompts": len(args.prompts),
+                "mean_evidence": float(np.nanmean([m for m in mean if m is not None])) if any(
+                    m is not None for m in mean) else None},
+        extra={"model": model, "clips_sha256": clips_digest, "agreement": summary}, outputs=outputs,
+    )
+    logger.info("audio score: %d clips scored against %d tags (%d embedded now); RUN/%s/", len(ids), len(tags),
+                embedded_now, FOLDER)
+    return manifest
 
