@@ -218,3 +218,24 @@ def test_processes_with_different_free_memory_share_one_batch_plan(tmp_path, aud
     manifest = json.loads((run / "manifests" / "audio.json").read_text())
     assert manifest["sessions"][-1]["determinism"]["batch_size"] == 2
     assert sum(manifest["counts"]["per_rank"].values()) == 10 and len(manifest["counts"]["per_rank"]) == 2
+
+
+def test_the_stage_raises_no_deprecation_from_its_own_calls(audio_captions_run, tmp_path, tiny_musicgen,
+                                                            single_process_state):
+    """Every FutureWarning/DeprecationWarning of a stage run (both decoders) is recorded: none comes from the
+    project's code or from an argument it passes (past_key_values= is removed in transformers 5.40)."""
+    import warnings
+
+    import conceptcaps_pipeline
+
+    project = str(Path(conceptcaps_pipeline.__file__).resolve().parent)
+    for decoder in ("static", "generate"):
+        run = shutil.copytree(audio_captions_run, tmp_path / decoder)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=0.3, batch_size=5,
+                                          decoder=decoder))
+        deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+        ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations
+                if str(Path(w.filename).resolve()).startswith(project) or "past_key_values" in str(w.message)]
+        assert not ours, ours
