@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from captum.concept import Classifier
 
-TESTS = ("pooled", "ttest", "mannwhitney")
-CORRECTIONS = ("holm", "bonferroni", "fdr_bh", "none")
+TESTS = ("empirical", "pooled", "ttest", "mannwhitney")
+CORRECTIONS = ("fdr_bh", "holm", "bonferroni", "none")
 
 
 class HeldOutLinearClassifier(Classifier):
@@ -157,8 +157,81 @@ def compare_ttest(concept: list[float], random: list[float], test: str = "ttest"
     return Comparison(float(p) if np.isfinite(p) else 1.0, effect, difference)
 
 
-def compare(concept: list[float], null: list[list[float]], test: str = "pooled") -> Comparison:
-    """The test named by `conceptcaps tcav --test`: pooled (default), ttest or mannwhitney."""
+def compare_empirical(concept: list[float], null: list[list[float]]) -> Comparison:
+    """The concept's mean TCAV score ranked among random concepts' means: an exact permutation-style p (two-sided).
+
+    Under the null hypothesis the concept is one more random concept (its positives are as good
+    as a random pool of their size), so the concept and the K random concepts are exchangeable and
+    p = (1 + #{j: |M_j - centre| >= |M_c - centre|}) / (K + 1), centre the random concepts' mean,
+    is a valid p-value whatever the distribution of the means (no normality, no degrees of
+    freedom). Its smallest value is 1 / (K + 1): `conceptcaps tcav` draws enough random concepts
+    (`auto_random`) for that to pass the corrected threshold. The effect size is (M_c - centre) / sd M.
+
+    >>> round(compare_empirical([1.0] * 5, [[0.5, 0.4]] * 9 + [[0.6, 0.5]] * 10).p_value, 3)
+    0.05
+    >>> compare_empirical([0.5, 0.55], [[0.5, 0.6], [0.4, 0.5], [0.6, 0.7]]).p_value
+    0.75
+    """
+    means = np.asarray([np.mean(scores) for scores in null], dtype=float)
+    mc, centre, k = float(np.mean(concept)), float(means.mean()), len(means)
+    spread = float(means.std(ddof=1)) if k > 1 else 0.0
+    # Why the tolerance: means of the same CAV count are multiples of 1/(CAVs x inputs); a tie is a tie.
+    extreme = int(np.sum(np.abs(means - centre) >= abs(mc - centre) - 1e-9))
+    return Comparison((1 + extreme) / (k + 1), (mc - centre) / spread if spread > 0 else None, mc - centre)
+
+
+def smallest_p(test: str, n_random: int, n_cavs: int) -> float:
+    """The smallest p-value a design can give (a concept beyond every random concept).
+
+    empirical: 1 / (K + 1). pooled: the prediction-interval t-test has no floor in theory, but the
+    random concepts' means spread by about 0.15 (measured), so a perfect score (1.0 against 0.5)
+    sits about 3.3 spreads out: its p with K - 1 degrees of freedom is the practical floor.
+    ttest / mannwhitney: no floor worth stating (0).
+
+    >>> smallest_p("empirical", 999, 30)
+    0.001
+    """
+    from scipy import stats
+
+    if test == "empirical":
+        return 1 / (n_random + 1)
+    if test == "pooled":
+        return float(2 * stats.t.sf(0.5 / (0.15 * math.sqrt(1 + 1 / n_random)), n_random - 1))
+    return 0.0
+
+
+def auto_random(tests: int, alpha: float) -> int:
+    """Random concepts for the empirical test: enough that a concept beyond all of them passes alone.
+
+    The hardest threshold any correction sets is alpha / m (Holm's and Benjamini-Hochberg's first
+    step, Bonferroni's only one). 1 / (K + 1) <= alpha / (2 m) leaves room for one random concept
+    that ties the concept. K grows with the number of tests: `--primary` keeps the family small.
+
+    >>> auto_random(24, 0.05)
+    959
+    """
+    return max(int(math.ceil(2 * tests / alpha)) - 1, 19)
+
+
+def pass_threshold(p_values: list[float], i: int, method: str, alpha: float) -> float:
+    """The largest raw p-value test i could have had and still passed the correction, the others unchanged."""
+    if method == "none":
+        return alpha
+    low, high = 0.0, 1.0
+    trial = list(p_values)
+    for _ in range(40):  # bisection: adjusted p_i rises with p_i under every correction here
+        trial[i] = (low + high) / 2
+        if adjust(trial, method)[i] < alpha:
+            low = trial[i]
+        else:
+            high = trial[i]
+    return low
+
+
+def compare(concept: list[float], null: list[list[float]], test: str = "empirical") -> Comparison:
+    """The test named by `conceptcaps tcav --test`: empirical (default), pooled, ttest or mannwhitney."""
+    if test == "empirical":
+        return compare_empirical(concept, null)
     if test == "pooled":
         return compare_pooled(concept, null)
     if test in ("ttest", "mannwhitney"):
