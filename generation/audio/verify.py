@@ -35,7 +35,7 @@ import numpy as np
 
 from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, decode_flac, read_shards, shard_paths
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import read_manifest, require, write_manifest
+from conceptcaps_pipeline.run_dir import read_manifest, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -118,119 +118,124 @@ def check_arguments(args: VerifyArguments) -> None:
             raise ConceptCapsError(message)
 
 
+def check_run(args: VerifyArguments) -> None:
+    """The options, and the captions and clips to check: before the lock is taken."""
+    check_arguments(args)
+    require(args.run, "captions.parquet")
+    require(args.run, "audio")
+
+
+@stage(STAGE, check=check_run, lock="audio")  # audio generate's lock: no clip is written or moved while it is checked
 def verify_audio(args: VerifyArguments) -> dict:
     """Check every clip; print the summary; raise ConceptCapsError naming what fails."""
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     from conceptcaps_pipeline.audio.shards import caption_sha256
-    from conceptcaps_pipeline.run_dir import drop_set_aside, read_table, stage_lock
+    from conceptcaps_pipeline.run_dir import drop_set_aside, read_table
 
     started = time.time()
     run = Path(args.run)
-    check_arguments(args)
-    captions_path = require(run, "captions.parquet")
-    require(run, "audio")
-    with stage_lock(run, "audio"):  # no clip is written or moved while it is checked
-        captions = read_table(captions_path, ["id", "caption"], fix=f"re-run `conceptcaps captions generate --run {run}`")
-        fingerprints = {i: caption_sha256(str(c)) for i, c in zip(captions.column("id").to_pylist(),
-                                                                   captions.column("caption").to_pylist())}
-        wanted = set(fingerprints)
-        target_s, tolerance_s = _targets(args, run)
+    captions_path = run / "captions.parquet"
+    captions = read_table(captions_path, ["id", "caption"], fix=f"re-run `conceptcaps captions generate --run {run}`")
+    fingerprints = {i: caption_sha256(str(c)) for i, c in zip(captions.column("id").to_pylist(),
+                                                               captions.column("caption").to_pylist())}
+    wanted = set(fingerprints)
+    target_s, tolerance_s = _targets(args, run)
 
-        # The index (no audio) for the set checks; the audio is then read one shard at a time so
-        # that memory stays at one shard whatever the size of the run.
-        index = read_shards(run / "audio", columns=INDEX_COLUMNS)
-        ids = index.column("id").to_pylist()
-        shards = index.column("shard").to_pylist()
-        rates = index.column("sampling_rate").to_pylist()
-        made_from = index.column("caption_sha256").to_pylist()
-        settings = index.column("settings").to_pylist()
-        problems: dict[str, list[str]] = defaultdict(list)
-        bad_rows: set[int] = set()
-        for clip_id in sorted(wanted - set(ids)):
-            problems[clip_id].append("missing")
-        common = Counter(s for s in settings if s).most_common(1)
-        usual = common[0][0] if common else None
-        kept: dict[str, int] = {}
-        for row, clip_id in enumerate(ids):
-            if clip_id not in wanted:
-                problems[clip_id].append(f"unexpected (not in captions.parquet; {shards[row]})")
+    # The index (no audio) for the set checks; the audio is then read one shard at a time so
+    # that memory stays at one shard whatever the size of the run.
+    index = read_shards(run / "audio", columns=INDEX_COLUMNS)
+    ids = index.column("id").to_pylist()
+    shards = index.column("shard").to_pylist()
+    rates = index.column("sampling_rate").to_pylist()
+    made_from = index.column("caption_sha256").to_pylist()
+    settings = index.column("settings").to_pylist()
+    problems: dict[str, list[str]] = defaultdict(list)
+    bad_rows: set[int] = set()
+    for clip_id in sorted(wanted - set(ids)):
+        problems[clip_id].append("missing")
+    common = Counter(s for s in settings if s).most_common(1)
+    usual = common[0][0] if common else None
+    kept: dict[str, int] = {}
+    for row, clip_id in enumerate(ids):
+        if clip_id not in wanted:
+            problems[clip_id].append(f"unexpected (not in captions.parquet; {shards[row]})")
+            bad_rows.add(row)
+            continue
+        if made_from[row] != fingerprints[clip_id]:
+            why = "made from an older caption" if made_from[row] else "no caption fingerprint (an older version)"
+            problems[clip_id].append(f"stale ({why}; {shards[row]})")
+            bad_rows.add(row)
+        elif settings[row] != usual:
+            problems[clip_id].append(f"settings (made with {settings[row] or 'unrecorded settings'}, the run's "
+                                     f"other clips with {usual}; {shards[row]})")
+            bad_rows.add(row)
+        elif clip_id in kept:
+            bad_rows.add(row)  # a second good copy: --repair keeps the first
+        else:
+            kept[clip_id] = row
+    for clip_id, n in Counter(ids).items():
+        if n > 1 and clip_id in wanted:
+            problems[clip_id].append(f"duplicate ({n} clips)")
+
+    seconds = 0.0
+    progress = tqdm(total=index.num_rows, desc="verify", unit="clip", disable=index.num_rows < 100)
+    row = 0
+    for path in shard_paths(run / "audio"):
+        for data in pq.read_table(path, columns=["audio"]).column("audio").to_pylist():
+            failures = check_clip(data, rates[row], target_s=target_s, tolerance_s=tolerance_s,
+                                  min_rms=args.min_rms, clip_level=args.clip_level,
+                                  max_clipped_fraction=args.max_clipped_fraction)
+            if failures:
+                problems[ids[row]].extend(f"{f} in {shards[row]}" for f in failures)
                 bad_rows.add(row)
-                continue
-            if made_from[row] != fingerprints[clip_id]:
-                why = "made from an older caption" if made_from[row] else "no caption fingerprint (an older version)"
-                problems[clip_id].append(f"stale ({why}; {shards[row]})")
-                bad_rows.add(row)
-            elif settings[row] != usual:
-                problems[clip_id].append(f"settings (made with {settings[row] or 'unrecorded settings'}, the run's "
-                                         f"other clips with {usual}; {shards[row]})")
-                bad_rows.add(row)
-            elif clip_id in kept:
-                bad_rows.add(row)  # a second good copy: --repair keeps the first
-            else:
-                kept[clip_id] = row
-        for clip_id, n in Counter(ids).items():
-            if n > 1 and clip_id in wanted:
-                problems[clip_id].append(f"duplicate ({n} clips)")
+            elif row not in bad_rows:
+                seconds += target_s
+            row += 1
+            progress.update()
+    progress.close()
 
-        seconds = 0.0
-        progress = tqdm(total=index.num_rows, desc="verify", unit="clip", disable=index.num_rows < 100)
-        row = 0
-        for path in shard_paths(run / "audio"):
-            for data in pq.read_table(path, columns=["audio"]).column("audio").to_pylist():
-                failures = check_clip(data, rates[row], target_s=target_s, tolerance_s=tolerance_s,
-                                      min_rms=args.min_rms, clip_level=args.clip_level,
-                                      max_clipped_fraction=args.max_clipped_fraction)
-                if failures:
-                    problems[ids[row]].extend(f"{f} in {shards[row]}" for f in failures)
-                    bad_rows.add(row)
-                elif row not in bad_rows:
-                    seconds += target_s
-                row += 1
-                progress.update()
-        progress.close()
+    by_check = Counter()
+    for reasons in problems.values():
+        for check in {r.split(" ")[0] for r in reasons}:
+            by_check[check] += 1
+    summary = {
+        "captions": len(wanted), "clips": index.num_rows, "ids_with_clip": len(wanted & set(ids)),
+        "shards": len(shard_paths(run / "audio")), "target_s": round(target_s, 4),
+        "tolerance_s": round(tolerance_s, 4), "good_audio_seconds": round(seconds, 3),
+        "failing_ids": len(problems), **{check: by_check[check] for check in CHECKS},
+    }
+    print(_table(run, summary))
+    for clip_id, reasons in sorted(problems.items())[:50]:
+        print(f"  {clip_id}: {'; '.join(reasons)}")
+    if len(problems) > 50:
+        print(f"  ... and {len(problems) - 50} more (RUN/manifests/audio_verify.json lists them all)")
+    repair = _repair_plan(index, bad_rows) if args.repair and bad_rows else {}
+    moved = sum(len(v) for v in repair.values())
+    if repair:
+        share = moved / max(index.num_rows, 1)
+        if args.dry_run:
+            print(f"--repair would set aside {moved} of {index.num_rows} clips ({share:.1%}) from "
+                  f"{len(repair)} shard(s): {', '.join(sorted(repair)[:10])}{' ...' if len(repair) > 10 else ''}")
+        elif share > args.max_repair_fraction and not args.confirm_repair:
+            raise ConceptCapsError(
+                f"--repair would set aside {moved} of {index.num_rows} clips ({share:.1%}), more than "
+                f"--max_repair_fraction {args.max_repair_fraction:.0%}: check the thresholds and --duration first "
+                f"(`--repair --dry_run` shows the list); if that is right, add --confirm_repair."
+            )
+        else:
+            from conceptcaps_pipeline.audio.shards import move_rows_aside
 
-        by_check = Counter()
-        for reasons in problems.values():
-            for check in {r.split(" ")[0] for r in reasons}:
-                by_check[check] += 1
-        summary = {
-            "captions": len(wanted), "clips": index.num_rows, "ids_with_clip": len(wanted & set(ids)),
-            "shards": len(shard_paths(run / "audio")), "target_s": round(target_s, 4),
-            "tolerance_s": round(tolerance_s, 4), "good_audio_seconds": round(seconds, 3),
-            "failing_ids": len(problems), **{check: by_check[check] for check in CHECKS},
-        }
-        print(_table(run, summary))
-        for clip_id, reasons in sorted(problems.items())[:50]:
-            print(f"  {clip_id}: {'; '.join(reasons)}")
-        if len(problems) > 50:
-            print(f"  ... and {len(problems) - 50} more (RUN/manifests/audio_verify.json lists them all)")
-        repair = _repair_plan(index, bad_rows) if args.repair and bad_rows else {}
-        moved = sum(len(v) for v in repair.values())
-        if repair:
-            share = moved / max(index.num_rows, 1)
-            if args.dry_run:
-                print(f"--repair would set aside {moved} of {index.num_rows} clips ({share:.1%}) from "
-                      f"{len(repair)} shard(s): {', '.join(sorted(repair)[:10])}{' ...' if len(repair) > 10 else ''}")
-            elif share > args.max_repair_fraction and not args.confirm_repair:
-                raise ConceptCapsError(
-                    f"--repair would set aside {moved} of {index.num_rows} clips ({share:.1%}), more than "
-                    f"--max_repair_fraction {args.max_repair_fraction:.0%}: check the thresholds and --duration first "
-                    f"(`--repair --dry_run` shows the list); if that is right, add --confirm_repair."
-                )
-            else:
-                from conceptcaps_pipeline.audio.shards import move_rows_aside
-
-                folder = move_rows_aside(run, repair, STAGE)
-                summary["repaired_clips_set_aside"] = moved
-                summary["set_aside"] = str(folder.relative_to(run.resolve())) if folder else None
-                logger.info("audio verify: %d clip(s) set aside in %s; run `conceptcaps audio generate` to make them "
-                            "again", moved, folder)
-        if not problems:
-            drop_set_aside(run, STAGE)  # everything checks out: older repairs are no longer needed
-        write_manifest(run, STAGE, args, inputs={"captions": captions_path}, counts=summary, started=started,
-                       extra={"failing": {k: v for k, v in sorted(problems.items())}})
+            folder = move_rows_aside(run, repair, STAGE)
+            summary["repaired_clips_set_aside"] = moved
+            summary["set_aside"] = str(folder.relative_to(run.resolve())) if folder else None
+            logger.info("audio verify: %d clip(s) set aside in %s; run `conceptcaps audio generate` to make them "
+                        "again", moved, folder)
+    if not problems:
+        drop_set_aside(run, STAGE)  # everything checks out: older repairs are no longer needed
+    write_manifest(run, STAGE, args, inputs={"captions": captions_path}, counts=summary, started=started,
+                   extra={"failing": {k: v for k, v in sorted(problems.items())}})
     if problems:
         counts = ", ".join(f"{check} {summary[check]}" for check in CHECKS if summary[check])
         if args.repair and not args.dry_run:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.captions.prompts import prompt_messages
-from conceptcaps_pipeline.run_dir import file_sha256, finished, read_json, read_manifest, require, write_json, write_manifest, write_parquet
+from conceptcaps_pipeline.run_dir import file_sha256, finished, read_json, read_manifest, require, stage, write_json, write_manifest, write_parquet
 from conceptcaps_pipeline.taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -343,20 +343,14 @@ def check_arguments(args: CaptionsArguments) -> None:
             raise ConceptCapsError(message)
 
 
-def generate_captions(args: CaptionsArguments) -> dict:
-    """Run the stage (on this process's share of the batches, under `accelerate launch`) and return its manifest."""
-    import contextlib
-
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    check_arguments(args)
+def _processes(args: CaptionsArguments) -> dict:
+    """Before the lock: the sets to caption are there, and accelerate's process state (the main process locks)."""
     require(args.run, "attributes.parquet")
     state = partial_state()
     if args.engine == "vllm" and state.num_processes > 1:
         raise ConceptCapsError("--engine vllm spreads the work itself: run it as one process, not under "
                                "`accelerate launch` (vLLM uses every GPU it is given).")
-    with stage_lock(args.run, outputs_of(args)[0]) if state.is_main_process else contextlib.nullcontext():
-        return _generate(args, state)
+    return {"state": state}
 
 
 def partial_state():
@@ -368,7 +362,10 @@ def partial_state():
     return PartialState(cpu=not (torch.cuda.is_available() or is_xpu_available() or is_mps_available()))
 
 
-def _generate(args: CaptionsArguments, state) -> dict:
+@stage(STAGE, check=check_arguments, prepare=_processes,
+       lock=lambda args, state: outputs_of(args)[0] if state.is_main_process else None)
+def generate_captions(args: CaptionsArguments, state) -> dict:
+    """Run the stage (on this process's share of the batches, under `accelerate launch`) and return its manifest."""
     from accelerate.utils import tqdm
 
     from conceptcaps_pipeline.run_dir import drop_set_aside, read_table, set_aside

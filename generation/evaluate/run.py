@@ -55,7 +55,7 @@ import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model, run_relative, tiny_models
-from conceptcaps_pipeline.run_dir import atomic_dir, finished, read_json, read_manifest, require, write_manifest
+from conceptcaps_pipeline.run_dir import atomic_dir, finished, read_json, read_manifest, require, stage, write_manifest
 from conceptcaps_pipeline.vae.train import PAPER_VAE_METRICS, load_metric
 
 logger = logging.getLogger(__name__)
@@ -701,20 +701,14 @@ def check_arguments(args: EvaluateArguments) -> None:
     for ok, message in checks:
         if not ok:
             raise ConceptCapsError(message)
-
-
-def evaluate_run(args: EvaluateArguments) -> dict:
-    """Score the run, write RUN/eval/ atomically, and return the stage manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    check_arguments(args)
     if args.baseline is not None and args.baseline not in BASELINES:
         raise ConceptCapsError(f"--baseline {args.baseline}: unknown baseline; choose from {', '.join(BASELINES)}.")
-    with stage_lock(args.run, f"{STAGE}_{args.baseline}" if args.baseline else STAGE):
-        return _evaluate(args)
 
 
-def _evaluate(args: EvaluateArguments) -> dict:
+# A baseline's evaluation has its own manifest and lock (RUN/eval_<baseline>/), so it never waits on the run's.
+@stage(STAGE, check=check_arguments, lock=lambda args: f"{STAGE}_{args.baseline}" if args.baseline else STAGE)
+def evaluate_run(args: EvaluateArguments) -> dict:
+    """Score the run, write RUN/eval/ atomically, and return the stage manifest."""
     from conceptcaps_pipeline.audio.shards import shard_paths
     started = time.time()
     run = Path(args.run)

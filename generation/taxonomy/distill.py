@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import finished, write_json, write_manifest, write_parquet
+from conceptcaps_pipeline.run_dir import finished, stage, write_json, write_manifest, write_parquet
 from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT, read_source
 from conceptcaps_pipeline.taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
 
@@ -69,21 +69,19 @@ def split_of(ytid: str, validation_fraction: float) -> str:
     return "validation" if bucket < validation_fraction else "train"
 
 
-def distill(args: DistillArguments) -> dict:
-    """Run the stage and return its manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
+def check_arguments(args: DistillArguments) -> None:
+    """One clear error for an option out of range, before anything is read or written."""
     if not 0 <= args.validation_fraction < 1:
         raise ConceptCapsError(f"--validation_fraction {args.validation_fraction}: give a share in [0, 1).")
     if not 1 <= args.min_categories <= len(CATEGORIES):
         raise ConceptCapsError(f"--min_categories {args.min_categories}: give 1 to {len(CATEGORIES)}.")
     if args.min_caption_words < 0 or args.max_bad_rows < 0:
         raise ConceptCapsError("--min_caption_words and --max_bad_rows must be 0 or more.")
-    with stage_lock(args.run, "distill"):
-        return _distill(args)
 
 
-def _distill(args: DistillArguments) -> dict:
+@stage("distill", check=check_arguments)
+def distill(args: DistillArguments) -> dict:
+    """Run the stage and return its manifest."""
     started = time.time()
     run = Path(args.run)
     outputs = [run / "taxonomy.json", run / "distilled.parquet"]

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import finished, require, write_manifest
+from conceptcaps_pipeline.run_dir import finished, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,9 @@ def check_arguments(args: VaeExplainArguments) -> None:
             raise ConceptCapsError(message)
 
 
+@stage("vae_explain", check=check_arguments)
 def explain_vae(args: VaeExplainArguments) -> dict:
     """Explain, write RUN/vae/explain.json|md; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    check_arguments(args)
-    with stage_lock(args.run, "vae_explain"):
-        return _explain(args)
-
-
-def _explain(args: VaeExplainArguments) -> dict:
     from conceptcaps_pipeline.run_dir import read_table, write_json
     from conceptcaps_pipeline.vae.lsr import LSR_FILE, load_lsr, load_model, posterior_means
     from conceptcaps_pipeline.vae.model import kl_per_dimension

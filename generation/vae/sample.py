@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import finished, require, write_manifest, write_parquet
+from conceptcaps_pipeline.run_dir import finished, require, stage, write_manifest, write_parquet
 from conceptcaps_pipeline.taxonomy import CATEGORIES
 
 logger = logging.getLogger(__name__)
@@ -189,15 +189,9 @@ def top_up(draw, taxonomy, sets: list[list[str]], args: VaeSampleArguments) -> l
     return added
 
 
+@stage("vae_sample", lock=lambda args: stage_name(output_name(args)))  # a baseline's file has its own lock
 def sample_attributes(args: VaeSampleArguments) -> dict:
     """Sample, validate every set against the rules, write attributes.parquet."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    with stage_lock(args.run, stage_name(output_name(args))):
-        return _sample(args)
-
-
-def _sample(args: VaeSampleArguments) -> dict:
     from conceptcaps_pipeline.taxonomy import Taxonomy
     from conceptcaps_pipeline.vae.model import BetaVAE, sample_sets
     from conceptcaps_pipeline.vae.sizes import SetSizes, random_sets
