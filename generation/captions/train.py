@@ -32,7 +32,7 @@ import trl
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model
 from conceptcaps_pipeline.captions.prompts import training_example
-from conceptcaps_pipeline.run_dir import atomic_dir, finished, require, write_json, write_manifest
+from conceptcaps_pipeline.run_dir import atomic_dir, finished, require, stage, write_json, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -252,17 +252,15 @@ def check_arguments(sft_config: SFTConfig, model_config: ModelConfig) -> None:
             raise ConceptCapsError(message)
 
 
-def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> dict:
-    """Run the stage and return its manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
+def check_stage(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> None:
+    """The options, then whether their quantization can run on this machine: before anything is touched."""
     check_arguments(sft_config, model_config)
     check_quantization(model_config)  # before anything else: no CUDA is the first thing to know
-    with stage_lock(args.run, STAGE):
-        return _train(args, sft_config, model_config)
 
 
-def _train(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> dict:
+@stage(STAGE, check=check_stage)
+def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_config: ModelConfig) -> dict:
+    """Run the stage and return its manifest."""
     from conceptcaps_pipeline.run_dir import remove_leftovers
 
     started = time.time()

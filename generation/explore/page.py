@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import finished, read_json, require, write_manifest
+from conceptcaps_pipeline.run_dir import finished, read_json, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -367,10 +367,8 @@ def space_readme(title: str, concepts: dict, counts: dict) -> str:
     ])
 
 
-def explore(args: ExploreArguments) -> dict:
-    """Run the stage: write RUN/explorer/ unless it is up to date; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
+def check_run(args: ExploreArguments) -> None:
+    """The options, and the release and VAE the page shows: before the lock is taken."""
     check_arguments(args)
     run = Path(args.run)
     release = require(run, "release")
@@ -378,18 +376,19 @@ def explore(args: ExploreArguments) -> dict:
         if not (release / name).exists():
             raise ConceptCapsError(f"{release / name} not found: run `conceptcaps build --run {run}` first.")
     require(run, "vae")
-    with stage_lock(run, STAGE):
-        return _explore(args, run, release)
 
 
-def _explore(args: ExploreArguments, run: Path, release: Path) -> dict:
-    from conceptcaps_pipeline.run_dir import atomic_dir, read_manifest, remove_leftovers
+# The lock also clears what an interrupted write of RUN/explorer/ left (its outputs in the stage table).
+@stage(STAGE, check=check_run)
+def explore(args: ExploreArguments) -> dict:
+    """Run the stage: write RUN/explorer/ unless it is up to date; returns the stage manifest."""
+    from conceptcaps_pipeline.run_dir import atomic_dir, read_manifest
     from conceptcaps_pipeline.taxonomy import Taxonomy
     from conceptcaps_pipeline.vae.model import BetaVAE
 
     started = time.time()
-    out = run / OUT
-    remove_leftovers(run, [OUT])  # what an interrupted write of the folder left
+    run = Path(args.run)
+    release, out = run / "release", run / OUT
     inputs = _inputs(run, release)
     done = finished(run, STAGE, args, inputs, [out / "index.html", out / DATA_FILE])
     if done and not args.force:

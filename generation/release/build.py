@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import atomic_dir, file_sha256, read_manifest, require, write_manifest
+from conceptcaps_pipeline.run_dir import atomic_dir, file_sha256, read_manifest, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -207,16 +207,9 @@ def check_arguments(args: BuildArguments) -> None:
         raise ConceptCapsError(f"--max_shard_size {args.max_shard_size!r}: give a positive size such as 500MB or 1GB.")
 
 
+@stage(STAGE, check=check_arguments)
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import stage_lock
-
-    check_arguments(args)
-    with stage_lock(args.run, STAGE):
-        return _build(args)
-
-
-def _build(args: BuildArguments) -> dict:
     from conceptcaps import SPLITS, SUBSETS, load_taxonomy, plan_run, subset_min_positives
     from conceptcaps_pipeline.dataset_card.card import public_taxonomy, stage_command, write_card
 
