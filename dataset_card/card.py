@@ -31,6 +31,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from conceptcaps_pipeline.dataset_card.figures import FigureData, clap_by_tag, frequency_correlation, write_figures
 from conceptcaps_pipeline.dataset_card.licence import LICENSE_FILE, release_licence, write_license_file
+from conceptcaps_pipeline.dataset_card.manifests import read_manifests  # noqa: F401 - also the card's public helper
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,6 @@ KIND_LICENSES = {
     "musicgen": "CC-BY-NC 4.0 (MusicGen weights): non-commercial use only",
 }
 
-# Pipeline order of the manifests in RUN/manifests/ and the command each comes from.
-STAGES = ("distill", "vae_train", "vae_sample", "captioner_train", "captions_generate", "audio", "audio_verify",
-          "evaluate", "build")
-STAGE_WORDS = {"audio": ("audio", "generate"), "audio_verify": ("audio", "verify")}
-CAPTIONER_SECTIONS = {"captioner": "CaptionerArguments", "sft": "SFTConfig", "model": "ModelConfig"}
-
 
 def model_license(model: str | None) -> str:
     """The licence of a model id where it is known for certain, else where to look."""
@@ -104,16 +99,6 @@ def source_datasets(distill: dict | None) -> list[str]:
     if "/" in source and not Path(source).exists() and not source.endswith(".csv"):
         return [source]
     return [MUSICCAPS_ID] if "musiccaps" in Path(source).name.lower() else ["original"]
-
-
-def read_manifests(run: Path) -> dict[str, dict]:
-    """RUN/manifests/*.json by file stem, in pipeline order (unknown stages last, by name)."""
-    from conceptcaps_pipeline.run_dir import read_json
-
-    found = {p.stem: read_json(p, fix=f"delete it and re-run `conceptcaps {p.stem.replace('_', ' ')} --force`")
-             for p in sorted((run / "manifests").glob("*.json"))}
-    order = {stage: i for i, stage in enumerate(STAGES)}
-    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
 def read_metrics(run: Path) -> list[dict] | None:
@@ -194,19 +179,17 @@ def _flag(name: str, value, run_path: str | None, run: str | Path | None = None)
 def stage_command(stem: str, manifest: dict, run: str | Path | None = None) -> str | None:
     """The command that wrote a manifest, with its non-default arguments; the run directory (`run`, or
     as the manifest recorded it) reads RUN."""
-    from conceptcaps_pipeline.cli import COMMANDS
+    from conceptcaps_pipeline.stages import by_record, by_words
 
-    words = STAGE_WORDS.get(stem) or tuple(stem.split("_"))
-    if words not in COMMANDS:
-        words = tuple(str(manifest.get("stage", "")).split())
-    if words not in COMMANDS or not isinstance(manifest.get("arguments"), dict):
+    entry = by_record(stem) or by_words(tuple(str(manifest.get("stage", "")).split()))
+    if entry is None or not isinstance(manifest.get("arguments"), dict):
         return None
-    module_name, _, class_names, _ = COMMANDS[words]
+    module_name, words = entry.module, entry.words
     arguments = manifest["arguments"]
-    if stem == "captioner_train":
-        sections = [(arguments.get(k) or {}, CAPTIONER_SECTIONS[k]) for k in CAPTIONER_SECTIONS]
+    if entry.sections != (None,):  # captioner train: one mapping per dataclass (captioner, sft, model)
+        sections = [(arguments.get(sub) or {}, name) for sub, name in zip(entry.sections, entry.arguments)]
     else:
-        sections = [(arguments, class_names[0])]
+        sections = [(arguments, entry.arguments[0])]
     run_path = next((str(s.get(k)) for s, _ in sections for k in ("run", "out") if s.get(k)), None)
     parts = ["conceptcaps", *words]
     for values, class_name in sections:
@@ -404,11 +387,14 @@ def markdown_text(value: str | None) -> str | None:
 
 def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict, repo_id: str | None = None,
                build_command: str | None = None, revision: str = "main", code_url: str | None = None,
-               card_authors: str | None = None, contact: str | None = None) -> Path:
-    """Write LICENSE.md, the figures and example clips, then render the template into RELEASE/README.md."""
+               card_authors: str | None = None, contact: str | None = None, version: str) -> Path:
+    """Write LICENSE.md, the figures and example clips, then render the template into RELEASE/README.md.
+
+    `version` is the dataset's version (`conceptcaps.VERSION`), passed in by `conceptcaps build`: the
+    card code does not import the builder, whose audio configs read the card's licence (no import cycle).
+    """
     import shutil
 
-    from conceptcaps import ConceptCaps  # its VERSION is the release's version
     from conceptcaps_pipeline.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
 
     from conceptcaps_pipeline.dataset_card.examples import write_examples
@@ -425,7 +411,7 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         return public_path(from_run_relative(value, run), None, run)
 
     licence = release_licence(run, list(infos), manifests, public=public)
-    version = str(ConceptCaps.VERSION)
+    version = str(version)
     category_of = {tag: c for c, tags in taxonomy["categories"].items() for tag in tags}
     tags_of = {i: tags for split in stats["aspect_lists"] for i, tags in zip(stats["ids"][split], stats["aspect_lists"][split])}
     scores = {i: s for i, s in _clap_scores(run).items() if i in tags_of}

@@ -155,7 +155,7 @@ def release_licence(run: str | Path, configs: list[str], manifests: dict[str, di
                     public=lambda name: name) -> ReleaseLicence:
     """The licence of each config of a release of `run`; `public` turns a recorded model into the name the card shows."""
     if manifests is None:
-        from conceptcaps_pipeline.dataset_card.card import read_manifests
+        from conceptcaps_pipeline.dataset_card.manifests import read_manifests
 
         manifests = read_manifests(Path(run))
     models = model_uses(run, manifests)

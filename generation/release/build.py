@@ -256,9 +256,12 @@ def build_release(args: BuildArguments) -> dict:
     write_json(release / CONCEPTS_FILE, concepts)
     write_json(release / "taxonomy.json", public_taxonomy(run))
     stats["concepts"] = concepts
+    from conceptcaps import VERSION
+
     card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id, revision=args.revision,
                       build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}, run),
-                      code_url=args.code_url, card_authors=args.card_authors, contact=args.contact)
+                      code_url=args.code_url, card_authors=args.card_authors, contact=args.contact,
+                      version=str(VERSION))
 
     from conceptcaps_pipeline.dataset_card.licence import release_licence
 
