@@ -8,9 +8,15 @@
     sets.positives          # 50 rows that hold "piano"
     sets.randoms[3]         # 50 rows without "piano": the 4th of 10 random sets
     positives, randoms = sets
+    both = concept_sets(train, ["piano", "organ"], n=50, n_random=10)   # {tag: ConceptSets}, shared randoms
+    concepts = to_captum_concepts(sets, preprocess)                       # captum Concepts for TCAV.interpret
 
 `concept_sets` works on any loaded ConceptCaps split (or the `audio` config, or a streaming-free
-subset of either). `concept_counts` recounts, from a release folder's Parquet files, what
+subset of either). It and `conceptcaps concepts export` are one function (`choose_sets`): the
+same split, tags, sizes and seed give the same sets. A tag's positives depend only on the seed
+and the tag (not on the other tags asked for); random sets hold none of the tags asked for
+together and are disjoint when the pool allows (else they overlap as little as chance lets,
+never repeat when distinct sets exist, and a warning says so). `concept_counts` recounts, from a release folder's Parquet files, what
 `conceptcaps build` writes to `RELEASE/concepts.json`: each tag's category and positives per
 config and split, and how often two tags share a row.
 """
@@ -22,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.taxonomy import CATEGORIES
 
@@ -115,33 +120,139 @@ def draw_sets(positive: np.ndarray, n: int, n_random: int, rng: np.random.Genera
     return chosen, random_sets(allowed, n_random, random_size, rng, what)
 
 
-def concept_sets(dataset, tag: str, n: int = 50, n_random: int = 10, seed: int = 0) -> ConceptSets:
-    """One positive set and `n_random` random negative sets of a concept, for TCAV and similar probes.
+def choose_sets(masks: dict[str, np.ndarray], n: int, n_random: int, random_size: int | None = None, seed: int = 0,
+                what: str = "") -> dict:
+    """Row indices of every concept's positives and of the shared random sets: `concept_sets` and the export.
+
+    {"concepts": {tag: sorted rows}, "random": [sorted rows, ...], "shared": {"a & b": rows in both
+    positive sets}, "random_excludes": tags, "overlapping_random": bool}.
+
+    >>> masks = {"piano": np.array([1, 0, 1, 0, 0, 1, 0, 0], bool), "organ": np.array([1, 1, 0, 0, 0, 0, 0, 0], bool)}
+    >>> sets = choose_sets(masks, n=2, n_random=2, seed=0)
+    >>> sorted(set(sets["random"][0]) | set(sets["random"][1])) == [3, 4, 6, 7]     # disjoint, none of the tags
+    True
+    >>> choose_sets({"piano": masks["piano"]}, n=2, n_random=0)["concepts"]["piano"] == sets["concepts"]["piano"]
+    True
+    """
+    import logging
+
+    from conceptcaps_pipeline.run_dir import stable_hash
+
+    random_size = n if random_size is None else random_size
+    if n < 1 or n_random < 0 or random_size < 1:
+        raise ConceptCapsError(f"set sizes must be positive (n={n}, random size={random_size}) and n_random >= 0.")
+    concepts = {}
+    for tag, mask in masks.items():
+        # Why a generator per tag: a tag's positives then depend on the seed and the tag alone, so
+        # exporting [piano] or [piano, organ] gives piano the same clips.
+        rng = np.random.default_rng([seed, stable_hash(f"positives|{tag}") % 2**32])
+        chosen, _ = draw_sets(mask, n, 0, rng, what=f"{tag!r}{what}")
+        concepts[tag] = chosen.tolist()
+    any_tag = np.any(np.stack(list(masks.values())), axis=0)
+    pool = np.flatnonzero(~any_tag)
+    label = "the tags " + ", ".join(map(repr, masks)) + what
+    if n_random and len(pool) < random_size:
+        raise ConceptCapsError(f"only {len(pool)} row(s) hold none of {label}, fewer than the random set size "
+                               f"{random_size}: lower n (or the random set size).")
+    rng = np.random.default_rng([seed, stable_hash("random sets") % 2**32])
+    randoms: list[list[int]] = []
+    overlapping = n_random * random_size > len(pool)
+    if not overlapping:  # disjoint: one permutation of the pool, cut into sets
+        order = rng.permutation(pool)
+        randoms = [sorted(order[k * random_size:(k + 1) * random_size].tolist()) for k in range(n_random)]
+    else:
+        from math import comb
+
+        distinct = comb(len(pool), random_size) >= n_random
+        for _ in range(n_random):
+            for _attempt in range(100):
+                candidate = sorted(rng.choice(pool, size=random_size, replace=False).tolist())
+                if candidate not in randoms or not distinct:
+                    break
+            randoms.append(candidate)
+        logging.getLogger(__name__).warning(
+            "concept sets: %d random sets of %d rows from a pool of %d rows without %s overlap%s; lower n_random or "
+            "the random set size for disjoint sets", n_random, random_size, len(pool), label,
+            "" if distinct else " and repeat (fewer distinct sets exist than asked for)")
+    tags = list(concepts)
+    shared = {f"{a} & {b}": sorted(set(concepts[a]) & set(concepts[b])) for i, a in enumerate(tags)
+              for b in tags[i + 1:]}
+    return {"concepts": concepts, "random": randoms, "shared": {k: v for k, v in shared.items() if v},
+            "random_excludes": tags, "overlapping_random": overlapping}
+
+
+def concept_sets(dataset, tag, n: int = 50, n_random: int = 10, seed: int = 0, random_size: int | None = None):
+    """Positive sets of one or more concepts and `n_random` random negative sets, for TCAV and similar probes.
 
     Args:
         dataset: a ConceptCaps split (`load_dataset(release, split="train")`, any config).
-        tag: a taxonomy tag, e.g. "piano" or "slow tempo".
-        n: rows per set: the positive set holds `n` rows with `tag`, drawn at random without
-            replacement; each random set holds `n` rows without `tag`.
+        tag: a taxonomy tag, e.g. "piano" or "slow tempo" (returns a ConceptSets), or a list of tags
+            (returns {tag: ConceptSets}, every one with the same random sets, which hold none of the tags).
+        n: rows per positive set, drawn at random without replacement.
         n_random: how many random sets (TCAV tests a concept against many).
-        seed: the same seed gives the same sets.
+        seed: the same seed gives the same sets, and the same as `conceptcaps concepts export`.
+        random_size: rows per random set (default n).
 
-    Raises a ConceptCapsError naming the count available when fewer than `n` rows hold `tag`.
+    Raises a ConceptCapsError naming the count available when fewer than `n` rows hold a tag.
 
     >>> import datasets
     >>> labels = datasets.List(datasets.ClassLabel(names=["piano", "rock"]))
-    >>> ds = datasets.Dataset.from_dict({"labels": [[0], [1], [0, 1], [1], [1]]},
+    >>> ds = datasets.Dataset.from_dict({"labels": [[0], [1], [0, 1], [1], [1], [1], [1]]},
     ...                                 features=datasets.Features({"labels": labels}))
-    >>> sets = concept_sets(ds, "piano", n=2, n_random=3)
+    >>> sets = concept_sets(ds, "piano", n=2, n_random=2)
     >>> sorted(sets.positives["labels"]), [len(r) for r in sets.randoms]
-    ([[0], [0, 1]], [2, 2, 2])
+    ([[0], [0, 1]], [2, 2])
     >>> concept_sets(ds, "piano", n=3)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     conceptcaps_pipeline.errors.ConceptCapsError: 'piano' has only 2 positive row(s), fewer than n=3: ...
     """
-    chosen, randoms = draw_sets(tag_mask(dataset, tag), n, n_random, np.random.default_rng(seed), what=repr(tag))
-    return ConceptSets(tag, dataset.select(chosen), [dataset.select(r) for r in randoms])
+    tags = [tag] if isinstance(tag, str) else list(tag)
+    chosen = choose_sets({t: tag_mask(dataset, t) for t in tags}, n, n_random, random_size, seed)
+    randoms = [dataset.select(rows) for rows in chosen["random"]]
+    sets = {t: ConceptSets(t, dataset.select(rows), randoms) for t, rows in chosen["concepts"].items()}
+    return sets[tag] if isinstance(tag, str) else sets
+
+
+def to_captum_concepts(sets, preprocess=None, *, sampling_rate: int = 16_000, max_duration: float | None = None,
+                       batch_size: int = 8, first_id: int = 0) -> list:
+    """captum `Concept`s of `concept_sets(...)` output, ready for `captum.concept.TCAV.interpret`.
+
+    `sets`: a ConceptSets (-> [its positives, random 0, random 1, ...]) or {tag: ConceptSets}
+    (-> every tag's positives, then the shared random sets once). Each Concept's `data_iter`
+    yields model inputs: `preprocess(list of mono float32 clips at sampling_rate, cut or
+    zero-padded to max_duration, default the longest clip)`, by default a (batch, samples)
+    tensor. Needs the `audio` config.
+
+        concepts = to_captum_concepts(concept_sets(train, "piano", n=50), extractor_fn)
+        TCAV(model, ["layer"]).interpret(inputs, [[concepts[0], r] for r in concepts[1:]], target=3)
+    """
+    import torch
+    from captum.concept import Concept
+    from conceptcaps_pipeline.tcav.model import DatasetClips, default_preprocess, fit_length
+
+    groups = {sets.tag: sets} if isinstance(sets, ConceptSets) else dict(sets)
+    named = [(tag, s.positives) for tag, s in groups.items()]
+    first = next(iter(groups.values()))
+    named += [(f"random_{k}", r) for k, r in enumerate(first.randoms)]
+    preprocess = preprocess or default_preprocess
+
+    class Clips(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.source, self.count = DatasetClips(dataset), len(dataset)
+            seconds = max_duration or (max(dataset["duration_s"]) if "duration_s" in dataset.column_names else None)
+            self.length = round(seconds * sampling_rate) if seconds else None
+
+        def __len__(self):
+            return self.count
+
+        def __getitem__(self, i):
+            (_, _, (clip,)), = list(self.source.batches([i], 1, sampling_rate))
+            return fit_length(clip, self.length) if self.length else clip
+
+    return [Concept(first_id + k, name, torch.utils.data.DataLoader(Clips(data), batch_size=batch_size,
+                                                                   collate_fn=preprocess))
+            for k, (name, data) in enumerate(named)]
 
 
 def concept_counts(release: str | Path, configs: list[str], splits: list[str], category_of: dict[str, str],

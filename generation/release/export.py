@@ -11,7 +11,10 @@ Reads the `audio` config of RUN/release (or --dataset: a release folder or Hub d
 random sets of --random_size clips holding none of the exported tags), WAV at the release's
 sampling rate. `--format ids` writes `OUT/concept_sets.json` with the same sets as id lists
 (no audio is read). Both write `OUT/concept_sets.json`, so the sets can be traced back to the
-release; the same seed gives the same sets. Writes into a temporary folder and renames it, so
+release; the same seed gives the same sets, and the same as `concept_sets(ds, tags, ...)` in Python
+(one function draws both). Random sets hold none of the exported tags and are disjoint when the
+split allows; clips that are positives of two exported concepts are listed under
+`shared_positives`. Writes into a temporary folder and renames it, so
 an interrupted export leaves no partial OUT.
 """
 
@@ -22,8 +25,6 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 
@@ -57,25 +58,18 @@ def safe_name(tag: str) -> str:
 
 
 def choose_sets(dataset, args: ExportArguments) -> dict:
-    """{"concepts": {tag: row indices}, "random": [row indices, ...]} for the split."""
-    from conceptcaps_pipeline.release.concepts import draw_sets, random_sets, tag_mask
+    """The sets of the split: `release.concepts.choose_sets`, the function behind `concept_sets()` too."""
+    from conceptcaps_pipeline.release.concepts import choose_sets as choose
+    from conceptcaps_pipeline.release.concepts import tag_mask
 
-    rng = np.random.default_rng(args.seed)
     masks = {tag: tag_mask(dataset, tag) for tag in args.tags}
-    any_tag = np.any(np.stack(list(masks.values())), axis=0)
-    concepts = {}
-    for tag, mask in masks.items():
-        positives, _ = draw_sets(mask, args.n, 0, rng, what=f"--tags {tag!r} in split {args.split!r}")
-        concepts[tag] = positives.tolist()
-    randoms = random_sets(~any_tag, args.n_random, args.random_size or args.n, rng, what="the exported tags")
-    return {"concepts": concepts, "random": [r.tolist() for r in randoms]}
+    return choose(masks, args.n, args.n_random, args.random_size, args.seed, what=f" in split {args.split!r}")
 
 
 def write_wavs(dataset, indices: list[int], folder: Path) -> int:
     """Decode the stored FLAC of each row and write `<id>.wav` (16-bit PCM) into `folder`; returns the count."""
     import datasets
     import soundfile as sf
-
     from conceptcaps_pipeline.audio.shards import decode_flac
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,6 +124,10 @@ def _export(args: ExportArguments, run: Path, out: Path, started: float) -> dict
         "arguments": {k: v for k, v in asdict(args).items() if k not in ("run", "out", "force")},
         "concepts": {tag: [ids[i] for i in rows] for tag, rows in sets["concepts"].items()},
         "random": {f"{RANDOM_PREFIX}{k}": [ids[i] for i in rows] for k, rows in enumerate(sets["random"])},
+        # Random sets hold none of these tags; clips that are positives of two exported concepts are listed.
+        "random_excludes": sets["random_excludes"],
+        "random_sets_overlap": sets["overlapping_random"],
+        "shared_positives": {pair: [ids[i] for i in rows] for pair, rows in sets["shared"].items()},
     }
     clips = 0
     with atomic_dir(out, marker=MARKER) as tmp:

@@ -37,7 +37,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 logger = logging.getLogger(__name__)
@@ -98,8 +97,8 @@ def check_settings(s: TcavSettings) -> None:
         (s.test in TESTS, f"--test {s.test!r}: use one of {', '.join(TESTS)}."),
         (s.output in OUTPUTS, f"--output {s.output!r}: use one of {', '.join(OUTPUTS)}."),
         (s.pooling in POOLINGS, f"--pooling {s.pooling!r}: use one of {', '.join(POOLINGS)}."),
-        (s.max_duration is None or s.max_duration > 0, f"--max_duration {s.max_duration}: give a positive number "
-                                                       f"of seconds."),
+        (s.max_duration is None or s.max_duration > 0,
+         f"--max_duration {s.max_duration}: give a positive number of seconds."),
         (s.batch_size >= 1, f"--batch_size {s.batch_size}: give at least 1."),
     ]
     for ok, message in checks:
@@ -298,10 +297,16 @@ def run_classifier(classifier, layers: list[str], masks: dict, pool, inputs: dic
     boolean mask over `pool`}; `seconds` the clip length when --max_duration is unset.
     """
     import torch
-
     from conceptcaps_pipeline.run_dir import stable_hash
-    from conceptcaps_pipeline.tcav.model import ActivationCache, Probes, activations, check_layers, gradients, \
-        model_key, output_module
+    from conceptcaps_pipeline.tcav.model import (
+        ActivationCache,
+        Probes,
+        activations,
+        check_layers,
+        gradients,
+        model_key,
+        output_module,
+    )
     from conceptcaps_pipeline.tcav.stats import auto_random
 
     started = time.time()
@@ -404,7 +409,6 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
     draws it.
     """
     import torch
-
     from conceptcaps_pipeline.tcav.model import ArrayClips, Classifier, DatasetClips, _labels_of, default_preprocess
 
     settings = settings or TcavSettings()

@@ -28,12 +28,11 @@ import importlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Classifier:
     layer_prefix: str = ""  # "model." where `module` wraps a transformers checkpoint whose layer names users give
 
 
-def default_preprocess(clips) -> "torch.Tensor":
+def default_preprocess(clips):
     """A batch of equal-length mono clips as a (batch, samples) float32 tensor: the raw waveform in."""
     import torch
 
@@ -131,9 +130,8 @@ def _load_file(path: Path, sampling_rate: int, option: str) -> Classifier:
 
 
 def _load_transformers(name: str, trust_remote_code: bool, option: str) -> Classifier:
-    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
-
     from conceptcaps_pipeline.models import load_pretrained, resolve_model
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     name = resolve_model(name, option)
     folder = Path(name)
@@ -315,7 +313,7 @@ class Probes:
             try:
                 with torch.no_grad():
                     scorer(preprocess([(0.1 * rng.standard_normal(length)).astype(np.float32)]))
-            except Exception:  # noqa: BLE001 - a model fixed to one input length: no time axis can be seen
+            except Exception:
                 if not shapes:
                     raise
                 shapes.append(shapes[0])

@@ -112,8 +112,8 @@ def markdown(document: dict) -> str:
     lines = [
         "# TCAV report",
         "",
-        f"Model `{s['model']}`; layers {', '.join(f'`{x}`' for x in s['layers'])} (averaged over axes "
-        f"{s.get('pool_dims')}, the time axis); {where}; clips cut or padded to {s.get('max_duration')} s.",
+        (f"Model `{s['model']}`; layers {', '.join(f'`{x}`' for x in s['layers'])} (averaged over axes "
+         f"{s.get('pool_dims')}, the time axis); {where}; clips cut or padded to {s.get('max_duration')} s."),
         "",
         f"Each concept: {s['n_cavs']} CAVs, each trained on a fresh subset of {s['n']} clips holding it against a "
         f"fresh random set of {s['n']} clips without it. The null: {s['n_random']} random concepts per concept "
@@ -135,8 +135,8 @@ def markdown(document: dict) -> str:
         lines += ["Targets share input clips (their results are not independent): "
                   + "; ".join(f"{pair}: {n} clips" for pair, n in shared.items()) + ".", ""]
     lines += [
-        "| layer | concept | target | TCAV score | random concepts | effect size | p | smallest reachable p | "
-        "threshold | p adjusted | CAV accuracy (gate) | verdict |",
+        ("| layer | concept | target | TCAV score | random concepts | effect size | p | smallest reachable p | "
+         "threshold | p adjusted | CAV accuracy (gate) | verdict |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

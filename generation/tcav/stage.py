@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import finished, stable_hash, stage, write_json, write_manifest
 from conceptcaps_pipeline.tcav.api import MIN_CAVS, TcavSettings, check_settings  # noqa: F401 - MIN_CAVS re-exported
@@ -157,11 +156,19 @@ class Prepared:
 def prepare(args: TcavArguments, run: Path) -> Prepared:
     """Load the model and data; run every check that needs no forward pass; choose the target inputs."""
     import torch
-
     from conceptcaps_pipeline.release.concepts import tag_mask
     from conceptcaps_pipeline.tcav.api import check_concepts, family_of
-    from conceptcaps_pipeline.tcav.model import ActivationCache, DatasetClips, Probes, activations, check_layers, \
-        check_targets, load_model, model_key, output_module
+    from conceptcaps_pipeline.tcav.model import (
+        ActivationCache,
+        DatasetClips,
+        Probes,
+        activations,
+        check_layers,
+        check_targets,
+        load_model,
+        model_key,
+        output_module,
+    )
 
     check_arguments(args)
     if args.num_threads > 0:
@@ -198,10 +205,10 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
 
 def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     """The scores.json document: the engine (tcav/api.py) on the prepared model and data."""
-    from conceptcaps import tag_categories
-
     from conceptcaps_pipeline.tcav.api import run_classifier
     from conceptcaps_pipeline.tcav.model import DatasetClips
+
+    from conceptcaps import tag_categories
 
     p = prepared
     source = DatasetClips(p.input_ds)

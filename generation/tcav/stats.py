@@ -210,7 +210,7 @@ def auto_random(tests: int, alpha: float) -> int:
     >>> auto_random(24, 0.05)
     959
     """
-    return max(int(math.ceil(2 * tests / alpha)) - 1, 19)
+    return max(math.ceil(2 * tests / alpha) - 1, 19)
 
 
 def pass_threshold(p_values: list[float], i: int, method: str, alpha: float) -> float:

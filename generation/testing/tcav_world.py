@@ -65,7 +65,7 @@ def _tone_classifier_class():
     class ToneClassifier(torch.nn.Module):
         """A mel-style CNN with hand-set weights; input (batch, samples) at 16 kHz, output (batch, 4) logits."""
 
-        id2label = dict(enumerate(CLASSES))
+        id2label = dict(enumerate(CLASSES))  # noqa: RUF012 - read, never changed
         sampling_rate = RATE
 
         def __init__(self, planted: bool = True, n_fft: int = 512, hop: int = 256):
@@ -106,7 +106,7 @@ def _tone_classifier_class():
     return ToneClassifier
 
 
-def ToneClassifier(planted: bool = True):  # noqa: N802 - a class made on demand (torch is imported lazily)
+def ToneClassifier(planted: bool = True):
     """The hand-set classifier of the tones world (see the module docstring)."""
     return _tone_classifier_class()(planted=planted)
 
@@ -133,13 +133,12 @@ def noise_rows(n: int, seed: int, seconds: float = 1.0, share: float = 0.3) -> l
 
 
 def write_release(folder: str | Path, splits: dict[str, list[dict]], taxonomy=None) -> Path:
-    """A release folder with the `audio` config (the real features) holding `splits`; returns it."""
+    """A release folder with the `audio` and `default` configs (the real features) holding `splits`; returns it."""
     import datasets
-
-    from conceptcaps import features
-
     from conceptcaps_pipeline.audio.shards import encode_flac
     from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
+
+    from conceptcaps import features
 
     folder = Path(folder)
     taxonomy = taxonomy or Taxonomy.load()
@@ -153,13 +152,19 @@ def write_release(folder: str | Path, splits: dict[str, list[dict]], taxonomy=No
                    for r in rows] for c in CATEGORIES},
             "labels": [sorted(taxonomy.index[t] for t in r["aspect_list"]) for r in rows],
             "coverage": [1.0] * len(rows),
-            "audio": [{"bytes": encode_flac(r["audio"][None], RATE), "path": f"{r['id']}.flac"} for r in rows],
-            "duration_s": [len(r["audio"]) / RATE for r in rows],
         }
+        text = datasets.Dataset.from_dict(data, features=features(taxonomy))
+        path = folder / "data" / "default" / f"{split}-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text.to_parquet(str(path))
+        data["audio"] = [{"bytes": encode_flac(r["audio"][None], RATE), "path": f"{r['id']}.flac"} for r in rows]
+        data["duration_s"] = [len(r["audio"]) / RATE for r in rows]
         path = folder / "data" / "audio" / f"{split}-00000-of-00001.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         datasets.Dataset.from_dict(data, features=schema).to_parquet(str(path))
-    card = ["---", "configs:", "- config_name: audio", "  data_files:"]
-    card += [f"  - split: {split}\n    path: data/audio/{split}-*.parquet" for split in splits]
+    card = ["---", "configs:"]
+    for config in ("default", "audio"):
+        card += [f"- config_name: {config}", "  data_files:"]
+        card += [f"  - split: {split}\n    path: data/{config}/{split}-*.parquet" for split in splits]
     (folder / "README.md").write_text("\n".join([*card, "---", "", "A synthetic release (generation/testing/tcav_world.py).", ""]))
     return folder
