@@ -30,7 +30,8 @@ from pathlib import Path
 import datasets
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.release.concepts import ConceptSets, concept_sets, load_release, tag_mask  # noqa: F401 - the public API
+from conceptcaps_pipeline.release.concepts import ConceptSets, concept_sets, load_release, tag_mask, to_captum_concepts  # noqa: F401 - the public API
+from conceptcaps_pipeline.tcav import run as tcav_run  # noqa: F401 - TCAV on any torch model (docs/tcav.md)
 from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, importable from here as before
     CAPTION_COLUMNS,
     load_tags,
