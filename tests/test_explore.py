@@ -165,6 +165,34 @@ def test_stage_writes_a_space_folder_and_skips_when_up_to_date(explorer_run):
     assert (out / "data.js").stat().st_mtime_ns != stamp and forced["counts"] == manifest["counts"]
 
 
+def test_pad_decodes_with_the_runs_set_sizes(explorer_run, copy_run):
+    """The pad decodes like `vae sample` (--sizes data by default): its sets are as long as the release's and the
+    training sets', not the ~4 tags a 0.5 threshold gives; a run sampled with --sizes threshold gets that rule."""
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
+
+    pad = page_data(explorer_run)["pad"]
+    per_point = [len(pad["sets"][cell]) for cell in pad["cells"]]
+    release = [len(r["aspect_list"]) for shard in (explorer_run / "release" / "data" / "default").glob("*.parquet")
+               for r in pq.read_table(shard, columns=["aspect_list"]).to_pylist()]
+    training = json.loads((explorer_run / "vae" / "set_sizes.json").read_text())["summary"]["mean_tags"]
+    assert pad["rule"]["sizes"] == "data" and len(per_point) == 15 * 15
+    # 225 points drawn from the training sets' size patterns: their mean is within a few standard errors of it.
+    assert statistics.mean(per_point) == pytest.approx(training, abs=0.5)
+    assert statistics.mean(per_point) == pytest.approx(statistics.mean(release), abs=1.5)
+    assert len(set(per_point)) > 1  # sizes vary point to point, as between samples
+
+    run = copy_run(explorer_run)
+    sample_attributes(VaeSampleArguments(run=str(run), n=8, seed=3, sizes="threshold"))
+    explore(ExploreArguments(run=str(run), clips_per_tag=2, grid_size=15, nearest=2))
+    threshold = page_data(run)["pad"]
+    assert threshold["rule"] == {**pad["rule"], "sizes": "threshold", "seed": 3}
+    assert [threshold["sets"][c] for c in threshold["cells"]] != [pad["sets"][c] for c in pad["cells"]]
+
+
 def test_clap_scores_per_concept_after_evaluate(browser, explorer_run, copy_run, distilled_run):
     """After `conceptcaps evaluate` (tiny CLAP), each concept shows the mean CLAP score of its clips."""
     import pyarrow.parquet as pq

@@ -11,8 +11,10 @@ The page (generation/explore/static/: index.html, app.js, style.css, copied as t
   them (else "not evaluated"), and up to --clips_per_tag of its clips with captions, tags and an
   audio player;
 - a 2-D pad over two latent dimensions of RUN/vae: a --grid_size x --grid_size grid, decoded at
-  build time with the run's decoding rule (that of `vae sample`), shows the tag set under the
-  pointer and the --nearest clips of the release whose label sets are closest to it (Jaccard).
+  build time with the run's decoding rule (that of `vae sample`: with `--sizes data`, its default,
+  each point takes the per-category set sizes of a training set drawn with the run's seed, so
+  pad sets are as long as the release's), shows the tag set under the pointer and the --nearest
+  clips of the release whose label sets are closest to it (Jaccard).
   The two dimensions are the attribute-regularised ones when the VAE has them
   (generation/vae/lsr.py), else the two with the highest KL to the prior on the training sets
   (the dimensions the VAE uses most); the page says which.
@@ -260,30 +262,47 @@ def pad_note(axes: list[dict]) -> str:
             "two latent dimensions with the highest KL to the prior on the training tag sets, the ones the VAE uses most")
 
 
-def decode_pad(run: Path, model, taxonomy, axes: list[dict], size: int, rule: dict) -> tuple[list[list[str]], list[int]]:
-    """Decode the size x size grid (every other latent dimension at 0, the prior's mean).
+def pad_rule(run: Path) -> dict:
+    """The decoding rule `vae sample` used on this run (its manifest's arguments), for the pad.
 
-    Returns (distinct tag sets, the set index of each point): row-major, the first row at the
-    top of the pad (the highest value of the second axis).
+    Without a vae_sample manifest, the sampler's defaults (`--sizes data`). A manifest from
+    before `--sizes` existed was sampled with the threshold rule, so the pad uses that one.
     """
+    from conceptcaps_pipeline.run_dir import read_manifest
+
+    manifest = read_manifest(run, "vae_sample")
+    sampled = (manifest or {}).get("arguments") or {}
+    sizes = sampled.get("sizes", "threshold" if manifest else "data")
+    return {"sizes": sizes, "threshold": sampled.get("threshold", 0.5),
+            "min_categories": sampled.get("min_categories", 3), "seed": sampled.get("seed", 0)}
+
+
+def decode_pad(run: Path, model, taxonomy, axes: list[dict], size: int, rule: dict) -> tuple[list[list[str]], list[int]]:
+    """Decode the size x size grid (every other latent dimension at 0, the prior's mean) with `rule` (pad_rule).
+
+    With `--sizes data` (the sampler's default) each point takes the per-category sizes of a
+    training set drawn with the run's seed (RUN/vae/set_sizes.json), exactly as `vae sample`
+    gives each sample; why: a 0.5 threshold on prior-region probabilities gave pad sets of about
+    4 tags where the release's sets hold about 8 (generation/vae/sizes.py). So neighbouring
+    points may differ in length, as two samples do. Returns (distinct tag sets, the set index of
+    each point): row-major, the first row at the top of the pad (the highest value of the second axis).
+    """
+    import torch
+
+    from conceptcaps_pipeline.vae.model import decode_sets
+    from conceptcaps_pipeline.vae.sizes import SetSizes
+
     xs, ys = (a["values"] for a in axes)
-    try:
-        from conceptcaps_pipeline.vae.lsr import decode_grid
-    except ImportError:  # a tree without latent attributes: the same grid, decoded here
-        decode_grid = None
-    if decode_grid is not None:
-        grid = decode_grid(run, axes[0]["dim"], axes[1]["dim"], xs, ys, **rule)  # grid[i][j]: xs[i], ys[j]
-    else:
-        import torch
-
-        from conceptcaps_pipeline.vae.model import decode_sets
-
-        z = torch.zeros(size * size, model.latent_dim)
-        z[:, axes[0]["dim"]] = torch.tensor(xs).repeat_interleave(size)
-        z[:, axes[1]["dim"]] = torch.tensor(ys).repeat(size)
-        with torch.no_grad():
-            flat = decode_sets(torch.sigmoid(model.decode(z)), model.tags, model.categories, taxonomy, **rule)
-        grid = [flat[i * size:(i + 1) * size] for i in range(size)]
+    z = torch.zeros(size * size, model.latent_dim)
+    z[:, axes[0]["dim"]] = torch.tensor(xs, dtype=torch.float32).repeat_interleave(size)  # point i * size + j: xs[i], ys[j]
+    z[:, axes[1]["dim"]] = torch.tensor(ys, dtype=torch.float32).repeat(size)
+    drawn = None
+    if rule["sizes"] == "data":
+        drawn = SetSizes.load(run / "vae").draw(size * size, torch.Generator().manual_seed(int(rule["seed"])))
+    with torch.no_grad():
+        flat = decode_sets(torch.sigmoid(model.decode(z)), model.tags, model.categories, taxonomy, sizes=drawn,
+                           threshold=rule["threshold"], min_categories=rule["min_categories"])
+    grid = [flat[i * size:(i + 1) * size] for i in range(size)]  # grid[i][j]: xs[i], ys[j]
     distinct: dict[tuple[str, ...], int] = {}
     cells = [distinct.setdefault(tuple(grid[col][size - 1 - row]), len(distinct))
              for row in range(size) for col in range(size)]
@@ -317,7 +336,7 @@ def _inputs(run: Path, release: Path) -> dict:
     """What the page depends on (hashed into the manifest): a change to any of them rewrites it."""
     inputs = {"concepts": release / "concepts.json", "build": run / "manifests" / "build.json",
               "vae": run / "vae" / "model.safetensors", "taxonomy": run / "taxonomy.json"}
-    for optional in ("eval/metrics.json", "manifests/vae_sample.json"):
+    for optional in ("eval/metrics.json", "manifests/vae_sample.json", "vae/set_sizes.json"):
         if (run / optional).is_file():
             inputs[optional] = run / optional
     # The page's own files and the code that fills data.js: a new version rewrites the page.
@@ -382,7 +401,7 @@ def check_run(args: ExploreArguments) -> None:
 @stage(STAGE, check=check_run)
 def explore(args: ExploreArguments) -> dict:
     """Run the stage: write RUN/explorer/ unless it is up to date; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import atomic_dir, read_manifest
+    from conceptcaps_pipeline.run_dir import atomic_dir
     from conceptcaps_pipeline.taxonomy import Taxonomy
     from conceptcaps_pipeline.vae.model import BetaVAE
 
@@ -407,7 +426,7 @@ def explore(args: ExploreArguments) -> dict:
     scores = clap_by_clip(run)
     per_concept = concept_clap(tags, clips, scores) if scores else {}
 
-    # 2. The latent pad, decoded with the rule the run sampled its tag sets with.
+    # 2. The latent pad, decoded with the rule the run sampled its tag sets with (set sizes from the data).
     try:
         model = BetaVAE.from_pretrained(str(run / "vae")).eval()
     except Exception as err:
@@ -416,8 +435,7 @@ def explore(args: ExploreArguments) -> dict:
     if list(model.tags) != taxonomy.tags:
         raise ConceptCapsError(f"{run / 'vae'} was trained on another taxonomy than {run / 'taxonomy.json'}: retrain "
                                f"it with `conceptcaps vae train --run {run} --force`.")
-    sampled = (read_manifest(run, "vae_sample") or {}).get("arguments") or {}
-    rule = {"threshold": sampled.get("threshold", 0.5), "min_categories": sampled.get("min_categories", 3)}
+    rule = pad_rule(run)
     axes = latent_axes(run, model, _training_sets(run, clips), args.axes, args.extent)
     record = _latent_attributes(run)
     for axis in axes:
