@@ -422,6 +422,9 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         clap_mean=sum(scores.values()) / len(scores) if scores else None, vae_history=_vae_history(run))
     with atomic_dir(release / "figures") as folder:  # atomic: no figure of an older build stays behind
         figures = write_figures(folder, figure_data)
+        from conceptcaps_pipeline.dataset_card.evidence_figure import add_evidence_figure  # audio score's, if run
+
+        add_evidence_figure(run, folder, figures)
     has_audio = any(name.endswith("audio") for name in infos)
     examples = write_examples(release, category_of, repo_id=repo_id, revision=revision) if has_audio else []
     if not has_audio and (release / "examples").exists():

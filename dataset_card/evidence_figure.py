@@ -63,3 +63,12 @@ def plot_agreement(agreement: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def add_evidence_figure(run: str | Path, folder: str | Path, figures: list[dict]) -> None:
+    """Draw the figure into the card's figure `folder` and add its entry to `figures` when the run was scored
+    (`conceptcaps audio score` wrote RUN/audio_evidence/agreement.json); otherwise do nothing."""
+    from conceptcaps_pipeline.release.evidence import FOLDER, read_agreement
+
+    if (Path(run) / FOLDER / "agreement.json").is_file() and plot_agreement(read_agreement(run), Path(folder) / FILE):
+        figures.append(figure_entry())

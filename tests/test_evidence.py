@@ -208,14 +208,21 @@ def test_positives_with_evidence(planted):
 
 
 def test_card_figure(planted, tmp_path):
-    from conceptcaps_pipeline.dataset_card.evidence_figure import figure_entry, plot_agreement
-    from conceptcaps_pipeline.release.evidence import read_agreement
+    from conceptcaps_pipeline.dataset_card.evidence_figure import add_evidence_figure, figure_entry, plot_agreement
+    from conceptcaps_pipeline.release.evidence import concepts_evidence, read_agreement
 
     run, _, _ = planted
     path = plot_agreement(read_agreement(run), tmp_path / "evidence_auc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert figure_entry()["file"] == "evidence_auc.png"
     assert plot_agreement({"concepts": {"x": {"auc": None, "category": "mood"}}}, tmp_path / "none.png") is None
+    figures = []
+    add_evidence_figure(run, tmp_path / "card", figures)
+    assert figures == [figure_entry()] and (tmp_path / "card" / "evidence_auc.png").is_file()
+    add_evidence_figure(tmp_path, tmp_path / "card", figures)  # a run that was not scored: no figure
+    assert len(figures) == 1 and concepts_evidence(tmp_path) is None
+    summary = concepts_evidence(run)
+    assert summary["model"] == "tone-scorer" and summary["concepts"]["piano"]["auc"] > 0.97
 
 
 # -- best of K ----------------------------------------------------------------------------------
@@ -369,3 +376,13 @@ def test_tiny_clap_end_to_end(audio_run, copy_run, tmp_path_factory, captions):
     assert plot_agreement(agreement, tmp_path_factory.mktemp("fig") / "auc.png").stat().st_size > 0
     tag = table[0]["labels"][0]
     assert positives_with_evidence(run, tag, 0.0).kept >= 1
+
+    # The release carries it: per-concept agreement in concepts.json, the figure in the card.
+    from conceptcaps_pipeline.release.build import BuildArguments, build_release
+
+    build_release(BuildArguments(run=str(run)))
+    concepts = json.loads((run / "release" / "concepts.json").read_text())
+    assert concepts["evidence"]["model"] == str(model)
+    assert set(concepts["evidence"]["concepts"]) == set(taxonomy.tags)
+    assert (run / "release" / "figures" / "evidence_auc.png").is_file()
+    assert "figures/evidence_auc.png" in (run / "release" / "README.md").read_text()

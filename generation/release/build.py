@@ -253,6 +253,10 @@ def build_release(args: BuildArguments) -> dict:
     subset_rule = {name: subset_min_positives(fraction) for name, fraction in SUBSETS.items()}
     concepts = concepts_document(release, configs, list(SPLITS), taxonomy, subset_rule=subset_rule,
                                  unsatisfiable=assignment.unsatisfiable)
+    from conceptcaps_pipeline.release.evidence import concepts_evidence  # per-concept label-audio agreement
+
+    if (evidence := concepts_evidence(run)) is not None:
+        concepts["evidence"] = evidence
     write_json(release / CONCEPTS_FILE, concepts)
     write_json(release / "taxonomy.json", public_taxonomy(run))
     stats["concepts"] = concepts

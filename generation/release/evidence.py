@@ -244,3 +244,20 @@ def positives_with_evidence(run_or_evidence, tag: str, min_evidence: float,
             result.ids.append(clip)
     logger.info("evidence: %s", result.describe())
     return result
+
+
+def concepts_evidence(run: str | Path) -> dict | None:
+    """What concepts.json carries of `audio score` (None when the run has not been scored): the scorer, the
+    settings and, per tag, the AUC and top-k share with their intervals."""
+    from conceptcaps_pipeline.run_dir import read_manifest
+
+    run = Path(run)
+    if not (run / FOLDER / "agreement.json").is_file():
+        return None
+    found = read_agreement(run)
+    manifest = read_manifest(run, "audio_score") or {}
+    keys = ("auc", "auc_interval", "top_k_share", "top_k_interval", "k", "chance", "positives")
+    return {"model": manifest.get("model"), "measure": "ROC-AUC of the tag's CLAP similarity, labelled clips vs the "
+                                                       "rest of the run; top-k share of labelled clips (docs/evidence.md)",
+            "prompts": (manifest.get("arguments") or {}).get("prompts"), "settings": found.get("settings", {}),
+            "concepts": {tag: {k: entry.get(k) for k in keys} for tag, entry in found.get("concepts", {}).items()}}
