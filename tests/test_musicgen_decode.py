@@ -189,7 +189,7 @@ def test_the_step_compiles_once_per_length_bucket(tiny):
 
 
 BF16_STEPS = 24  # steps compared in bf16
-BF16_TOLERANCE = 0.05  # max |static - generate| of the guided logits, relative to their spread (std)
+BF16_TOLERANCE = 0.1  # max |static - generate| of the guided logits over their std (measured here: 0.028; see gpu_check.py)
 
 
 def test_bf16_static_logits_match_generate(tiny_musicgen):
