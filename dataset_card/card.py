@@ -286,6 +286,29 @@ def concept_summary(concepts: dict) -> dict:
     }
 
 
+def split_shares(rows: dict[str, int]) -> dict:
+    """What the card says about the split sizes: each split's share of the samples in whole percent
+    (largest remainders, so they add up to 100), the counts, and the shares the assignment aims at.
+
+    >>> split_shares({"train": 30, "validation": 11, "test": 9})["actual"]
+    '60/22/18'
+
+    Why the actual shares and not the target: groups of samples with one label set go to one split
+    and every tag with 3 or more samples is seeded into every split first, so a small release lands
+    far from the target (the smoke run: 30/11/9 samples for a 70/15/15 target).
+    """
+    total = sum(rows.values())
+    exact = {s: 100 * n / total if total else 0.0 for s, n in rows.items()}
+    percent = {s: int(v) for s, v in exact.items()}
+    for s in sorted(exact, key=lambda s: (-(exact[s] - percent[s]), s))[:(100 - sum(percent.values())) if total else 0]:
+        percent[s] += 1
+    from conceptcaps_pipeline.release.splits import SPLIT_FRACTIONS  # the assignment's target
+
+    target = "/".join(f"{100 * SPLIT_FRACTIONS[s]:g}" for s in rows) if set(SPLIT_FRACTIONS) == set(rows) else None
+    return {"actual": "/".join(str(percent[s]) for s in rows), "counts": "/".join(f"{n:,}" for n in rows.values()),
+            "splits": "/".join(rows), "target": target}
+
+
 def card_data(infos: dict, stats: dict, manifests: dict, licence_yaml: dict, version: str,
               tiny: bool = False) -> DatasetCardData:
     """The YAML header: licence, tasks, sizes, source, configs with their files and version, dataset_info.
@@ -453,6 +476,7 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
                           "licence": licence.configs[n].text} for n in infos],
         "rows": stats["rows"]["default"],
         "total_rows": sum(stats["rows"]["default"].values()),
+        "split_shares": split_shares(stats["rows"]["default"]),
         "has_audio": has_audio,
         "read_split": _read_one_split(load_path, stats["files"]["default"], local=repo_id is None),
         "sampling_rate": next((f["dtype"]["audio"].get("sampling_rate") for n in infos for f in infos[n]["features"]

@@ -81,6 +81,12 @@ def test_card_body_comes_from_the_run(release_run):
     distill = read_manifest(release_run, "distill")
     rows = read_manifest(release_run, "build")["counts"]["rows"]["default"]
     assert f"**{sum(rows.values())} samples**: {rows['train']} train, {rows['validation']} validation, {rows['test']} test." in body
+    # The split shares the card states are this release's, in whole percent adding up to 100, beside the target.
+    shares = re.search(r"The splits train/validation/test hold (\d+)/(\d+)/(\d+)% of the samples \((\d+)/(\d+)/(\d+)\)", body)
+    assert shares and [int(n) for n in shares.groups()[3:]] == list(rows.values())
+    assert sum(int(p) for p in shares.groups()[:3]) == 100 and all(
+        abs(int(p) - 100 * n / sum(rows.values())) < 1 for p, n in zip(shares.groups()[:3], rows.values()))
+    assert "about 70/15/15" not in body
     # the exact commands, rebuilt from the manifests' arguments
     # ... naming the source by its file name and a model outside the run by its folder's name
     assert re.search(r"conceptcaps distill --(out|run) RUN --source musiccaps-public.csv", body)
