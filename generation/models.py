@@ -111,3 +111,18 @@ def is_tiny_model(model: str, run: str | Path, recorded_run: str | None = None) 
 def tiny_models(run: str | Path, models: list[str | None]) -> list[str]:
     """Those of `models` that `conceptcaps run` built from configs into RUN/models/ (random weights: noise)."""
     return [run_relative(m, run) for m in models if m and is_tiny_model(m, run)]
+
+
+def portable_adapter_config(folder: str | Path, run: str | Path) -> None:
+    """Store a PEFT adapter's base model as `RUN/...` when it lives in the run (a tiny model in RUN/models/), so a
+    copied run names nothing of the original; a Hub id or an outside folder stays as it is."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return  # a full fine-tune: no adapter config
+    config = json.loads(path.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if base and run_relative(base, run) != base:
+        config["base_model_name_or_path"] = run_relative(base, run)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

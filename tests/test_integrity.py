@@ -161,6 +161,10 @@ def test_a_moved_run_resumes_captions_and_audio(captioner_run, tiny_musicgen, tm
     assert {r["model"] for r in clips} == {"RUN/models/musicgen"}
     manifest = generate_audio(AudioArguments(run=str(moved), **{**audio, "model": str(moved / "models" / "musicgen")}))
     assert manifest["counts"]["clips"] == 4 and manifest["counts"]["missing"] == 0
+    # Nothing stored in the copy names the original's place (adapter config, manifests, plans, shards).
+    original = os.fsencode(str(run))
+    naming = [p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file() and original in p.read_bytes()]
+    assert naming == []
 
 
 # 6. Undecodable audio is not shipped -----------------------------------------------------------------
@@ -285,7 +289,7 @@ def test_a_kill_at_any_step_of_publication_leaves_the_old_or_the_new_output(tmp_
         for name, text in old.items():
             (final / name).write_text(text)
         done = subprocess.run([sys.executable, str(script), mode, str(k), str(final)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
         assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
         recover(final)  # what the next command does first (atomic_dir and stage_lock call it)
         found = {p.relative_to(final).as_posix(): p.read_text() for p in final.rglob("*") if p.is_file()}
@@ -307,7 +311,86 @@ def test_a_folder_that_is_not_the_commands_own_output_is_refused(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "keep.txt").write_text("a user's file")
-    with pytest.raises(ConceptCapsError, match=r"mine exists and is not an earlier output of this command .*marker"):
-        with atomic_dir(folder, marker="marker.json") as tmp:
-            (tmp / "marker.json").write_text("{}")
+    with pytest.raises(ConceptCapsError, match=r"mine exists and is not an earlier output of this command .*marker"), \
+            atomic_dir(folder, marker="marker.json") as tmp:
+        (tmp / "marker.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (folder / "keep.txt").read_text() == "a user's file"
+
+
+BUILD_KILLER = r'''
+import os, shutil, signal, sys
+from pathlib import Path
+from conceptcaps_pipeline import run_dir
+from conceptcaps_pipeline.release.build import BuildArguments, build_release
+
+run, k = Path(sys.argv[1]).resolve(), int(sys.argv[2])
+steps = 0
+
+def publishes(path) -> bool:  # a step that changes what the run holds: its release, its manifests
+    try:
+        return Path(os.fsdecode(path)).resolve().parent in (run, run / "manifests")
+    except TypeError:
+        return False
+
+def dies_at_step_k(function):
+    def step(*args, **kwargs):
+        global steps
+        if args and publishes(args[0]):
+            steps += 1
+            if steps == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+
+for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
+    setattr(module, name, dies_at_step_k(getattr(module, name)))
+build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2))
+print("built after", steps, "steps")
+'''
+
+
+def test_a_build_killed_at_any_step_leaves_a_whole_release_and_push_takes_only_a_consistent_one(release_run,
+                                                                                                copy_run, tmp_path):
+    """SIGKILL at each step k of `build` that changes the run (the release swap, the removal of the old one, the
+    manifest): the release is always the old or the new one whole (as its own record says), push accepts it only
+    when manifests/build.json is its record, and the next build leaves a release push accepts."""
+    from conceptcaps_pipeline.release.build import BUILD_RECORD, verify_release
+    from conceptcaps_pipeline.release.push import PushArguments, push_release
+    from conceptcaps_pipeline.run_dir import read_json
+
+    run = copy_run(release_run)
+    script = tmp_path / "build_killer.py"
+    script.write_text(BUILD_KILLER)
+    push = PushArguments(run=str(run), repo_id="my-org/conceptcaps", dry_run=True, allow_tiny_models=True)
+    seen = Counter()
+    for k in range(1, 20):
+        done = subprocess.run([sys.executable, str(script), str(run), str(k)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"},
+                              check=False)
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
+        release = run / "release"
+        assert verify_release(release) == [], (k, verify_release(release))
+        shard_size = read_json(release / BUILD_RECORD)["arguments"]["max_shard_size"]
+        assert shard_size in ("5KB", "1MB")
+        try:
+            push_release(push)
+            accepted = True
+        except ConceptCapsError as err:
+            assert "describes another build" in str(err), (k, str(err))
+            accepted = False
+        assert accepted == (read_manifest(run, "build")["release_record"] ==
+                            read_json(release / BUILD_RECORD)["release_record"]), k
+        assert not [p.name for p in run.iterdir() if p.name.startswith((".release.", ".build-"))] or \
+            done.returncode != 0, k
+        seen[(shard_size, accepted)] += 1
+        if done.returncode == 0:
+            break
+        # Back to the old release for the next k: each trial starts from the same state.
+        shutil.rmtree(run)
+        shutil.copytree(release_run, run)
+    else:
+        pytest.fail("build did not finish within 19 steps")
+    assert seen[("5KB", True)] >= 1 and seen[("1MB", True)] >= 1, seen
+    build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2))  # the next command
+    assert verify_release(run / "release") == [] and push_release(push)["dry_run"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".release.", ".build-"))]

@@ -284,10 +284,12 @@ def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_confi
         train_metrics = trainer.train().metrics
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         trainer.save_model(str(tmp))  # adapter (or full weights without PEFT) + tokenizer
+        from conceptcaps_pipeline.models import portable_adapter_config
         from conceptcaps_pipeline.run_dir import run_relative
 
+        portable_adapter_config(tmp, run)  # a base model inside the run as RUN/...: the run can be copied
         summary = {
-            "base_model": model_config.model_name_or_path,
+            "base_model": run_relative(model_config.model_name_or_path, run),
             "base_model_in_run": run_relative(model_config.model_name_or_path, run),
             "train_examples": len(trainer.train_dataset),
             "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
@@ -303,5 +305,5 @@ def train_captioner(args: CaptionerArguments, sft_config: SFTConfig, model_confi
     counts.update({"train_loss": train_metrics.get("train_loss"), "eval_loss": eval_metrics.get("eval_loss")})
     logger.info("captioner train: %s -> %s", counts, out)
     return write_manifest(run, STAGE, arguments, inputs=inputs, counts=counts, started=started,
-                          extra={"output_dir": str(out)})
+                          extra={"output_dir": run_relative(out, run)})
 
