@@ -55,7 +55,16 @@ import numpy as np
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model, run_relative, tiny_models
-from conceptcaps_pipeline.run_dir import atomic_dir, finished, read_json, read_manifest, require, stage, write_manifest
+from conceptcaps_pipeline.run_dir import (
+    atomic_dir,
+    finished,
+    portable,
+    read_json,
+    read_manifest,
+    require,
+    stage,
+    write_manifest,
+)
 from conceptcaps_pipeline.vae.train import PAPER_VAE_METRICS, load_metric
 
 logger = logging.getLogger(__name__)
@@ -792,7 +801,9 @@ def evaluate_run(args: EvaluateArguments) -> dict:
         details["baseline"] = {"name": args.baseline, **baseline}
     with atomic_dir(out) as tmp:
         details["figures"], details["figures_not_drawn"] = draw_figures(run, tmp, args, details)
-        metrics = {"rows": rows, "skipped": skipped, "details": details}
+        # Paths inside the run (models in RUN/models/, the run's files) as RUN/...: a copied run names nothing
+        # of the original (run_dir.portable).
+        metrics = portable({"rows": rows, "skipped": skipped, "details": details}, run)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         write_report(tmp / "report.md", run, metrics)
         if records:
@@ -806,5 +817,5 @@ def evaluate_run(args: EvaluateArguments) -> dict:
         logger.info("evaluate: skipped %s: %s", name, reason)
     counts = {"rows": len(rows), "skipped": len(skipped), "figures": len(details["figures"])}
     return write_manifest(run, stage, args, inputs=inputs, counts=counts, started=started,
-                          extra={"rows": rows, "skipped": skipped, "metrics": str(out / "metrics.json"),
-                                 "report": str(out / "report.md")})
+                          extra={"rows": rows, "skipped": skipped, "metrics": run_relative(out / "metrics.json", run),
+                                 "report": run_relative(out / "report.md", run)})
