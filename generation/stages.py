@@ -82,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
     # per-clip, per-label evidence that the audio carries its labels (CLAP, zero-shot; docs/evidence.md)
     Stage("audio_score", ("audio", "score"), "conceptcaps_pipeline.audio.score", "score_audio", ("ScoreArguments",),
           "Score every clip against every tag with CLAP: per-label evidence and per-concept agreement.",
-          outputs=("audio_evidence",)),
+          outputs=("audio_evidence",), in_run=True),
     # evaluate before build, so that the dataset card carries the metrics table
     Stage("evaluate", ("evaluate",), "conceptcaps_pipeline.evaluate.run", "evaluate_run", ("EvaluateArguments",),
           "Score the run with the eval/ metric modules; write RUN/eval/.", outputs=("eval",), in_run=True),
