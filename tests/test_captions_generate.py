@@ -249,3 +249,60 @@ def test_zero_shot_baseline_writes_its_own_file(captioner_run, copy_run):
     assert any(ours.get(r["id"]) != r["caption"] for r in rows)
     with pytest.raises(ConceptCapsError, match="--zero_shot captions with the base model alone: drop --adapter"):
         generate_captions(CaptionsArguments(run=str(run), zero_shot=True, adapter=str(run / "captioner"), **QUICK))
+
+
+def test_a_qlora_adapter_is_applied_to_the_dequantised_base(captioner_run, tiny_llm, tmp_path):
+    """An adapter trained on a 4-bit base (the captioner manifest says load_in_4bit) is merged into the base's
+    NF4-rounded weights (simulated on a CPU): the logits of the adapter over that base, not over the original."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+
+    from conceptcaps_pipeline.captions.adapter_merge import fake_nf4, load_base, trained_on_4bit
+    from conceptcaps_pipeline.captions.generate import load_captioner
+
+    assert trained_on_4bit(captioner_run / "captioner") is False  # trained on float32 weights
+    run = tmp_path / "run"
+    shutil.copytree(captioner_run / "captioner", run / "captioner")
+    manifest = json.loads((captioner_run / "manifests" / "captioner_train.json").read_text())
+    text = json.dumps(manifest).replace('"load_in_4bit": false', '"load_in_4bit": true')
+    assert text != json.dumps(manifest)
+    (run / "manifests").mkdir()
+    (run / "manifests" / "captioner_train.json").write_text(text)
+    adapter = str(run / "captioner")
+    assert trained_on_4bit(adapter) is True
+
+    weight = torch.randn(4, 100)
+    rounded = fake_nf4(weight)
+    assert len(torch.unique(rounded[0, :64] / rounded[0, :64].abs().max())) <= 16  # 16 levels a block
+    assert 0 < float((rounded - weight).abs().max()) < 0.2 * float(weight.abs().max())
+
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(load_base(str(tiny_llm), torch.float32, "cpu", quantized=True),
+                                              adapter)(ids).logits
+        merged = load_captioner(str(tiny_llm), adapter, "float32", merge=True, device="cpu")[0](ids).logits
+        original = load_captioner(str(tiny_llm), adapter, "float32", merge=True, device="cpu",
+                                  quantized_base=False)[0](ids).logits
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-5)
+    assert float((original - reference).abs().max()) > 100 * float((merged - reference).abs().max())
+
+
+def test_vllm_takes_the_adapters_tokenizer_and_chat_template(captioner_run, tiny_llm, tmp_path):
+    import shutil
+
+    from conceptcaps_pipeline.captions.generate import vllm_settings
+
+    adapter = tmp_path / "captioner"
+    shutil.copytree(captioner_run / "captioner", adapter)
+    template = adapter / "chat_template.jinja"
+    changed = template.read_text().replace("<|eot_id|>", "<|eot_id|>", 1) + "{# the adapter's own template #}"
+    template.write_text(changed)
+    settings = vllm_settings(str(tiny_llm), str(adapter), CaptionsArguments(run=str(captioner_run)))
+    assert settings["tokenizer_path"] == str(adapter) and settings["model"] == str(tiny_llm)
+    assert settings["chat_template"].endswith("{# the adapter's own template #}")
+    assert settings["tokenizer"].convert_tokens_to_ids("<|eot_id|>") in settings["stop_token_ids"]
+    assert settings["enable_lora"] and settings["max_lora_rank"] >= 32
+    base = vllm_settings(str(tiny_llm), None, CaptionsArguments(run=str(captioner_run)))
+    assert base["tokenizer_path"] == str(tiny_llm) and not base["chat_template"].endswith("template #}")

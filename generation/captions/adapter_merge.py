@@ -88,8 +88,28 @@ def trained_on_4bit(adapter: str | Path) -> bool | None:
     return find(json.loads(manifest.read_text()).get("arguments", {}))
 
 
+def can_load_4bit(device) -> bool:
+    """Whether bitsandbytes can quantise on `device` (a CUDA GPU with bitsandbytes installed)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_base(base: str, dtype, device, *, quantized: bool, real_4bit: bool | None = None):
+    """The base with W (quantized False), or W_q de-quantised to `dtype`: bitsandbytes' own where it can run
+    (`real_4bit` None: wherever it can), else the simulated NF4 rounding (fake_nf4_)."""
+    if real_4bit is None:
+        real_4bit = can_load_4bit(device)
+    return _load(base, dtype, device, quantized=quantized, real_4bit=real_4bit)
+
+
 def _load(base: str, dtype, device, *, quantized: bool, real_4bit: bool):
-    """The base with W (quantized False), or W_q de-quantised to `dtype` (bitsandbytes' own on a GPU, else fake)."""
     import torch
     from transformers import AutoModelForCausalLM
 

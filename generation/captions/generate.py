@@ -203,15 +203,22 @@ def resolve_models(args: CaptionsArguments, run: Path) -> tuple[str, str | None]
     return resolve_model_name(base), str(adapter.resolve())
 
 
-def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = False, device=None):
+def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = False, device=None,
+                   quantized_base: bool | None = None):
     """(model on `device` (default: the best one), left-padding tokenizer, end-of-turn token ids).
 
     `merge` folds the LoRA weights into the base weights (peft's merge_and_unload), so each
-    linear layer is one matmul at generation time.
+    linear layer is one matmul at generation time. An adapter trained on a 4-bit base (QLoRA;
+    `quantized_base`, by default read from RUN/manifests/captioner_train.json) is applied to the
+    base's de-quantised 4-bit weights, the weights it was trained with, not to the original ones:
+    measured in captions/adapter_merge.py and docs/captions.md (merging into the original weights
+    moves the logits by the whole quantisation error; into the de-quantised ones, by rounding).
+    The tokenizer is the adapter's where it has one (its chat template and special tokens).
     """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from conceptcaps_pipeline.captions.adapter_merge import load_base, trained_on_4bit
     from conceptcaps_pipeline.captions.train import from_pretrained, load_tokenizer
 
     has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
@@ -220,7 +227,13 @@ def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = Fal
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    model = from_pretrained(AutoModelForCausalLM, base, "model", dtype=getattr(torch, dtype))
+    if quantized_base is None:
+        quantized_base = bool(adapter) and bool(trained_on_4bit(adapter))
+    if adapter and quantized_base:
+        logger.info("captions: the adapter was trained on a 4-bit base: applied to its de-quantised weights")
+        model = load_base(base, getattr(torch, dtype), device, quantized=True)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, base, "model", dtype=getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
 
@@ -228,14 +241,18 @@ def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = Fal
         if merge:
             model = model.merge_and_unload()
     model.to(device).eval()
-    stop = model.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    return model, tokenizer, end_of_turn_ids(tokenizer, model.generation_config.eos_token_id)
+
+
+def end_of_turn_ids(tokenizer, eos=None) -> list[int]:
+    """Token ids that end a caption: the model's eos id(s), the tokenizer's, and common chat end-of-turn tokens."""
+    stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     stop.add(tokenizer.eos_token_id)
     for token in ("<|eot_id|>", "<|im_end|>", "<|end|>"):  # end-of-turn tokens of common chat templates
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token in tokenizer.get_vocab():
             stop.add(token_id)
-    return model, tokenizer, sorted(stop)
+    return sorted(i for i in stop if i is not None)
 
 
 def generate_batch(model, tokenizer, stop_ids, rows, args: CaptionsArguments, seed: int, sample: bool):
@@ -296,6 +313,10 @@ def _plan(args: CaptionsArguments, attributes: Path, taxonomy: Path, base: str, 
             "ngram_size", "max_ngram_repeats", "min_words", "require_end_of_turn", "limit", "dtype", "merge_adapter",
             "engine")
     plan = {key: getattr(args, key) for key in keep}
+    from conceptcaps_pipeline.captions.adapter_merge import trained_on_4bit
+
+    if adapter and not args.zero_shot and trained_on_4bit(adapter):
+        plan["adapter_base"] = "de-quantised 4-bit weights"  # a QLoRA adapter meets the weights it was trained with
     weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                     if adapter and (Path(adapter) / n).exists()), None)
     plan.update(attributes=file_sha256(attributes), taxonomy=file_sha256(taxonomy), base_model=run_relative(base, run),
@@ -501,27 +522,45 @@ class VllmCaptioner:
         except ImportError as err:
             raise ConceptCapsError("--engine vllm needs vLLM (`pip install vllm` on a CUDA machine); without it use "
                                    "--engine transformers, under `accelerate launch` for several GPUs.") from err
-        from conceptcaps_pipeline.captions.train import load_tokenizer
-
         self.args = args
         self.adapter = adapter
-        self.tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
-                                        else base)
-        rank = 64
-        if adapter:
-            rank = int(read_json(Path(adapter) / "adapter_config.json").get("r", rank))
-        self.llm = LLM(model=base, dtype=args.dtype if args.dtype != "auto" else "auto", enable_lora=bool(adapter),
-                       max_lora_rank=max(rank, 8), seed=args.seed)
+        settings = vllm_settings(base, adapter, args)
+        self.tokenizer = settings.pop("tokenizer")
+        self.chat_template = settings.pop("chat_template")
+        self.stop_token_ids = settings.pop("stop_token_ids")
+        settings["tokenizer"] = settings.pop("tokenizer_path")  # vLLM loads the tokenizer from this folder
+        self.llm = LLM(**settings)
 
     def generate(self, rows: list[dict], seed: int, sample: bool) -> list[tuple[str, bool]]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         params = SamplingParams(temperature=self.args.temperature if sample else 0.0, top_p=self.args.top_p,
-                                max_tokens=self.args.max_new_tokens, seed=seed)
+                                max_tokens=self.args.max_new_tokens, seed=seed, stop_token_ids=self.stop_token_ids)
         request = LoRARequest("captioner", 1, self.adapter) if self.adapter else None
-        outputs = self.llm.chat([prompt_messages(r) for r in rows], params, lora_request=request, use_tqdm=False)
+        # The adapter's chat template: the prompts the adapter was trained on, not the base model's.
+        outputs = self.llm.chat([prompt_messages(r) for r in rows], params, lora_request=request, use_tqdm=False,
+                                chat_template=self.chat_template)
         return [(o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outputs]
+
+
+def vllm_settings(base: str, adapter: str | None, args: CaptionsArguments) -> dict:
+    """vLLM's engine arguments plus the tokenizer, chat template and stop ids it must use (no vLLM needed).
+
+    Why the adapter's tokenizer: training saves it beside the adapter (its chat template, its pad
+    and end-of-turn tokens); vLLM would otherwise take the base model's, and prompt the adapter
+    in a format it was not trained on.
+    """
+    from conceptcaps_pipeline.captions.train import load_tokenizer
+
+    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base
+    tokenizer = load_tokenizer(source)
+    rank = 64
+    if adapter:
+        rank = int(read_json(Path(adapter) / "adapter_config.json").get("r", rank))
+    return {"model": base, "tokenizer": tokenizer, "tokenizer_path": source, "chat_template": tokenizer.chat_template,
+            "stop_token_ids": end_of_turn_ids(tokenizer), "dtype": args.dtype, "enable_lora": bool(adapter),
+            "max_lora_rank": max(rank, 8), "seed": args.seed}
 
 
 def _write_shard(records: list[dict], path: Path) -> None:
