@@ -98,11 +98,18 @@ class SFTConfig(trl.SFTConfig):
         default=None, metadata={"help": "Deprecated alias of --activation_checkpointing."}
     )
 
-    def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            import torch
+    # None: pin where an accelerator is; pinning on a CPU-only machine does nothing but warn (torch's DataLoader).
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pin batches in host memory (default: on where an accelerator is)."}
+    )
 
+    def __post_init__(self):
+        import torch
+
+        if self.bf16 is None and not self.fp16:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         if self.output_dir is None:
             self.output_dir = ""  # filled with RUN/captioner by train_captioner
         super().__post_init__()

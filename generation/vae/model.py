@@ -56,6 +56,19 @@ class BetaVAE(
         self.encoder = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 2 * latent_dim))
         self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, dim))
 
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = False, **kwargs):
+        """A local folder is read here: huggingface_hub's loader prints "Loading weights from local
+        directory" (a bare print, not a log record) on every local load; Hub ids load as usual."""
+        import inspect
+        import os
+
+        if not os.path.isdir(model_id):
+            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+        hub_options = set(inspect.signature(PyTorchModelHubMixin._from_pretrained).parameters)
+        model = cls(**{k: v for k, v in kwargs.items() if k not in hub_options})
+        return cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar.clamp(-10, 10)  # clamp keeps exp(logvar) finite early in training
