@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conceptcaps import SPLITS, ConceptCaps
+from conceptcaps import ConceptCaps
 from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
 from conceptcaps_pipeline.release.build import BuildArguments, build_release, release_files
 from conceptcaps_pipeline.cli import main
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.splits import SPLITS
 from conceptcaps_pipeline.run_dir import read_manifest
 
 CONFIGS = ["default", "audio", "25pct", "25pct_audio", "10pct", "10pct_audio"]
@@ -153,7 +154,7 @@ def test_build_draws_one_progress_bar_and_restores_datasets_bars(audio_captions_
     assert datasets_logging.is_progress_bar_enabled()
     build_release(BuildArguments(run=str(run), audio=False))
     err = capsys.readouterr().err
-    assert "build: 100%" in err and "3/3" in err
+    assert "build: 100%" in err and "10/10" in err  # one bar over the rows of the one pass
     assert "Generating" not in err and "examples/s" not in err  # no bar of datasets' own under the build's
     assert datasets_logging.is_progress_bar_enabled()  # and datasets' bars are back afterwards
     datasets_logging.disable_progress_bar()
@@ -162,3 +163,33 @@ def test_build_draws_one_progress_bar_and_restores_datasets_bars(audio_captions_
         assert not datasets_logging.is_progress_bar_enabled()  # a caller's choice is kept
     finally:
         datasets_logging.enable_progress_bar()
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io: page-cache hits included)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_build_reads_the_audio_once(audio_captions_run, copy_run, tmp_path):
+    """Every config, split and subset from one pass with one plan: the data step of the build (plan, then write)
+    reads at most 1.2x the source audio's bytes (the builder-per-config build read them about ten times).
+    Synthetic 16-s clips at 32 kHz (written through the shard writer), so that the audio outweighs the captions
+    file as it does at any real size."""
+    from conceptcaps_pipeline.release.build import write_data
+    from conceptcaps_pipeline.release.plan import load_taxonomy, plan_run
+    from conceptcaps_pipeline.testing.synthetic_run import write_audio
+
+    run = copy_run(audio_captions_run)
+    audio_bytes = write_audio(run, seconds=16.0, batch=4)
+    args = BuildArguments(run=str(run), max_shard_size="500KB", rows_per_group=2)
+    taxonomy = load_taxonomy(run)
+    write_data(args, run, tmp_path / "warm", plan_run(run, taxonomy.tags, with_audio=True), taxonomy)  # imports
+    before = _rchar()
+    plan = plan_run(run, taxonomy.tags, with_audio=True)
+    infos = write_data(args, run, tmp_path / "release", plan, taxonomy)
+    read = _rchar() - before
+    print(f"build's data step read {read} bytes for {audio_bytes} bytes of audio shards ({read / audio_bytes:.2f}x)")
+    assert read <= 1.2 * audio_bytes
+    assert sorted(infos) == sorted(CONFIGS)
+    assert sum(s["num_examples"] for s in infos["audio"]["splits"]) == 10

@@ -4,10 +4,10 @@
     conceptcaps build --run runs/demo --repo_id my-org/conceptcaps --max_shard_size 500MB
     conceptcaps build --run runs/demo --audio false          # captions and labels only
 
-The rows come from the `datasets` builder in conceptcaps.py, the one place that reads a run:
-each config (`default`, `audio`, `25pct`, `25pct_audio`, `10pct`, `10pct_audio`) is prepared
-with `ConceptCaps(config_name=..., data_dir=RUN).download_and_prepare(file_format="parquet",
-max_shard_size=...)` and its shards are moved to
+The rows are the `datasets` builder's (conceptcaps.py: features, configs, `make_example`), planned
+once for every config (release/plan.py, release/splits.py) and written in one pass over the run's
+audio shards (release/write.py): each source shard is read once and each clip goes to every config
+(`default`, `audio`, `25pct`, `25pct_audio`, `10pct`, `10pct_audio`) and split that holds it, as
 `RUN/release/data/<config>/<split>-NNNNN-of-NNNNN.parquet`. Then concepts.json, taxonomy.json
 (with its source named by file name), LICENSE.md (which licence applies to which config, from the
 models the run recorded), figures (`RUN/release/figures/`), a few example clips
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -34,12 +33,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import atomic_dir, file_sha256, read_manifest, require, stage, write_manifest
+from conceptcaps_pipeline.run_dir import (
+    atomic_dir,
+    file_sha256,
+    read_manifest,
+    remove_leftovers,
+    require,
+    stage,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGE = "build"
 RELEASE = "release"
+BUILD_RECORD = ".build.json"  # the build manifest, published inside the release in the same swap as its files
 TEXT_CONFIGS = ("default", "25pct", "10pct")
 AUDIO_CONFIGS = ("audio", "25pct_audio", "10pct_audio")
 
@@ -79,49 +87,27 @@ def config_names(with_audio: bool) -> list[str]:
     return [name for pair in zip(TEXT_CONFIGS, AUDIO_CONFIGS) for name in pair]
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.parquet"
-
-
 def _data_key(args: BuildArguments, run: Path) -> dict:
     """What the Parquet shards depend on: a rebuild with the same key reuses them."""
     import conceptcaps
+    from conceptcaps_pipeline.release import plan, splits, write
 
     audio = hashlib.sha256()
     for shard in sorted((run / "audio").glob("shard-r*-*.parquet")):
         audio.update(f"{shard.name}:{shard.stat().st_size}".encode())
-    builder_code = Path(conceptcaps.__file__)
+    # The code that decides the rows: the builder's features and rows, the plan, the splits, the writer.
+    code = hashlib.sha256()
+    for module in (conceptcaps, plan, splits, write):
+        code.update(file_sha256(Path(module.__file__)).encode())
     return {
         "captions": file_sha256(run / "captions.parquet"),
         "taxonomy": file_sha256(run / "taxonomy.json"),
         "audio_shards": audio.hexdigest() if args.audio else None,
-        "builder": file_sha256(builder_code),
+        "builder": code.hexdigest(),
         "audio": args.audio,
         "max_shard_size": args.max_shard_size,
         "rows_per_group": args.rows_per_group,
     }
-
-
-def _prepare_config(name: str, run: Path, data_dir: Path, work: Path, args: BuildArguments):
-    """Prepare one config with the builder as Parquet; move its shards to data_dir/<name>/. Returns its DatasetInfo."""
-    from conceptcaps import ConceptCaps
-
-    # Why writer_batch_size: the builder checks the shard size only after each written batch,
-    # so the batch (= the Parquet row group) bounds how far a shard can exceed max_shard_size.
-    builder = ConceptCaps(config_name=name, data_dir=str(run), cache_dir=str(work / "cache"),
-                          writer_batch_size=args.rows_per_group)
-    prepared = work / name
-    builder.download_and_prepare(output_dir=str(prepared), file_format="parquet", max_shard_size=args.max_shard_size)
-    target = data_dir / name
-    target.mkdir(parents=True)
-    for split, info in builder.info.splits.items():
-        # The builder names shards <name>-<split>[-NNNNN-of-NNNNN].parquet; one name scheme here.
-        found = sorted(prepared.glob(f"{builder.dataset_name}-{split}*.parquet"))
-        for index, path in enumerate(found):
-            shutil.move(path, target / shard_name(split, index, len(found)))
-        if not found:
-            raise ConceptCapsError(f"config {name}: the builder wrote no shard for split {split} ({info.num_examples} rows).")
-    return builder.info
 
 
 @contextmanager
@@ -139,18 +125,40 @@ def quiet_datasets_progress():
             datasets_logging.enable_progress_bar()
 
 
-def write_data(args: BuildArguments, run: Path, release: Path) -> dict:
-    """Write release/data/ with every config, atomically; returns {config: DatasetInfo as YAML dict}."""
-    from tqdm.auto import tqdm
+def write_data(args: BuildArguments, run: Path, release: Path, plan, taxonomy) -> dict:
+    """Write release/data/ with every config (`release` is the staged, not yet published folder) in one pass over
+    the audio (release/write.py); returns {config: DatasetInfo as YAML dict}."""
+    from conceptcaps_pipeline.release.write import write_configs
 
-    infos = {}
-    release.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(release / "data") as data_dir, tempfile.TemporaryDirectory(prefix=".build-", dir=run) as work, \
-            quiet_datasets_progress():
-        for name in tqdm(config_names(args.audio), desc="build", unit="config"):
-            info = _prepare_config(name, run, data_dir, Path(work), args)
-            infos[name] = info._to_yaml_dict()
-    return infos
+    configs = config_names(args.audio)
+    licences = {}
+    if args.audio:
+        from conceptcaps_pipeline.dataset_card.licence import release_licence
+
+        # The clips carry the terms of the weights that made them (MusicGen: CC BY-NC 4.0).
+        licence = release_licence(run, configs)
+        licences = {name: licence.configs[name].text for name in configs if name in AUDIO_CONFIGS}
+    with quiet_datasets_progress():
+        infos = write_configs(plan, configs, taxonomy, release / "data", max_shard_size=args.max_shard_size,
+                              rows_per_group=args.rows_per_group, run=run, licences=licences)
+    return {name: info._to_yaml_dict() for name, info in infos.items()}
+
+
+def link_data(old: Path, new: Path) -> None:
+    """Reuse the shards of the published release in the staged one: hard links (no copy), copies where the file
+    system has none."""
+    import os
+
+    for path in sorted(old.rglob("*")):
+        target = new / path.relative_to(old)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
 
 
 def release_files(release: str | Path) -> list[Path]:
@@ -168,7 +176,7 @@ def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[st
     sets per split (of the default config)."""
     import pyarrow.parquet as pq
 
-    from conceptcaps import SPLITS
+    from conceptcaps_pipeline.release.splits import SPLITS
 
     rows = {c: {s: 0 for s in SPLITS} for c in configs}
     files = {c: {s: [] for s in SPLITS} for c in configs}
@@ -210,11 +218,9 @@ def check_arguments(args: BuildArguments) -> None:
 @stage(STAGE, check=check_arguments)
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
-    from conceptcaps import SPLITS, SUBSETS, load_taxonomy, plan_run, subset_min_positives
-    from conceptcaps_pipeline.dataset_card.card import public_taxonomy, stage_command, write_card
+    from conceptcaps_pipeline.run_dir import write_json
 
-    from conceptcaps_pipeline.release.concepts import CONCEPTS_FILE, concepts_document
-    from conceptcaps_pipeline.run_dir import remove_leftovers, write_json
+    from conceptcaps_pipeline.release.plan import load_taxonomy, plan_run
 
     started = time.time()
     run = Path(args.run)
@@ -223,27 +229,56 @@ def build_release(args: BuildArguments) -> dict:
     if args.audio:
         require(run, "audio")
     release = run / RELEASE
-    # What an interrupted build left: its work folder, and half-written release files.
+    # What an interrupted build left: its work folder, and an unpublished or replaced release.
     for leftover in run.glob(".build-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    if release.is_dir():
-        remove_leftovers(release, ["data", "README.md", "concepts.json", "taxonomy.json", "LICENSE.md", "figures",
-                                   "examples"])
+    remove_leftovers(run, [RELEASE])
     configs = config_names(args.audio)
     # Check the whole run (captions, tags, one clip per caption) before writing anything.
     taxonomy = load_taxonomy(run)
-    assignment = plan_run(run, taxonomy.tags, with_audio=args.audio, check_headers=args.audio).assignment
+    # Planned once for every config; the FLAC headers are checked in the one pass that writes the shards.
+    plan = plan_run(run, taxonomy.tags, with_audio=args.audio)
+    assignment = plan.assignment
 
-    # 1. The Parquet shards, unless an identical build already wrote them.
+    # 1. The Parquet shards, unless an identical build already wrote them (checked file by file against the
+    #    record the build published with them). Everything is written into a staged copy of the release
+    #    that replaces the old one in one swap: shards, card, LICENSE, concepts.json and the build record.
     key = _data_key(args, run)
     previous = read_manifest(run, STAGE) or {}
-    up_to_date = (previous.get("data_key") == key and (release / "data").is_dir()
-                  and all((release / "data" / c).is_dir() for c in configs))
-    if up_to_date and not args.force:
-        logger.info("build: the Parquet shards in %s are up to date; re-rendering the card (--force rewrites them)", release)
-        infos = previous["dataset_info"]
-    else:
-        infos = write_data(args, run, release)
+    reuse = False
+    if previous.get("data_key") == key and not args.force:
+        problems = verify_release(release, configs, data_only=True)
+        reuse = not problems
+        if problems:
+            logger.warning("build: rewriting the Parquet shards: %s", "; ".join(problems[:3]))
+    with atomic_dir(release) as staged:
+        if reuse:
+            logger.info("build: the Parquet shards in %s are up to date; re-rendering the card (--force rewrites them)",
+                        release)
+            link_data(release / "data", staged / "data")
+            infos = previous["dataset_info"]
+        else:
+            infos = write_data(args, run, staged, plan, taxonomy)
+        manifest = _describe(args, run, staged, configs, infos, assignment, taxonomy, key, started)
+        write_json(staged / BUILD_RECORD, manifest)
+    return write_manifest(run, STAGE, manifest["arguments"], inputs=_inputs(run), counts=manifest["counts"],
+                          started=started, extra={k: v for k, v in manifest.items() if k in _EXTRA}, outputs=[])
+
+
+_EXTRA = ("data_key", "dataset_info", "card", "release_files", "release_record", "license", "tiny_models")
+
+
+def _inputs(run: Path) -> dict:
+    return {"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json"}
+
+
+def _describe(args, run, release, configs, infos, assignment, taxonomy, key, started) -> dict:
+    """Figures, card, concepts.json and taxonomy.json into the staged `release`; returns the build manifest."""
+    from conceptcaps_pipeline.dataset_card.card import public_taxonomy, stage_command, write_card
+    from conceptcaps_pipeline.release.concepts import CONCEPTS_FILE, concepts_document
+    from conceptcaps_pipeline.run_dir import file_record, make_manifest, write_json
+
+    from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, subset_min_positives
 
     # 2. Statistics from the written release, then figures and the card.
     if assignment.unsatisfiable:
@@ -262,10 +297,9 @@ def build_release(args: BuildArguments) -> dict:
     stats["concepts"] = concepts
     from conceptcaps import VERSION
 
-    card = write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id, revision=args.revision,
-                      build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}, run),
-                      code_url=args.code_url, card_authors=args.card_authors, contact=args.contact,
-                      version=str(VERSION))
+    write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id, revision=args.revision,
+               build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}, run),
+               code_url=args.code_url, card_authors=args.card_authors, contact=args.contact, version=str(VERSION))
 
     from conceptcaps_pipeline.dataset_card.licence import release_licence
 
@@ -280,9 +314,39 @@ def build_release(args: BuildArguments) -> dict:
     }
     logger.info("build: %s written (%d files, %.1f MB): %s", release, counts["files"], counts["bytes"] / 1e6,
                 {c: stats["rows"][c] for c in ("default",)})
-    return write_manifest(
-        run, STAGE, asdict(args), inputs={"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json"},
-        counts=counts, started=started,
-        extra={"data_key": key, "dataset_info": infos, "card": str(card), "release_files": [str(f) for f in files],
-               "license": licence.yaml, "tiny_models": licence.tiny_models},
+    return make_manifest(
+        run, STAGE, asdict(args), inputs=_inputs(run), counts=counts, started=started, outputs=[],
+        extra={"data_key": key, "dataset_info": infos, "card": f"RUN/{RELEASE}/README.md",
+               "release_files": [str(f) for f in files], "license": licence.yaml, "tiny_models": licence.tiny_models,
+               # The commit record of the release: every file's size, sha256 and row count (push checks it).
+               "release_record": file_record([release / f for f in files], release, prefix="")},
     )
+
+
+def verify_release(release: Path, configs: list[str] | None = None, *, data_only: bool = False) -> list[str]:
+    """What differs between `release` and the build record published in it (missing, extra or changed files);
+    one phrase per file, empty when it is the complete release a build wrote."""
+    from conceptcaps_pipeline.run_dir import check_record
+
+    path = release / BUILD_RECORD
+    if not release.is_dir():
+        return [f"{release} is missing"]
+    if not path.is_file():
+        return [f"{path} is missing (a release from before build records, or an interrupted build)"]
+    try:
+        import json
+
+        record = json.loads(path.read_text(encoding="utf-8"))["release_record"]
+        assert isinstance(record, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        return [f"{path} is not a build record"]
+    if data_only:
+        record = {k: v for k, v in record.items() if k.startswith("data/")}
+        folders = ["data"]
+    else:
+        folders = ["."]
+    problems = check_record(record, release, prefix="", folders=folders)
+    if configs is not None:
+        missing = [c for c in configs if not any(k.startswith(f"data/{c}/") for k in record)]
+        problems += [f"config {c} has no shard" for c in missing]
+    return problems

@@ -188,13 +188,15 @@ def sample_sets(
     temperature: float = 1.0,
     fixed: dict[int, float] | None = None,
     sizes=None,
+    chunk_size: int = 4096,
     **rule,
 ) -> list[list[str]]:
     """Draw n tag sets. With `require`, z comes from q(z | x_seed), x_seed = the required
     tags (the paper's conditional sampling); otherwise from the prior N(0, I). `fixed`
     ({dimension: value}) pins latent dimensions, e.g. regularised ones (generation/vae/lsr.py).
     With `sizes` (a conceptcaps_pipeline.vae.sizes.SetSizes), each set gets per-category sizes drawn
-    from the data (after z, from the same seeded generator); otherwise the threshold rule."""
+    from the data (after z, from the same seeded generator); otherwise the threshold rule. Sets are
+    decoded `chunk_size` at a time: memory is bounded by the chunk, not by n."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn((n, model.latent_dim), generator=generator) * temperature
@@ -205,9 +207,14 @@ def sample_sets(
         z = eps
     for dim, value in (fixed or {}).items():
         z[:, dim] = value
-    probabilities = torch.sigmoid(model.decode(z))
     drawn = None if sizes is None else sizes.draw(n, generator, require=list(require), taxonomy=taxonomy)
-    return decode_sets(
-        probabilities, model.tags, model.categories, taxonomy, require=list(require), exclude=list(exclude),
-        sizes=drawn, **rule
-    )
+    # Why chunks: the decoded probabilities are n x tags floats (~9 KB a set: 2.4 GB at 243k sets); z and
+    # the sizes are drawn for all n first, so the sets are the same whatever the chunk.
+    sets = []
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        sets += decode_sets(
+            torch.sigmoid(model.decode(z[start:stop])), model.tags, model.categories, taxonomy,
+            require=list(require), exclude=list(exclude), sizes=None if drawn is None else drawn[start:stop], **rule
+        )
+    return sets
