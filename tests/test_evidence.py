@@ -377,6 +377,22 @@ def test_tiny_clap_end_to_end(audio_run, copy_run, tmp_path_factory, captions):
     tag = table[0]["labels"][0]
     assert positives_with_evidence(run, tag, 0.0).kept >= 1
 
+    # Two processes under `accelerate launch` (each embeds half) give the same evidence as one.
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "-m", "conceptcaps_pipeline.cli",
+               "audio", "score", "--run", str(run), "--model", str(model), "--batch_size", "4", "--n_bootstrap", "50",
+               "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    shared = pq.read_table(run / "audio_evidence" / "evidence.parquet").to_pylist()
+    assert [r["id"] for r in shared] == ids and [r["evidence"] for r in shared] == [r["evidence"] for r in table]
+    np.testing.assert_allclose([s for r in shared for s in r["similarity"]],
+                               [s for r in table for s in r["similarity"]], atol=1e-6)
+    assert sorted(_embedded_ids(run)) == sorted(ids)  # each clip embedded once, by one of the two
+
     # The release carries it: per-concept agreement in concepts.json, the figure in the card.
     from conceptcaps_pipeline.release.build import BuildArguments, build_release
 

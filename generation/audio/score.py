@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -246,12 +247,41 @@ def check_arguments(args: ScoreArguments) -> None:
 
 
 # -- the stage ----------------------------------------------------------------------------------
-@stage(STAGE, check=check_arguments)
-def score_audio(args: ScoreArguments, scorer=None) -> dict:
+class _OneProcess:
+    """What the stage needs of accelerate's PartialState, for a run without a launcher."""
+
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _processes(args: ScoreArguments) -> dict:
+    """The processes' state: accelerate's PartialState under a launcher (`accelerate launch`, torchrun), else one.
+
+    Why not always PartialState: a plain run then leaves no process group behind in the caller's process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {"state": _OneProcess()}
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import is_mps_available, is_xpu_available, parse_flag_from_env
+
+    # Why cpu=: without an accelerator PartialState joins the process group (gloo) only when told
+    # to run on CPU; otherwise every process would think it is alone (as in audio generate).
+    no_accelerator = not (torch.cuda.is_available() or is_xpu_available() or is_mps_available())
+    return {"state": PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)}
+
+
+@stage(STAGE, check=check_arguments, prepare=_processes,
+       lock=lambda args, state: STAGE if state.is_main_process else None)
+def score_audio(args: ScoreArguments, scorer=None, state=None) -> dict:
     """Embed the clips that lack an embedding, then score every clip against every tag; returns the manifest.
 
     `scorer` replaces the CLAP model (an object like `ClapScorer`); by default `args.model` is loaded.
-    Runs holding RUN/.locks/audio_score.lock (`@stage`).
+    The main process holds RUN/.locks/audio_score.lock (`@stage`). Under `accelerate launch` the
+    clips to embed are split between the processes (each writes its own embedding files), then the
+    main process scores; the others return an empty dict.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -289,22 +319,29 @@ def score_audio(args: ScoreArguments, scorer=None) -> dict:
     inputs = {"captions": captions_path, "taxonomy": taxonomy_path}
     previous = None if args.force else finished(run, STAGE, args, inputs, outputs)
     if previous is not None and previous.get("clips_sha256") == clips_digest:
-        logger.info("audio score: up to date (%d clips, %s); --force redoes it", len(ids), model)
-        return previous
+        if state.is_main_process:
+            logger.info("audio score: up to date (%d clips, %s); --force redoes it", len(ids), model)
+        state.wait_for_everyone()
+        return previous if state.is_main_process else {}
 
-    # 1. Audio embeddings of the clips that lack one (this model, this clip).
+    # 1. Audio embeddings of the clips that lack one (this model, this clip), split between the processes.
     if scorer is None:
-        scorer = ClapScorer(args.model, args.device, args.batch_size)
-    if args.force:
+        device = args.device or (str(state.device) if state.num_processes > 1 else None)
+        scorer = ClapScorer(args.model, device, args.batch_size)
+    if args.force and state.is_main_process:
         aside = set_aside(run, STAGE, [folder])
         if aside:
             logger.info("audio score: --force: the old evidence is set aside in %s until the new one is written",
                         aside)
+    state.wait_for_everyone()  # why: no process reads or writes embeddings before --force has set the old aside
     wanted = {i: keys[i] for i in ids}
     done = read_audio_embeddings(run, model, wanted)
-    todo = set(wanted) - set(done)
-    logger.info("audio score: %d of %d clips already embedded with %s; %d to embed", len(done), len(ids), model,
-                len(todo))
+    missing_ids = [i for i in ids if i not in done]
+    # Every process takes every num_processes-th clip: the same split on every process, no communication.
+    todo = set(missing_ids[state.process_index :: state.num_processes])
+    if state.is_main_process:
+        logger.info("audio score: %d of %d clips already embedded with %s; %d to embed on %d process(es)", len(done),
+                    len(ids), model, len(missing_ids), state.num_processes)
     embedded_now = 0
     if todo:
         (folder / "embeddings").mkdir(parents=True, exist_ok=True)
@@ -335,7 +372,15 @@ def score_audio(args: ScoreArguments, scorer=None) -> dict:
         if pending:
             flush(pending)
         progress.close()
-        done = read_audio_embeddings(run, model, wanted)
+    state.wait_for_everyone()  # every process's embeddings are written
+    if not state.is_main_process:
+        return {}
+    embedded_now = len(missing_ids)
+    done = read_audio_embeddings(run, model, wanted)
+    absent = [i for i in ids if i not in done]
+    if absent:  # a process failed without raising here: refuse to score a partial run
+        raise ConceptCapsError(f"{len(absent)} clip(s) have no embedding after this run (first: {absent[0]}): re-run "
+                               f"the same command to embed them.")
 
     # 2. Text embeddings, once per tag, from the prompt ensemble.
     tags = [(tag, category) for category, members in taxonomy.categories.items() for tag in members]
