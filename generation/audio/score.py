@@ -3,6 +3,8 @@ r"""Score every clip of RUN/audio/ against every taxonomy tag with a CLAP model:
     conceptcaps audio score --run runs/demo                                   # laion/larger_clap_music
     conceptcaps audio score --run runs/demo --model /models/larger_clap_music --batch_size 16
     conceptcaps audio score --run runs/demo --force                           # redo every embedding
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m conceptcaps_pipeline.cli \
+        audio score --run runs/demo                                           # every GPU of a node
 
 A clip's labels are the tags it was *asked* for (RUN/captions.parquet); nothing else checks that
 the audio carries them. This stage asks a CLAP model, zero-shot:
