@@ -205,6 +205,12 @@ def test_positives_with_evidence(planted):
     assert positives_with_evidence(evidence, "piano", 0.9, ids=some).ids == piano[:2]
     with pytest.raises(ConceptCapsError, match="min_evidence"):
         positives_with_evidence(evidence, "piano", 1.5)
+    from conceptcaps_pipeline.release.evidence import extreme_clips
+
+    ends = extreme_clips(evidence, "happy", n=2)
+    values = sorted(e["happy"] for e in evidence.values() if "happy" in e)
+    assert [v for _, v in ends["highest"]] == values[::-1][:2] and [v for _, v in ends["lowest"]] == values[:2]
+    assert all("happy" in evidence[i] for i, _ in ends["highest"] + ends["lowest"])
 
 
 def test_card_figure(planted, tmp_path):

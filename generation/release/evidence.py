@@ -261,3 +261,13 @@ def concepts_evidence(run: str | Path) -> dict | None:
                                                        "rest of the run; top-k share of labelled clips (docs/evidence.md)",
             "prompts": (manifest.get("arguments") or {}).get("prompts"), "settings": found.get("settings", {}),
             "concepts": {tag: {k: entry.get(k) for k in keys} for tag, entry in found.get("concepts", {}).items()}}
+
+
+def extreme_clips(run_or_evidence, tag: str, n: int = 3) -> dict[str, list[tuple[str, float]]]:
+    """The `n` positives of `tag` with the highest and the lowest evidence, as (id, evidence): the clips to
+    listen to before trusting a concept (the explorer's "hear the best and worst" list). Ties: run order."""
+    evidence = run_or_evidence if isinstance(run_or_evidence, dict) else evidence_by_label(run_or_evidence)
+    scored = [(clip, float(labels[tag])) for clip, labels in evidence.items()
+              if tag in labels and labels[tag] is not None and not np.isnan(labels[tag])]
+    ranked = sorted(scored, key=lambda pair: -pair[1])  # stable: equal evidence keeps the run's order
+    return {"highest": ranked[:n], "lowest": sorted(scored, key=lambda pair: pair[1])[:n]}
