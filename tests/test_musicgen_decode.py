@@ -213,3 +213,28 @@ def test_bf16_static_logits_match_generate(tiny_musicgen):
     assert len(out.scores) == BF16_STEPS
     print(f"bf16: max |static - generate| / std over {BF16_STEPS} steps: {worst:.4f}")
     assert worst < BF16_TOLERANCE, worst
+
+
+def test_more_buckets_than_dynamos_default_limit_stay_compiled(tiny):
+    """A clip of 9 buckets (dynamo keeps 8 compiled versions of a function by default; a 30 s clip has 12 buckets of
+    128): every bucket compiles, and the next clip adds no graph. Buckets of 8 positions keep it quick."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    model, processor = tiny
+    torch._dynamo.reset()
+    backend = CompileCounter()
+    decoder = StaticMusicgenDecoder(model, compile_step=True, compile_backend=backend, bucket=8)
+    steps = 8 * 8 + 3
+    decoder.warm_up(batch_size=1, max_new_tokens=steps, guidance_scale=1.0, top_k=0)
+    assert backend.frame_count == decoder.graphs_for(steps) == 9
+    inputs = processor(text=PROMPTS[:1], return_tensors="pt")
+    torch.manual_seed(0)
+    codes = decoder.generate_codes(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=steps,
+                                   guidance_scale=1.0, top_k=0)
+    assert backend.frame_count == 9
+    padded = processor(text=PROMPTS[:1], padding="max_length", max_length=128, return_tensors="pt")
+    torch.manual_seed(0)
+    eager = StaticMusicgenDecoder(model, bucket=8).generate_codes(padded["input_ids"], padded["attention_mask"],
+                                                                  max_new_tokens=steps, guidance_scale=1.0, top_k=0)
+    assert torch.equal(codes, eager)

@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 logger = logging.getLogger(__name__)
 
 BUCKET = 128  # cache positions per attention length bucket: one compiled graph per bucket
+MAX_GRAPHS = 64  # compiled versions of the step dynamo may keep: the buckets of a clip of up to 8,192 steps (160 s)
 TEXT_TOKENS = 128  # text positions the compiled step's cross-attention holds; longer prompts grow it by 128
 
 
@@ -110,7 +111,7 @@ class StaticMusicgenDecoder:
     """
 
     def __init__(self, model, compile_step: bool | None = None, compile_backend="inductor",
-                 compile_mode: str | None = None, text_tokens: int = TEXT_TOKENS):
+                 compile_mode: str | None = None, text_tokens: int = TEXT_TOKENS, bucket: int = BUCKET):
         self.model = model
         self.decoder = model.decoder.model.decoder  # MusicgenDecoder: embeddings, layers, norm
         self.heads = model.decoder.lm_heads
@@ -121,9 +122,15 @@ class StaticMusicgenDecoder:
         self.device = next(model.parameters()).device
         self.compile_step = self.device.type == "cuda" if compile_step is None else compile_step
         self.text_tokens = text_tokens
+        self.bucket = bucket  # positions per attention bucket (tests use fewer to reach many buckets quickly)
         self.slot: DecodeSlot | None = None
         self.slots_made = 0  # how many times buffers were allocated (each new shape compiles again)
         if self.compile_step:
+            import torch._dynamo
+
+            # Why: one graph per attention bucket (12 for a 30 s clip, more for longer ones) exceeds dynamo's default
+            # of 8 compiled versions per function; past it the step would silently run uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
             if compile_mode is None and compile_backend == "inductor" and self.device.type == "cuda":
                 compile_mode = "reduce-overhead"  # CUDA graphs
             self._step = torch.compile(self._decode_step, backend=compile_backend, mode=compile_mode, dynamic=False)
@@ -135,15 +142,15 @@ class StaticMusicgenDecoder:
         """The slot that holds this batch: the current one if it is large enough, else a new one (old one freed)."""
         slot = self.slot
         if self.compile_step:  # fixed shapes: pad the batch and the text up to the slot's
-            text = max(round_up(text, BUCKET), self.text_tokens)
+            text = max(round_up(text, TEXT_TOKENS), self.text_tokens)
             if slot is not None and slot.guidance == guidance and batch <= slot.batch and length <= slot.capacity \
                     and text <= slot.text_tokens:
                 return slot
             batch = max(batch, slot.batch if slot is not None else 0)
-            capacity = round_up(max(length, slot.capacity if slot is not None else 0), BUCKET)
+            capacity = round_up(max(length, slot.capacity if slot is not None else 0), self.bucket)
             text = max(text, slot.text_tokens if slot is not None else 0)
         else:  # exact shapes: the eager loop has no graph to keep
-            capacity = round_up(length, BUCKET)
+            capacity = round_up(length, self.bucket)
             if slot is not None and (slot.guidance, slot.batch, slot.text_tokens) == (guidance, batch, text) \
                     and slot.capacity == capacity:
                 return slot
@@ -277,7 +284,7 @@ class StaticMusicgenDecoder:
     def step_scores(self, slot: DecodeSlot, step: int, guidance_scale: float, temperature: float = 1.0,
                     top_k: int = 250) -> torch.Tensor:
         """Scores of step `step` (the slot's position must be `step`); sets the attention bucket first."""
-        visible = min(slot.capacity, (step // BUCKET + 1) * BUCKET)
+        visible = min(slot.capacity, (step // self.bucket + 1) * self.bucket)
         for layer in slot.self_layers:
             layer.visible = visible
         return self._step(slot.tokens, slot.pattern, slot.position, slot.causal, slot.cross, slot.states, slot.cache,
@@ -300,7 +307,7 @@ class StaticMusicgenDecoder:
 
     def graphs_for(self, max_new_tokens: int) -> int:
         """Compiled graphs a clip of `max_new_tokens` steps needs: its attention buckets."""
-        return -(-max_new_tokens // BUCKET)
+        return -(-max_new_tokens // self.bucket)
 
     @torch.inference_mode()
     def warm_up(self, batch_size: int, max_new_tokens: int, guidance_scale: float = 3.0, top_k: int = 250,
