@@ -56,7 +56,6 @@ def share(hits: int, total: int) -> str:
 
 def calibration(args) -> None:
     import numpy as np
-
     from conceptcaps_pipeline.tcav import TcavSettings, run
     from conceptcaps_pipeline.testing.tcav_world import ToneClassifier, tone_rows
 
@@ -107,10 +106,16 @@ def scaling_one(count: int, clip_seconds: float, batch_size: int) -> dict:
     import resource
 
     import torch
-
     from conceptcaps_pipeline.release.concepts import load_release
-    from conceptcaps_pipeline.tcav.model import ActivationCache, Classifier, DatasetClips, Probes, activations, \
-        default_preprocess, output_module
+    from conceptcaps_pipeline.tcav.model import (
+        ActivationCache,
+        Classifier,
+        DatasetClips,
+        Probes,
+        activations,
+        default_preprocess,
+        output_module,
+    )
     from conceptcaps_pipeline.testing.tcav_world import RATE, ToneClassifier, tone_rows, write_release
 
     torch.set_num_threads(1)
@@ -124,7 +129,7 @@ def scaling_one(count: int, clip_seconds: float, batch_size: int) -> dict:
         probes = Probes(model, ["conv"])
         probes.pool_dims = {"conv": (2,)}
         started = time.time()
-        acts, _, forwarded, _ = activations(scorer, probes, default_preprocess, DatasetClips(dataset), range(count),
+        _, _, forwarded, _ = activations(scorer, probes, default_preprocess, DatasetClips(dataset), range(count),
                                             rate=RATE, length=round(clip_seconds * RATE), batch_size=batch_size,
                                             cache=ActivationCache(None, "none"), device=torch.device("cpu"))
         elapsed = time.time() - started

@@ -109,11 +109,13 @@ def markdown(document: dict) -> str:
                      f"concept's CAV scores against the random concepts' CAV scores (the TCAV paper's test; "
                      f"anti-conservative with few positives)")
     primary = family.get("primary", "all")
+    dims = s.get("pool_dims") or {}
+    layer_text = ", ".join(f"`{x}` (axes {dims.get(x)})" for x in s["layers"])
     lines = [
         "# TCAV report",
         "",
-        (f"Model `{s['model']}`; layers {', '.join(f'`{x}`' for x in s['layers'])} (averaged over axes "
-         f"{s.get('pool_dims')}, the time axis); {where}; clips cut or padded to {s.get('max_duration')} s."),
+        (f"Model `{s['model']}`; layers {layer_text} (the time axis averaged); {where}; clips cut or padded to "
+         f"{s.get('max_duration')} s."),
         "",
         f"Each concept: {s['n_cavs']} CAVs, each trained on a fresh subset of {s['n']} clips holding it against a "
         f"fresh random set of {s['n']} clips without it. The null: {s['n_random']} random concepts per concept "
@@ -127,7 +129,10 @@ def markdown(document: dict) -> str:
         f"single CAV's held-out accuracy takes few values, so a fixed bar alone means little); a concept that is "
         f"not separable is not tested.",
         "",
-        f"**{document['significant']} of {document['tests']} results are significant.**",
+        (f"**{document['significant']} of {document['tests']} results are significant.**" if primary == "all" else
+         f"**{sum(r['significant'] for r in results if r.get('family') == 'primary')} of {family['tests']} primary "
+         f"results are significant** ({sum(r['significant'] for r in results if r.get('family') != 'primary')} of "
+         f"{document['tests'] - family['tests']} exploratory ones)."),
         "",
     ]
     shared = document.get("shared_inputs") or {}
