@@ -44,7 +44,8 @@ def train_tokenizer(texts: list[str], kind: str = "roberta", vocab_size: int = 1
     # Start from the empty tokenizer of the family so that the special tokens, normalizer
     # and post-processor are the family's own; only the vocabulary is learned here.
     base = RobertaTokenizer() if kind == "roberta" else BertTokenizer()
-    tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size)
+    # show_progress=False: the Rust trainer's bar is drawn with terminal escapes that leave blank lines in a log.
+    tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size, show_progress=False)
     tokenizer.model_max_length = model_max_length
     return tokenizer
 
