@@ -344,7 +344,8 @@ def dies_at_step_k(function):
 
 for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
     setattr(module, name, dies_at_step_k(getattr(module, name)))
-build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2))
+# Text configs only: the same publication steps as with audio, in a fifth of the time.
+build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2, audio=False))
 print("built after", steps, "steps")
 '''
 
@@ -391,6 +392,6 @@ def test_a_build_killed_at_any_step_leaves_a_whole_release_and_push_takes_only_a
     else:
         pytest.fail("build did not finish within 19 steps")
     assert seen[("5KB", True)] >= 1 and seen[("1MB", True)] >= 1, seen
-    build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2))  # the next command
+    build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2, audio=False))  # the next command
     assert verify_release(run / "release") == [] and push_release(push)["dry_run"]
     assert not [p.name for p in run.iterdir() if p.name.startswith((".release.", ".build-"))]
