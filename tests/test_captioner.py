@@ -83,7 +83,11 @@ def test_train_captioner_writes_adapter_and_summary(captioner_run, tiny_llm):
     assert summary["eval"]["eval_loss"] > 0 and summary["train"]["train_loss"] > 0
     manifest = json.loads((captioner_run / "manifests" / "captioner_train.json").read_text())
     assert manifest["arguments"]["model"]["lora_r"] == 32
-    assert manifest["arguments"]["sft"]["output_dir"] == str(out)
+    # Recorded as the run-relative RUN/captioner (a moved run still resolves it) or, before that, as a full path.
+    from conceptcaps_pipeline.run_dir import from_run_relative
+
+    recorded = manifest["arguments"]["sft"]["output_dir"]
+    assert Path(from_run_relative(recorded, captioner_run)).resolve() == out.resolve()
 
 
 def test_rerun_is_skipped_when_up_to_date(captioner_run, tiny_llm):
