@@ -395,3 +395,36 @@ def test_a_build_killed_at_any_step_leaves_a_whole_release_and_push_takes_only_a
     build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2, audio=False))  # the next command
     assert verify_release(run / "release") == [] and push_release(push)["dry_run"]
     assert not [p.name for p in run.iterdir() if p.name.startswith((".release.", ".build-"))]
+
+
+# 11. "Up to date" means verified, and upstream changes propagate ------------------------------------------
+def test_up_to_date_means_the_files_match_their_record_and_stale_inputs_are_refused(tmp_path):
+    """A stage is up to date only while its outputs match the sizes and hashes its manifest recorded; an input
+    that an earlier stage made from inputs that changed since is refused with the command that remakes it."""
+    from conceptcaps_pipeline.run_dir import finished, write_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "n": [1, 2]}), run / "attributes.parquet")
+    made_from = {"attributes": run / "attributes.parquet"}
+    # `captions generate` makes captions.parquet from attributes.parquet ...
+    assert finished(run, "captions_generate", {"seed": 0}, made_from, [run / "captions.parquet"]) is None
+    pq.write_table(pa.table({"id": ["a", "b"], "caption": ["x", "y"]}), run / "captions.parquet")
+    manifest = write_manifest(run, "captions_generate", {"seed": 0}, inputs=made_from, started=time.time())
+    assert manifest["outputs"]["RUN/captions.parquet"]["rows"] == 2 and manifest["input_files"] == {
+        "attributes": "RUN/attributes.parquet"}
+    # ... and a consumer makes out.json from captions.parquet.
+    consumer = ("build_like", {"k": 1}, {"captions": run / "captions.parquet"}, [run / "out.json"])
+    assert finished(run, *consumer) is None
+    (run / "out.json").write_text("made")
+    write_manifest(run, "build_like", {"k": 1}, inputs=consumer[2], started=time.time())
+    assert finished(run, *consumer) is not None  # up to date: the files are what was recorded
+    (run / "out.json").write_text("edit")  # same size, other bytes
+    assert finished(run, *consumer) is None
+    (run / "out.json").write_text("made")
+    assert finished(run, *consumer) is not None
+    # attributes.parquet is sampled again, captions are not remade: the consumer refuses, never "up to date".
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3]}), run / "attributes.parquet")
+    with pytest.raises(ConceptCapsError, match=r"RUN/captions.parquet was made by `captions generate` from an older "
+                                               r"RUN/attributes.parquet .*`conceptcaps captions generate --run .* --force`"):
+        finished(run, *consumer)

@@ -35,6 +35,7 @@ from pathlib import Path
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import (
     atomic_dir,
+    check_upstream,
     file_sha256,
     read_manifest,
     remove_leftovers,
@@ -229,6 +230,8 @@ def build_release(args: BuildArguments) -> dict:
     if args.audio:
         require(run, "audio")
     release = run / RELEASE
+    # Captions made from attributes that changed since (vae sample --force after them) are refused, never built.
+    check_upstream(run, _inputs(run))
     # What an interrupted build left: its work folder, and an unpublished or replaced release.
     for leftover in run.glob(".build-*"):
         shutil.rmtree(leftover, ignore_errors=True)

@@ -34,6 +34,21 @@ from conceptcaps_pipeline.taxonomy import CATEGORIES
 CONCEPTS_FILE = "concepts.json"
 
 
+def check_built_release(path: Path) -> None:
+    """A release folder that `conceptcaps build` wrote (it holds the build record) must still be what the build
+    wrote: a missing, extra or changed file is refused before any set is drawn from it. Folders without a record
+    (a downloaded snapshot) are read as they are."""
+    from conceptcaps_pipeline.release.build import BUILD_RECORD, verify_release
+
+    if not (path / BUILD_RECORD).is_file():
+        return
+    problems = verify_release(path)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConceptCapsError(f"{path} is not the release its build wrote: {'; '.join(problems[:3])}{more}: rebuild it "
+                               f"with `conceptcaps build --run {path.parent} --force`.")
+
+
 def load_release(source: str | Path, config: str = "default", split: str | None = None, revision: str | None = None,
                  **kwargs):
     """`datasets.load_dataset(source, config, split=...)` that never serves another folder's data.
@@ -49,6 +64,7 @@ def load_release(source: str | Path, config: str = "default", split: str | None 
 
     path = Path(source).expanduser()
     if path.is_dir():
+        check_built_release(path)
         digest = hashlib.sha256(str(path.resolve()).encode())
         for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             stat = file.stat()
