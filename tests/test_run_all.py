@@ -53,6 +53,10 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     assert (run / "tcav" / "tcav.png").exists() and "RUN/models/classifier" in (run / "tcav" / "report.md").read_text()
     # The explorer page was written last, over the release and the VAE.
     assert (run / "explorer" / "index.html").is_file() and any((run / "explorer" / "audio").glob("*.flac"))
+    # Concept evidence (audio score; a tiny CLAP, so noise): per-concept agreement in concepts.json, a card figure.
+    concepts = json.loads((run / "release" / "concepts.json").read_text())
+    assert set(concepts["evidence"]["concepts"]) == {t for tags in concepts["categories"].values() for t in tags}
+    assert "figures/evidence_auc.png" in card and (run / "release" / "figures" / "evidence_auc.png").is_file()
 
 
 @pytest.mark.slow
