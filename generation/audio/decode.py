@@ -287,6 +287,10 @@ class StaticMusicgenDecoder:
         visible = min(slot.capacity, (step // self.bucket + 1) * self.bucket)
         for layer in slot.self_layers:
             layer.visible = visible
+        if self.compile_step:
+            # Why: CUDA-graph trees must know a new step begins while the last step's scores may still be referenced;
+            # otherwise they treat the call as part of the same step and record a new graph instead of replaying.
+            torch.compiler.cudagraph_mark_step_begin()
         return self._step(slot.tokens, slot.pattern, slot.position, slot.causal, slot.cross, slot.states, slot.cache,
                           slot.positions, guidance_scale, temperature, top_k, slot.guidance)
 
