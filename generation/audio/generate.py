@@ -45,7 +45,7 @@ import numpy as np
 from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, shard_paths
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model
-from conceptcaps_pipeline.run_dir import read_manifest, require, write_manifest
+from conceptcaps_pipeline.run_dir import read_manifest, require, stage, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -444,108 +444,113 @@ def prepare_audio_dir(args: AudioArguments, run: Path, stale: dict[str, set[str]
     return report
 
 
-def generate_audio(args: AudioArguments) -> dict:
-    """Generate the missing clips of RUN on this process's share; returns the stage manifest."""
-    import contextlib
+def _before_lock(args: AudioArguments) -> dict:
+    """What precedes the lock: the captions, their settings, the processor and accelerate's process state."""
+    import torch
 
+    run = Path(args.run)
+    captions_path = require(run, "captions.parquet")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    return {"prompts": _read_captions(captions_path), "settings": clip_settings(args, run),
+            "processor": load_processor(args.model),  # a wrong id or folder fails here, before anything is touched
+            "launcher": _die_with_launcher(), "state": _partial_state(args)}
+
+
+# Only the main process holds the lock; the other processes of `accelerate launch` work under it.
+@stage("audio_generate", check=check_arguments, prepare=_before_lock,
+       lock=lambda args, state, **_: STAGE if state.is_main_process else None)
+def generate_audio(args: AudioArguments, *, prompts, settings, processor, launcher, state) -> dict:
+    """Generate the missing clips of RUN on this process's share; returns the stage manifest."""
     import torch
     from accelerate.utils import gather_object, tqdm
 
     from conceptcaps_pipeline.audio.shards import caption_sha256
-    from conceptcaps_pipeline.run_dir import drop_set_aside, stage_lock
+    from conceptcaps_pipeline.run_dir import drop_set_aside
 
     started = time.time()
     run = Path(args.run)
-    captions_path = require(run, "captions.parquet")
+    captions_path = run / "captions.parquet"
     audio_dir = run / "audio"
-    check_arguments(args)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    prompts = _read_captions(captions_path)
-    settings = clip_settings(args, run)
-    processor = load_processor(args.model)  # a wrong id or folder fails here, before anything is touched
-    launcher = _die_with_launcher()
-    state = _partial_state(args)
     rank = state.process_index
 
-    with stage_lock(run, STAGE) if state.is_main_process else contextlib.nullcontext():
-        # 1. What is there, read-only: clips of other settings are refused, changed captions are redone.
-        index = read_shards(audio_dir, columns=INDEX_COLUMNS)
-        if not args.force:
-            _check_settings(index, settings, run)
-        stale = {} if args.force else stale_clips(index, prompts)
-        gone = {i for ids in stale.values() for i in ids}
-        done = set() if args.force else set(index.column("id").to_pylist()) - gone
-        max_new_tokens = decoding_steps(args.duration, codec_timing_from(args.model))[1]
-        batch_size = agreed_batch_size(state, resolve_batch_size(args, state.device, max_new_tokens, rank))
-        batches = plan_all_batches(prompts, processor.tokenizer, batch_size)  # a pure function of both: same on every rank
-        todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
-        previous = read_manifest(run, STAGE)
-        if not todo:
-            if state.is_main_process:
-                logger.info("audio: all %d captions have a clip in %s; nothing to do (--force redoes them)",
-                            len(prompts), audio_dir)
-            if previous is not None and previous.get("counts", {}).get("clips") == len(prompts):
-                state.wait_for_everyone()
-                return previous
-
-        # 2. Load the model; only then does the main process set aside what is replaced.
-        device = state.device
-        dtype = resolve_dtype(args.dtype, device)
-        model, processor = load_musicgen(args.model, device, dtype, processor)
-        timing = codec_timing(model.config)
-        static = None
-        if args.decoder == "static":
-            from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
-
-            static = StaticMusicgenDecoder(model)
-            if static.compile_step:  # compile every graph now: the first batch then runs at full speed
-                static.warm_up(batch_size, max_new_tokens, args.guidance_scale, args.top_k, args.temperature)
-        codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
-        state.wait_for_everyone()
-        report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
-        # Why: no process may write a shard before the main one has set old clips aside.
-        state.wait_for_everyone()
-
-        # 3. Generate this process's share of the batches; the writer thread does the disk work.
-        local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
-                 "generate_seconds": 0.0, "failed": {}}
-        with state.split_between_processes(todo) as mine:
-            if mine:
-                local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
-                logger.info("audio: rank %d generates %d clips in %d batches on %s (%s, %d thread(s))", rank,
-                            local["assigned"], len(mine), device, str(dtype).replace("torch.", ""),
-                            torch.get_num_threads())
-                writer = ShardWriter(audio_dir, rank, timing["sampling_rate"], settings["model"],
-                                     subtype=args.flac_subtype, max_pending=args.max_pending,
-                                     settings=json.dumps(settings, sort_keys=True))
-                for b in tqdm(list(mine), desc="audio", unit="batch"):
-                    if launcher is not None and os.getppid() != launcher:
-                        os._exit(1)  # orphaned: the launcher died; stop before writing anything more
-                    batch_ids = batches[b]
-                    seed = batch_seed(args.seed, batch_ids[0])
-                    tick = time.time()
-                    audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
-                                       max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
-                                       top_k=args.top_k, temperature=args.temperature, decoder=static,
-                                       codec_batch_size=codec_batch)
-                    local["generate_seconds"] += time.time() - tick
-                    writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
-                                     caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
-                                     keep=[i not in done for i in batch_ids]))
-                stats = writer.close()
-                local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
-                             failed=stats.failed)
-        local["generate_seconds"] = round(local["generate_seconds"], 3)
-
-        # 4. Collect every process's counts; the main process writes the manifest.
-        per_rank = gather_object([local])
-        state.wait_for_everyone()
-        manifest = None
+    # 1. What is there, read-only: clips of other settings are refused, changed captions are redone.
+    index = read_shards(audio_dir, columns=INDEX_COLUMNS)
+    if not args.force:
+        _check_settings(index, settings, run)
+    stale = {} if args.force else stale_clips(index, prompts)
+    gone = {i for ids in stale.values() for i in ids}
+    done = set() if args.force else set(index.column("id").to_pylist()) - gone
+    max_new_tokens = decoding_steps(args.duration, codec_timing_from(args.model))[1]
+    batch_size = agreed_batch_size(state, resolve_batch_size(args, state.device, max_new_tokens, rank))
+    batches = plan_all_batches(prompts, processor.tokenizer, batch_size)  # a pure function of both: same on every rank
+    todo = [b for b, ids in enumerate(batches) if not all(i in done for i in ids)]
+    previous = read_manifest(run, STAGE)
+    if not todo:
         if state.is_main_process:
-            manifest = _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing,
-                                             report, state, started, batch_size)
-            drop_set_aside(run, STAGE)  # the new clips are in place: what --force or a caption change replaced goes
+            logger.info("audio: all %d captions have a clip in %s; nothing to do (--force redoes them)",
+                        len(prompts), audio_dir)
+        if previous is not None and previous.get("counts", {}).get("clips") == len(prompts):
+            state.wait_for_everyone()
+            return previous
+
+    # 2. Load the model; only then does the main process set aside what is replaced.
+    device = state.device
+    dtype = resolve_dtype(args.dtype, device)
+    model, processor = load_musicgen(args.model, device, dtype, processor)
+    timing = codec_timing(model.config)
+    static = None
+    if args.decoder == "static":
+        from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
+
+        static = StaticMusicgenDecoder(model)
+        if static.compile_step:  # compile every graph now: the first batch then runs at full speed
+            static.warm_up(batch_size, max_new_tokens, args.guidance_scale, args.top_k, args.temperature)
+    codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
+    state.wait_for_everyone()
+    report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
+    # Why: no process may write a shard before the main one has set old clips aside.
+    state.wait_for_everyone()
+
+    # 3. Generate this process's share of the batches; the writer thread does the disk work.
+    local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
+             "generate_seconds": 0.0, "failed": {}}
+    with state.split_between_processes(todo) as mine:
+        if mine:
+            local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
+            logger.info("audio: rank %d generates %d clips in %d batches on %s (%s, %d thread(s))", rank,
+                        local["assigned"], len(mine), device, str(dtype).replace("torch.", ""),
+                        torch.get_num_threads())
+            writer = ShardWriter(audio_dir, rank, timing["sampling_rate"], settings["model"],
+                                 subtype=args.flac_subtype, max_pending=args.max_pending,
+                                 settings=json.dumps(settings, sort_keys=True))
+            for b in tqdm(list(mine), desc="audio", unit="batch"):
+                if launcher is not None and os.getppid() != launcher:
+                    os._exit(1)  # orphaned: the launcher died; stop before writing anything more
+                batch_ids = batches[b]
+                seed = batch_seed(args.seed, batch_ids[0])
+                tick = time.time()
+                audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
+                                   max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
+                                   top_k=args.top_k, temperature=args.temperature, decoder=static,
+                                   codec_batch_size=codec_batch)
+                local["generate_seconds"] += time.time() - tick
+                writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
+                                 caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
+                                 keep=[i not in done for i in batch_ids]))
+            stats = writer.close()
+            local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
+                         failed=stats.failed)
+    local["generate_seconds"] = round(local["generate_seconds"], 3)
+
+    # 4. Collect every process's counts; the main process writes the manifest.
+    per_rank = gather_object([local])
+    state.wait_for_everyone()
+    manifest = None
+    if state.is_main_process:
+        manifest = _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, previous, timing,
+                                         report, state, started, batch_size)
+        drop_set_aside(run, STAGE)  # the new clips are in place: what --force or a caption change replaced goes
     state.wait_for_everyone()
     return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
 

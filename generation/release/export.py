@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import stage
 
 logger = logging.getLogger(__name__)
 
@@ -82,31 +83,32 @@ def write_wavs(dataset, indices: list[int], folder: Path) -> int:
     return len(indices)
 
 
-def export_concepts(args: ExportArguments) -> dict:
-    """Run the command: choose the sets, write them atomically; returns what was written."""
-    from conceptcaps_pipeline.run_dir import check_replaceable, stage_lock
+def check_arguments(args: ExportArguments) -> None:
+    """One clear error for a bad option or an --out it may not replace, before the lock is taken."""
+    from conceptcaps_pipeline.run_dir import check_replaceable
 
-    started = time.time()
     if args.format not in FORMATS:
         raise ConceptCapsError(f"--format {args.format!r}: use one of {', '.join(FORMATS)}.")
     if not args.tags:
         raise ConceptCapsError("--tags is required: name the concepts to export, e.g. --tags piano 'slow tempo'.")
     if args.n < 1 or args.n_random < 0 or (args.random_size is not None and args.random_size < 1):
         raise ConceptCapsError(f"--n ({args.n}) and --random_size must be positive, --n_random ({args.n_random}) >= 0.")
-    run = Path(args.run)
-    out = Path(args.out) if args.out else run / "concepts"
+    out = Path(args.out) if args.out else Path(args.run) / "concepts"
     if out.exists() and not args.force:
         raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --out.")
     # --force replaces only an earlier export (it holds concept_sets.json): never the run, the release or a user's folder.
     check_replaceable(out, MARKER)
-    with stage_lock(run, "concepts_export"):
-        return _export(args, run, out, started)
 
 
-def _export(args: ExportArguments, run: Path, out: Path, started: float) -> dict:
+@stage("concepts_export", check=check_arguments)
+def export_concepts(args: ExportArguments) -> dict:
+    """Run the command: choose the sets, write them atomically; returns what was written."""
     from conceptcaps_pipeline.release.concepts import load_release
     from conceptcaps_pipeline.run_dir import atomic_dir, write_json
 
+    started = time.time()
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "concepts"
     source = args.dataset or str(run / "release")
     if not args.dataset and not (run / "release").is_dir():
         raise ConceptCapsError(f"{run / 'release'} not found: run `conceptcaps build --run {run}` first, or pass --dataset.")
