@@ -183,6 +183,17 @@ def test_roc_auc_matches_pairs():
     boot = bootstrap_auc(scores, positive, 300, np.random.default_rng(1))
     assert abs(boot.mean() - np.mean(pairs)) < 0.03 and boot.std() > 0
     assert roc_auc(scores, np.zeros(80, bool)) is None
+    # Positives outnumbering negatives (the roles swap inside): the same centre and spread.
+    flipped = bootstrap_auc(-scores, ~positive, 300, np.random.default_rng(1))
+    assert abs(flipped.mean() - np.mean(pairs)) < 0.03 and abs(flipped.std() - boot.std()) < 0.3 * boot.std()
+    # The resamples' spread is the AUC's sampling spread: compare with resampling clips directly.
+    direct = []
+    rng = np.random.default_rng(5)
+    pos, neg = scores[positive], scores[~positive]
+    for _ in range(300):
+        p, q = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
+        direct.append(roc_auc(np.concatenate([p, q]), np.arange(len(p) + len(q)) < len(p)))
+    assert abs(np.std(direct) - boot.std()) < 0.25 * np.std(direct)
 
 
 def test_positives_with_evidence(planted):
