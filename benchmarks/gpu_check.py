@@ -96,8 +96,9 @@ class CountingBackend:
 
         def run(*args):
             self.calls += 1
-            return compiled(*args)
+            return compiled(*args)  # arguments passed through as given: boxed or not, the convention is kept
 
+        run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call, which dynamo reads
         return run
 
 
@@ -245,18 +246,26 @@ def _large(ctx):
     return ctx["large"]
 
 
-def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps: int) -> dict:
-    """Compile (counted), then time `timed_steps` steps of a batch whose slot holds a whole clip."""
+def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps: int, counted: bool) -> dict:
+    """Compile, then time `timed_steps` steps of a batch whose slot holds a whole clip.
+
+    counted: compile through CountingBackend (graphs and calls counted); else exactly as the audio stage does
+    (inductor, CUDA graphs; graphs counted by dynamo's counters, calls not).
+    """
     import torch
     from torch._dynamo.utils import counters
 
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
     device = ctx["device"]
-    backend = CountingBackend(cuda=device.type == "cuda")
     torch._dynamo.reset()
     counters.clear()
-    decoder = StaticMusicgenDecoder(model, compile_step=True, compile_backend=backend)
+    if counted or device.type != "cuda":
+        backend = CountingBackend(cuda=device.type == "cuda")
+        decoder = StaticMusicgenDecoder(model, compile_step=True, compile_backend=backend)
+    else:
+        backend = None
+        decoder = StaticMusicgenDecoder(model)  # the stage's own compilation
     prompts = (ctx["captions"] * (batch // len(ctx["captions"]) + 1))[:batch]
     inputs = processor(text=prompts, padding=True, truncation=True, return_tensors="pt").to(device)
     if device.type == "cuda":
@@ -272,15 +281,20 @@ def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps
         decode()  # warm-up: compiles and captures every graph these steps use
         _sync(device)
         warm = time.time() - tick
-        graphs, calls = backend.graphs, backend.calls
+
+        def graph_count():
+            return backend.graphs if backend is not None else counters["stats"]["unique_graphs"]
+
+        graphs, calls = graph_count(), backend.calls if backend is not None else None
         tick = time.perf_counter()
         decode()
         _sync(device)
         seconds = time.perf_counter() - tick
-    record = {"batch": batch, "timed_steps": timed_steps, "clip_steps": clip_steps,
-              "warm_up_s": round(warm, 2), "compile_s": round(backend.compile_seconds, 2), "graphs": graphs,
-              "expected_graphs": decoder.graphs_for(timed_steps), "recompiles_after_warm_up": backend.graphs - graphs,
-              "calls_timed": backend.calls - calls, "graph_breaks": sum(counters["graph_break"].values()),
+    record = {"batch": batch, "timed_steps": timed_steps, "clip_steps": clip_steps, "warm_up_s": round(warm, 2),
+              "compile_s": round(backend.compile_seconds, 2) if backend is not None else None, "graphs": graphs,
+              "expected_graphs": decoder.graphs_for(timed_steps), "recompiles_after_warm_up": graph_count() - graphs,
+              "calls_timed": backend.calls - calls if backend is not None else None,
+              "graph_breaks": sum(counters["graph_break"].values()),
               "cudagraph_skips": sum(counters["inductor"].get(k, 0) for k in counters["inductor"] if "skip" in k),
               "ms_per_step": 1e3 * seconds / timed_steps}
     if device.type == "cuda":
@@ -311,9 +325,11 @@ def memory_batch(ctx, model, clip_steps: int, dtype) -> int:
 
 def step_compiled(ctx) -> dict:
     """The compiled step on the throughput model: graphs per bucket, zero recompiles, replays counted."""
+    from conceptcaps_pipeline.audio.decode import BUCKET
+
     size, _dtype, model, processor = _large(ctx)
-    steps = ctx["timed_steps"]
-    record = _timed_batch(ctx, model, processor, 2, steps, steps)
+    steps = ctx["timed_steps"] if ctx["dry_run"] else 2 * BUCKET  # two buckets: two graphs, replayed in turn
+    record = _timed_batch(ctx, model, processor, 2, steps, steps, counted=True)
     record["model"] = size
     record["ok"] = (record["graphs"] == record["expected_graphs"] and record["recompiles_after_warm_up"] == 0
                     and record["graph_breaks"] == 0 and record["cudagraph_skips"] == 0
@@ -340,7 +356,7 @@ def step_throughput(ctx) -> dict:
         if ctx["budget"].left() < (30 if ctx["dry_run"] else 75):
             rows.append({"batch": batch, "skipped": "time budget"})
             continue
-        record = _timed_batch(ctx, model, processor, batch, clip_steps, ctx["timed_steps"])
+        record = _timed_batch(ctx, model, processor, batch, clip_steps, ctx["timed_steps"], counted=False)
         per_step = record["ms_per_step"] / 1e3
         floor = floor_seconds_per_step(model, batch, ctx["timed_steps"], bandwidth, dtype.itemsize)
         paper_floor = floor_seconds_per_step(model, batch, paper_steps, bandwidth, dtype.itemsize)
@@ -405,7 +421,9 @@ def step_captioner(ctx) -> dict:
               "quantization": "bitsandbytes nf4" if has_bnb else "none (no CUDA/bitsandbytes): fake NF4 for the forms"}
     workdir = Path(ctx["workdir"]) / "llm"
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workdir)  # random weights, saved once: the base of every form
+    with torch.device(device):  # why on the device: 2 B random parameters initialise in seconds there, not on a CPU
+        LlamaForCausalLM(config).to(torch.bfloat16 if cuda else torch.float32).save_pretrained(workdir)
+    _free(ctx)  # the saved copy is the base of every form below
     compute = torch.bfloat16 if cuda else torch.float32
     if has_bnb:
         from transformers import BitsAndBytesConfig
@@ -592,7 +610,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="small,medium,large", help="MusicGen sizes for the equivalence step")
     parser.add_argument("--equivalence_steps", type=int, default=None, help="fp32 steps compared (default 300; dry 24)")
     parser.add_argument("--timed_steps", type=int, default=None,
-                        help="decode steps timed per batch (default 256: two attention buckets; dry 8)")
+                        help="decode steps timed per batch in the throughput step (default 128: one attention "
+                             "bucket, one compilation per batch size; dry 8)")
     parser.add_argument("--llm_layers", type=int, default=4, help="layers of the Llama-3.1-8B-shaped captioner (of 32)")
     parser.add_argument("--captions", default=str(DEFAULT_CSV), help="MusicCaps CSV: prompts and tokenizers")
     parser.add_argument("--steps", default=",".join(name for name, _ in STEPS), help="comma list of steps to run")
@@ -627,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
                "tokenizer": train_t5_tokenizer(captions[:200] if args.dry_run else captions, vocab_size=512 if args.dry_run else 2000),
                "sizes": ["toy"] if args.dry_run else args.sizes.split(","), "workdir": workdir,
                "equivalence_steps": args.equivalence_steps or (24 if args.dry_run else 300),
-               "timed_steps": args.timed_steps or (8 if args.dry_run else 256), "llm_layers": args.llm_layers}
+               "timed_steps": args.timed_steps or (8 if args.dry_run else 128), "llm_layers": args.llm_layers}
         wanted = args.steps.split(",")
         for name, step in STEPS:
             if name not in wanted:

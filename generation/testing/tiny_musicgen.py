@@ -163,6 +163,7 @@ def make_audible(model, target_rms: float = 0.1, seed: int = 0) -> None:
         # silent to the ear), then scale weights and bias to the target level.
         last = [m for m in codec.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
         codes = torch.randint(0, config.codebook_size, (1, 4, config.num_quantizers, 50), generator=generator)
+        codes = codes.to(next(codec.parameters()).device)  # a model built on a GPU (benchmarks) decodes there
         audio = codec.decode(codes, [None]).audio_values
         last.bias.sub_(audio.mean(dim=(0, 2)))
         scale = target_rms / max(float(audio.std()), 1e-8)
