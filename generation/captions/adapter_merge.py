@@ -123,7 +123,7 @@ def _load(base: str, dtype, device, *, quantized: bool, real_4bit: bool):
         device = torch.device(device)
         model = from_pretrained(AutoModelForCausalLM, base, "model", quantization_config=config, dtype=torch.bfloat16,
                                 device_map={"": device.index or 0})
-        return model.dequantize().to(dtype)
+        return (model.dequantize(dtype=dtype) or model).to(dtype)  # bitsandbytes' own W_q, in the compute dtype
     model = from_pretrained(AutoModelForCausalLM, base, "model", dtype=dtype).to(device)
     if quantized:
         fake_nf4_(model)
