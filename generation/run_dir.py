@@ -377,6 +377,29 @@ def drop_set_aside(run: str | os.PathLike, stage: str) -> None:
             pass
 
 
+# -- memory ------------------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (MemAvailable), or None where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, work whose estimated memory (`needed` bytes) exceeds what is available."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ConceptCapsError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, more than the "
+                               f"{free / 2**30:.1f} GiB available: {fix}.")
+
+
 # -- identifiers and paths built from data ------------------------------------------------------------
 # One pattern for clip ids and --id_prefix: they become file names (RUN/release/examples/<id>.wav, the
 # explorer's clips) and text in the card, so only letters, digits and `._-`, not starting with `.` or `-`.

@@ -195,6 +195,15 @@ def train_vae(args: VaeTrainArguments) -> dict:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     tags = taxonomy.tags
+    # Weights, gradients and Adam's two moments (4 x float32) of the encoder and decoder, and the prior samples
+    # the scores draw: checked before anything is allocated.
+    from conceptcaps_pipeline.run_dir import check_memory
+
+    weights = 2 * len(tags) * args.hidden_dim + 3 * args.hidden_dim * args.latent_dim
+    check_memory(16 * weights + 8 * args.batch_size * (args.hidden_dim + len(tags)) + 64 * args.diversity_samples *
+                 len(tags), f"vae train with --hidden_dim {args.hidden_dim} --latent_dim {args.latent_dim} "
+                 f"--batch_size {args.batch_size} --diversity_samples {args.diversity_samples}",
+                 "give smaller sizes (the paper: 1024, 256, 32, 1000)")
     model = BetaVAE(tags, [taxonomy.category_of[t] for t in tags], args.hidden_dim, args.latent_dim, args.beta)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     x_train = multi_hot(sets["train"], tags)
