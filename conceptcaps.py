@@ -202,6 +202,29 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
                     yield clip_id, make_example(plan.rows[clip_id], columns, clips[clip_id], category_of)
 
 
+def stream_release(source: str | Path, config: str = "audio", split: str = "train", **kwargs) -> datasets.IterableDataset:
+    """`load_dataset(source, config, split=split, streaming=True)` that also exits cleanly when left part-way.
+
+    Why: a stream stopped part-way (`take`, `break`) leaves pyarrow's Parquet scanner
+    (`ParquetFileFragment.to_batches`, which datasets streams with) in a reference cycle. If that
+    cycle is first collected during interpreter shutdown, the scanner's threads abort the process
+    ("terminate called without an active exception", exit 134) or hang it: apache/arrow#45214.
+    datasets collects it itself only for pyarrow <= 24 (huggingface/datasets#8176); this registers
+    one `gc.collect()` at exit, which runs while pyarrow is still whole. See docs/release.md.
+    """
+    global _COLLECT_AT_EXIT
+    if not _COLLECT_AT_EXIT:
+        import atexit
+        import gc
+
+        atexit.register(gc.collect)
+        _COLLECT_AT_EXIT = True
+    return datasets.load_dataset(str(source), config, split=split, streaming=True, **kwargs)
+
+
+_COLLECT_AT_EXIT = False
+
+
 def label_names(dataset) -> list[str]:
     """The taxonomy tags behind the `labels` ClassLabel of a loaded ConceptCaps split."""
     return dataset.features["labels"].feature.names
