@@ -190,6 +190,7 @@ def fit_cavs(features: np.ndarray, positives: np.ndarray, randoms: np.ndarray, r
     """
     count, n = positives.shape
     test = max(1, round(n / 3))
+    features = np.asarray(features, dtype=np.float32)
     units = features.shape[1]
     directions = np.zeros((count, units), dtype=np.float32)
     accuracy = np.zeros(count)
@@ -198,19 +199,24 @@ def fit_cavs(features: np.ndarray, positives: np.ndarray, randoms: np.ndarray, r
     step = max(1, CHUNK_FLOATS // (2 * n * units))
     for start in range(0, count, step):
         p, r = positives[start:start + step], randoms[start:start + step]
-        train = features[np.concatenate([p[:, test:], r[:, test:]], axis=1)].astype(np.float64)  # (c, m, units)
-        held = features[np.concatenate([p[:, :test], r[:, :test]], axis=1)].astype(np.float64)
-        scale = train.reshape(len(train), -1).std(axis=1)[:, None, None] + 1e-12
-        mean = train.mean(axis=1, keepdims=True)
-        x = (train - mean) / scale
+        # float32: the ridge term keeps every system well conditioned, and half the bytes move (the gather
+        # of activations, not the arithmetic, is what a fit costs at hundreds of units).
+        x = features[np.concatenate([p[:, test:], r[:, test:]], axis=1)]  # (c, m, units)
+        held = features[np.concatenate([p[:, :test], r[:, :test]], axis=1)]
+        scale = x.reshape(len(x), -1).std(axis=1)[:, None, None] + 1e-12
+        mean = x.mean(axis=1, keepdims=True)
+        x -= mean
+        x /= scale
         m = x.shape[1]
         if m < units:
-            gram = x @ x.transpose(0, 2, 1) + regularization * np.eye(m)
-            w = (x.transpose(0, 2, 1) @ np.linalg.solve(gram, np.broadcast_to(train_y, (len(x), m))[..., None]))[..., 0]
+            gram = x @ x.transpose(0, 2, 1) + regularization * np.eye(m, dtype=x.dtype)
+            dual = np.linalg.solve(gram, np.broadcast_to(train_y.astype(x.dtype), (len(x), m))[..., None])
+            w = (x.transpose(0, 2, 1) @ dual)[..., 0]
         else:
-            gram = x.transpose(0, 2, 1) @ x + regularization * np.eye(units)
-            w = np.linalg.solve(gram, (x.transpose(0, 2, 1) @ train_y[:, None]))[..., 0]
-        decision = np.einsum("cmu,cu->cm", (held - mean) / scale, w)
+            gram = x.transpose(0, 2, 1) @ x + regularization * np.eye(units, dtype=x.dtype)
+            w = np.linalg.solve(gram, (x.transpose(0, 2, 1) @ train_y.astype(x.dtype)[:, None]))[..., 0]
+        held -= mean
+        decision = np.einsum("cmu,cu->cm", held, w / scale[:, 0, :])
         accuracy[start:start + step] = (np.where(decision > 0, 1.0, -1.0) == test_y).mean(axis=1)
         directions[start:start + step] = w / scale[:, 0, :]  # in the raw activation space, where gradients live
     return directions, accuracy
