@@ -23,7 +23,7 @@ What the engine does (docs/tcav.md says why):
      with `n_cavs` CAVs each, built the same way. K = `n_random`, or by default enough that a
      concept beyond every random concept passes the correction alone (`stats.auto_random`).
      CAVs are ridge classifiers fitted in batches on the cached activations, so the K x n_cavs
-     random CAVs cost a few milliseconds each; a CAV's score for a target is the share of the
+     random CAVs cost about a millisecond each; a CAV's score for a target is the share of the
      target's inputs whose score rises along it (captum's TCAV sign count).
   4. Per (concept, target, layer): the empirical p-value of the concept's mean score among the
      random concepts' means, a correction over the family (every test, or the --primary ones),
