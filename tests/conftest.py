@@ -197,6 +197,17 @@ def release_run(tmp_path_factory, audio_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, musiccaps_csv):
+    """(run, manifest): `conceptcaps run --preset smoke` on the real CSV, every stage (about 1.5 min on 2 cores).
+    Read-only: tests/test_run_all.py checks it, tests/test_docs.py runs the docs on a copy."""
+    from conceptcaps_pipeline.run_all import RunArguments, run_pipeline
+
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    manifest = run_pipeline(RunArguments(run=str(run), preset="smoke", source=str(musiccaps_csv)))
+    return run, manifest
+
+
+@pytest.fixture(scope="session")
 def captions(musiccaps_csv) -> list[str]:
     """Every caption of the real MusicCaps CSV (tokenizers of tiny models are trained on them)."""
     from conceptcaps_pipeline.taxonomy.source import read_source
