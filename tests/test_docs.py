@@ -315,6 +315,14 @@ def test_readme_split_shares_are_the_smoke_releases(smoke_run):
     assert f"aiming at {shares['target']};" in readme and f"{shares['actual']} on the smoke run" in readme
 
 
+def test_readme_smoke_release_size(smoke_run):
+    """The size of the smoke release the README quotes is the build manifest's (within 0.3 MB: figures change)."""
+    run, _ = smoke_run
+    size = json.loads((run / "manifests" / "build.json").read_text())["counts"]["bytes"] / 1e6
+    quoted = re.search(r"leaves a ([\d.]+) MB release folder", " ".join(DOCS[0].read_text(encoding="utf-8").split()))
+    assert quoted and abs(float(quoted.group(1)) - size) <= 0.3, (quoted and quoted.group(1), round(size, 2))
+
+
 def test_readme_taxonomy_presets_and_version_figures():
     """Tags per category, the dataset version, and the smoke and paper presets' figures the README quotes."""
     from conceptcaps import ConceptCaps
