@@ -339,7 +339,19 @@ def stage(name: str, *, check: Callable | None = None, lock: str | Callable | No
             prepared = prepare(*arguments) if prepare is not None else {}
             held = lock(*arguments, **prepared) if callable(lock) else (lock or entry.record)
             with stage_lock(arguments[0].run, held) if held else contextlib.nullcontext():
-                return function(*arguments, **options, **prepared)
+                started = time.time()
+                try:
+                    return function(*arguments, **options, **prepared)
+                except BaseException as err:
+                    # A --force that failed (or was interrupted) after setting the old output aside: put it back.
+                    restored = restore_set_aside(arguments[0].run, started) if held else []
+                    if not restored:
+                        raise
+                    note = f"the earlier output is back in place ({', '.join(restored)})"
+                    if isinstance(err, ConceptCapsError):
+                        raise ConceptCapsError(f"{str(err).rstrip()} {note[0].upper()}{note[1:]}.") from err
+                    logger.warning("%s: %s", entry.record, note)
+                    raise
 
         run_stage.stage = entry
         return run_stage
@@ -359,11 +371,53 @@ def set_aside(run: str | os.PathLike, stage: str, paths: list[Path]) -> Path | N
         return None
     run = Path(run).resolve()
     folder = run / ".set-aside" / stage.replace(" ", "_") / time.strftime("%Y%m%dT%H%M%S")
-    for path in existing:
-        target = folder / Path(path).resolve().relative_to(run)
+    moved = [Path(path).resolve().relative_to(run).as_posix() for path in existing]
+    folder.mkdir(parents=True, exist_ok=True)
+    # What was moved, so that a failed --force can put exactly it back (`restore_set_aside`).
+    write_json(folder / SET_ASIDE_LIST, {"moved": moved, "pid": os.getpid()})
+    for path, relative in zip(existing, moved):
+        target = folder / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
     return folder
+
+
+SET_ASIDE_LIST = ".moved.json"
+
+
+def restore_set_aside(run: str | os.PathLike, since: float) -> list[str]:
+    """Put back what this process set aside (since `since`) for a --force that then failed; returns the RUN/ paths.
+
+    Only whole outputs (direct children of RUN, e.g. captions.parquet and captions/) are put back, replacing
+    what the failed new work left in their place; files set aside from inside a folder (single audio shards)
+    stay in .set-aside, since the new work beside them is resumable.
+    """
+    run = Path(run).resolve()
+    restored = []
+    for listing in sorted((run / ".set-aside").glob(f"*/*/{SET_ASIDE_LIST}")):
+        try:
+            record = json.loads(listing.read_text())
+        except (OSError, ValueError):
+            continue
+        moved = record.get("moved") or []
+        if record.get("pid") != os.getpid() or listing.stat().st_mtime < since - 1 or \
+                any("/" in m for m in moved):
+            continue
+        for relative in moved:
+            kept, place = listing.parent / relative, run / relative
+            if not kept.exists():
+                continue
+            if place.exists() or place.is_symlink():
+                _remove(place)  # the failed new work's partial output
+            os.replace(kept, place)
+            restored.append(f"RUN/{relative}")
+        shutil.rmtree(listing.parent, ignore_errors=True)
+        for folder in (listing.parent.parent, run / ".set-aside"):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return restored
 
 
 def drop_set_aside(run: str | os.PathLike, stage: str) -> None:

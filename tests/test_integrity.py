@@ -89,6 +89,23 @@ def test_force_with_a_misspelt_model_keeps_every_clip_and_caption(audio_run, cap
     assert after == kept
 
 
+
+def test_a_failed_force_puts_the_old_captions_back_and_says_so(captioner_run, tmp_path, capsys):
+    """captions generate --force that fails after setting the old captions aside (here: too many degenerate
+    captions from the tiny model) leaves the run with its old captions, not without them."""
+    run = tmp_path / "run"
+    shutil.copytree(captioner_run, run)
+    quick = ["--max_new_tokens", "8", "--require_end_of_turn", "false", "--max_failure_rate", "1", "--limit", "8"]
+    assert main(["captions", "generate", "--run", str(run), *quick]) == 0
+    kept = snapshot(run / "captions") | {"captions.parquet": (run / "captions.parquet").read_bytes()}
+    strict = ["--max_new_tokens", "2", "--require_end_of_turn", "true", "--max_failure_rate", "0", "--limit", "8",
+              "--max_attempts", "1", "--force"]
+    code = main(["captions", "generate", "--run", str(run), *strict])
+    err = capsys.readouterr().err
+    assert code == 2 and "The earlier output is back in place (RUN/captions" in err, err[-1500:]
+    after = snapshot(run / "captions") | {"captions.parquet": (run / "captions.parquet").read_bytes()}
+    assert after == kept and not (run / ".set-aside").exists()
+
 # 4. One writer per stage; launched children die with their parent --------------------------------
 def test_a_second_writer_is_refused_with_the_first_ones_pid(audio_captions_run, copy_run, tiny_musicgen, capsys):
     run = copy_run(audio_captions_run)
