@@ -271,6 +271,35 @@ def test_best_of_keeps_the_planted_candidate(planted):
     assert {i: c.record() for i, c in again.items()} == {i: c.record() for i, c in choice.items()}
 
 
+def test_best_of_batch_is_seeded():
+    """A stand-in generator whose sound depends on the seed: the kept clip is the candidate that sounds the labels,
+    and the same seeds give the same clips and choices."""
+    from conceptcaps_pipeline.audio.best_of import best_of_batch, candidate_seeds
+    from conceptcaps_pipeline.audio.score import tag_embeddings
+
+    scorer = ToneScorer()
+    tags = [(t, c) for c, members in CATEGORIES.items() for t in members]
+    text = tag_embeddings(scorer, tags)
+    ids, labels = ["cc-000007", "cc-000008"], [["piano"], ["violin"]]
+    seeds = candidate_seeds(3, ids[0], 4)
+    heard = {seeds[0]: ["organ", "harp"], seeds[1]: ["piano", "harp"], seeds[2]: ["organ", "violin"],
+             seeds[3]: ["piano", "violin"]}
+
+    def make(seed):  # candidate 3 sounds both clips' labels; candidates 1 and 2 one each
+        rng = np.random.default_rng(seed)
+        return [clip_wave([heard[seed][0]], rng), clip_wave([heard[seed][1]], rng)]
+
+    options = dict(key=ids[0], base_seed=3, k=4, sampling_rate=RATE, scorer=scorer, tags=tags, text=text)
+    first = best_of_batch(make, ids, labels, **options)
+    # piano sounds in candidates 1 and 3, violin in 2 and 3: equal evidence, so the lower index is kept.
+    assert first.choices["cc-000007"].index == 1 and first.choices["cc-000008"].index == 2
+    assert first.choices["cc-000007"].means[0] < first.choices["cc-000007"].means[first.choices["cc-000007"].index]
+    assert len(first.choices["cc-000008"].means) == 4
+    again = best_of_batch(make, ids, labels, **options)
+    assert again.clips == first.clips and {i: c.record() for i, c in again.choices.items()} == \
+        {i: c.record() for i, c in first.choices.items()}
+
+
 def test_candidate_seeds():
     from conceptcaps_pipeline.audio.best_of import candidate_seeds, choose_candidate
     from conceptcaps_pipeline.audio.generate import batch_seed

@@ -107,3 +107,37 @@ def score_candidates(scorer, clips: list[list[bytes]], labels: list[list[str]], 
         out.append(evidence[position : position + len(candidates)])
         position += len(candidates)
     return out
+
+
+@dataclass
+class BatchChoice:
+    """What `best_of_batch` returns: the kept clip of every id (FLAC bytes, as scored) and each id's choice."""
+
+    clips: list[bytes]
+    choices: dict[str, Choice]
+
+
+def best_of_batch(make, ids: list[str], labels: list[list[str]], *, key: str, base_seed: int, k: int,
+                  sampling_rate: int, scorer, tags: list[tuple[str, str]], text: np.ndarray) -> BatchChoice:
+    """Synthesise K candidates of one generation batch and keep, per id, the best candidate.
+
+    make(seed) -> one audio array per id of the batch (what `audio generate` does for a batch and a
+    seed); `key` is the batch's seed key (its first id), so candidate 0 is the clip `audio generate`
+    makes without candidates. Each candidate is encoded to FLAC (`shards.encode_flac`) before it is
+    scored, so the kept clip's score is the score of the bytes that are shipped. The caller writes
+    `clips` in place of the single clips and `choices[id].record()` beside them.
+    """
+    from conceptcaps_pipeline.audio.shards import encode_flac
+
+    seeds = candidate_seeds(base_seed, key, k)
+    per_candidate = []
+    for seed in seeds:
+        audio = make(seed)
+        if len(audio) != len(ids):
+            raise ValueError(f"make({seed}) returned {len(audio)} clips for {len(ids)} ids")
+        per_candidate.append([encode_flac(np.asarray(a, dtype=np.float32), sampling_rate) for a in audio])
+    clips = [[per_candidate[c][i] for c in range(k)] for i in range(len(ids))]
+    scores = score_candidates(scorer, clips, labels, tags, text)
+    # Every id of a batch shares the batch's seeds: candidate c of the batch used seeds[c].
+    choices = {i: choose_candidate(s, seeds) for i, s in zip(ids, scores)}
+    return BatchChoice(clips=[clips[n][choices[i].index] for n, i in enumerate(ids)], choices=choices)
