@@ -320,7 +320,7 @@ def score_audio(args: ScoreArguments, scorer=None, state=None) -> dict:
     clips_digest = hashlib.sha256("\n".join(f"{i} {keys[i]}" for i in ids).encode()).hexdigest()
     inputs = {"captions": captions_path, "taxonomy": taxonomy_path}
     previous = None if args.force else finished(run, STAGE, args, inputs, outputs)
-    if previous is not None and previous.get("clips_sha256") == clips_digest:
+    if previous is not None and previous.get("clips_sha256") == clips_digest and previous.get("model") == model:
         if state.is_main_process:
             logger.info("audio score: up to date (%d clips, %s); --force redoes it", len(ids), model)
         state.wait_for_everyone()
