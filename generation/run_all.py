@@ -1,7 +1,8 @@
 """Run every stage in order from a preset: distill, VAE, sampling, captioner, captions,
 audio, evaluate, build (after evaluate, so that the dataset card shows the metrics), tcav (on
-the release). Each stage skips what is already done, so re-running the same command after a
-crash resumes where it stopped.
+the release), explore; the stages and their order are the `in_run` entries of the stage table
+(conceptcaps_pipeline.stages). Each stage skips what is already done, so re-running the same
+command after a crash resumes where it stopped.
 
     conceptcaps run --preset smoke --source ../shared/data/musiccaps/musiccaps-public.csv --run runs/smoke
     conceptcaps run --preset paper --source google/MusicCaps --run runs/paper \\
