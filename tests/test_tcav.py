@@ -282,3 +282,15 @@ def test_bad_input_is_one_line(world, flags, message, capsys):
     errors = [line for line in err.splitlines() if line.startswith("conceptcaps:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err and re.search(message, errors[0]), err
     assert not (world / "bad" / "tcav" / "activations").exists()  # every check ran before a forward pass
+
+
+def test_the_api_streams_a_loaded_release(world):
+    """pool and inputs as datasets splits with `audio`: clips are streamed, the clip length read from duration_s."""
+    from conceptcaps import load_release, tag_mask
+
+    train, test = (load_release(world / "release", "audio", split) for split in ("train", "test"))
+    document = run(ToneClassifier(True), ["conv"], {PLANTED: tag_mask(train, PLANTED)}, {"jazz": test}, pool=train,
+                   settings=TcavSettings(n=20, n_cavs=10, n_random=19, batch_size=32))
+    (row,) = document["results"]
+    assert document["settings"]["max_duration"] == 1.0 and document["clips"]["pool"] == 300
+    assert row["tcav_score"] >= 0.9 and row["p_value"] == pytest.approx(1 / 20)

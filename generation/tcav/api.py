@@ -407,7 +407,8 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
     """TCAV of `concept_sets` for the `inputs`' targets at `layers` of any torch model (see the module docstring).
 
     concept_sets: {concept: boolean mask over `pool`, or row indices into it}.
-    inputs: {target: clips} where a target is a class index or a name of `targets` / the model's id2label.
+    inputs: {target: clips (a sequence of mono arrays, or a datasets split with `audio`)} where a target
+        is a class index or a name of `targets` / the model's id2label.
     pool: the clips concept and random sets are drawn from (mono arrays at `sampling_rate`, or a
         datasets split with an `audio` column).
     preprocess: list of clips -> the model's input (default: a (batch, samples) waveform tensor).
@@ -444,7 +445,8 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
         else:
             raise ConceptCapsError(f"inputs target {target!r} is neither a class index nor a name in targets= or the "
                                    f"model's id2label.")
-    feeds = {str(t): (ArrayClips(list(clips)), list(range(len(clips)))) for t, clips in inputs.items()}
+    feeds = {str(t): (DatasetClips(clips) if hasattr(clips, "column_names") else ArrayClips(list(clips)),
+                      list(range(len(clips)))) for t, clips in inputs.items()}
     seconds = settings.max_duration
     if seconds is None and isinstance(source, ArrayClips):
         seconds = max(len(np.asarray(c).reshape(-1)) for c in pool) / sampling_rate
