@@ -1,9 +1,9 @@
-"""The statistics of `conceptcaps tcav`: the CAV classifier, the test against random concepts, the correction.
+"""The statistics of `conceptcaps tcav`: the CAV classifier, the tests against random concepts, the correction.
 
-    from conceptcaps_pipeline.tcav.stats import HeldOutLinearClassifier, adjust, compare
+    from conceptcaps_pipeline.tcav.stats import adjust, auto_random, compare, pass_threshold, smallest_p
 
 TCAV (Kim et al., 2018) scores a concept for a class by the share of the class's inputs whose
-logit rises along the concept activation vector (CAV). One CAV is noise: it depends on which
+score rises along the concept activation vector (CAV). One CAV is noise: it depends on which
 positives and which random examples trained it. So `conceptcaps tcav` trains many CAVs per
 concept, each on a fresh subset of the concept's positives against a fresh random set, and
 asks whether their mean score is unusual. What it is compared with matters:
@@ -11,17 +11,19 @@ asks whether their mean score is unusual. What it is compared with matters:
 - The CAVs of one concept share its positives. With few positives (the usual case) they share
   the chance quirks of those clips too, so their scores are not independent draws, and the
   textbook t-test of concept scores against random-vs-random CAV scores calls noise
-  "significant" too often (measured in benchmarks/tcav_calibration.py).
-- The default test (`compare_pooled`) therefore compares the concept with random concepts built
-  the same way: K random pools as large as the concept's positive pool, each with as many CAVs
-  (fresh subset against fresh random set). Under the null hypothesis the concept is one more
-  random concept, which the test checks with a prediction interval; it holds its level.
+  "significant" too often.
+- The concept is therefore compared with random concepts built the same way: K random pools as
+  large as the concept's positive pool, each with as many CAVs. Under the null hypothesis the
+  concept is one more random concept. The default test (`compare_empirical`) ranks it among
+  them: exact, whatever the distribution, with a smallest p of 1/(K+1), so `auto_random` picks
+  K for the correction's hardest threshold. `compare_pooled` (a prediction interval) is kept.
+- `adjust` corrects over the family (Benjamini-Hochberg by default; Holm and Bonferroni for the
+  family-wise rate); `pass_threshold` says how small each p had to be, and `smallest_p` how
+  small the design lets it be, so a result that could never pass is reported as underpowered.
 
 Also here: `HeldOutLinearClassifier`, a captum `Classifier` (ridge-regularised linear classifier,
-seeded stratified held-out third) whose held-out accuracy gates a concept (a concept a linear
-probe cannot tell from random clips at a layer has no direction there to test); and `adjust`,
-the multiple-comparison correction over every (concept, target, layer) tested (Holm by default,
-valid under any dependence between the tests).
+seeded stratified held-out third) for captum's own TCAV (`to_captum_concepts`); the stage fits
+the same classifier for thousands of CAVs at once (`tcav.api.fit_cavs`).
 """
 
 from __future__ import annotations
