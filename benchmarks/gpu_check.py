@@ -246,7 +246,8 @@ def _large(ctx):
     return ctx["large"]
 
 
-def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps: int, counted: bool) -> dict:
+def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps: int, counted: bool,
+                 after=None) -> dict:
     """Compile, then time `timed_steps` steps of a batch whose slot holds a whole clip.
 
     counted: compile through CountingBackend (graphs and calls counted); else exactly as the audio stage does
@@ -299,6 +300,8 @@ def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps
               "ms_per_step": 1e3 * seconds / timed_steps}
     if device.type == "cuda":
         record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if after is not None:
+        record.update(after(decoder, model, processor, prompts, timed_steps))
     decoder = None  # frees the batch's buffers before the next batch size allocates its own
     _free(ctx)
     return record
@@ -329,12 +332,46 @@ def step_compiled(ctx) -> dict:
 
     size, _dtype, model, processor = _large(ctx)
     steps = ctx["timed_steps"] if ctx["dry_run"] else 2 * BUCKET  # two buckets: two graphs, replayed in turn
-    record = _timed_batch(ctx, model, processor, 2, steps, steps, counted=True)
+    record = _timed_batch(ctx, model, processor, 2, steps, steps, counted=True, after=_compiled_vs_eager)
     record["model"] = size
     record["ok"] = (record["graphs"] == record["expected_graphs"] and record["recompiles_after_warm_up"] == 0
                     and record["graph_breaks"] == 0 and record["cudagraph_skips"] == 0
-                    and record["calls_timed"] == steps)
+                    and record["calls_timed"] == steps and record["compiled_vs_eager_max_over_std"] < BF16_TOLERANCE)
     return record
+
+
+def _compiled_vs_eager(compiled, model, processor, prompts, steps: int) -> dict:
+    """The compiled step's scores against the eager static step's, teacher-forced with the eager greedy codes.
+
+    Why: a miscompiled graph (inductor fusions, CUDA-graph replays reading stale buffers) would pass every count
+    above; only the numbers show it. Compared where both keep a code (top-k 250, as compiled): max |difference|
+    over the scores' std, and how often the best code agrees.
+    """
+    import torch
+
+    from conceptcaps_pipeline.audio.decode import TEXT_TOKENS, StaticMusicgenDecoder
+
+    eager = StaticMusicgenDecoder(model, compile_step=False)
+    # The compiled slot pads the text to TEXT_TOKENS: give the eager loop the same padded text.
+    inputs = processor(text=prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
+                       return_tensors="pt").to(model.device)
+    worst, agree = 0.0, 0
+    with torch.inference_mode():
+        slots = [d.prepare(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=steps, guidance_scale=3.3)
+                 for d in (compiled, eager)]
+        for step in range(steps):
+            fast = compiled.step_scores(slots[0], step, 3.3, top_k=250).clone()  # a replay's output is reused later
+            slow = eager.step_scores(slots[1], step, 3.3, top_k=250)
+            both = torch.isfinite(fast) & torch.isfinite(slow)
+            spread = slow[torch.isfinite(slow)].std()
+            worst = max(worst, float(((fast - slow).abs()[both]).max() / spread))
+            following = slow.argmax(-1)
+            agree += int((fast.argmax(-1) == following).sum())
+            for slot in slots:
+                slot.tokens[:, step + 1] = following
+                slot.position += 1
+    return {"compiled_vs_eager_max_over_std": worst,
+            "compiled_vs_eager_best_code_agreement": agree / (steps * slots[1].tokens.shape[0])}
 
 
 def step_throughput(ctx) -> dict:

@@ -63,6 +63,8 @@ def test_dry_run_runs_every_step(tmp_path, musiccaps_csv):
     compiled = steps["compiled_step"]
     assert compiled["graphs"] == compiled["expected_graphs"] and compiled["recompiles_after_warm_up"] == 0
     assert compiled["calls_timed"] == compiled["timed_steps"] and compiled["graph_breaks"] == 0
+    assert compiled["compiled_vs_eager_max_over_std"] == 0.0  # the counting backend runs the graph eagerly here
+    assert compiled["compiled_vs_eager_best_code_agreement"] == 1.0
     rows = steps["throughput"]["rows"]
     assert [r["batch"] for r in rows] == [4, 8, 1] and rows[0]["memory_derived"]
     assert all(r["ms_per_step"] > 0 and r["projected_paper_hours"] > 0 and r["recompiles_after_warm_up"] == 0
