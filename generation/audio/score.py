@@ -40,6 +40,7 @@ is a model's opinion, not ground truth: docs/evidence.md says what CLAP can and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -257,6 +258,10 @@ class _OneProcess:
     def wait_for_everyone(self) -> None:
         pass
 
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items
+
 
 def _processes(args: ScoreArguments) -> dict:
     """The processes' state: accelerate's PartialState under a launcher (`accelerate launch`, torchrun), else one.
@@ -304,8 +309,9 @@ def score_audio(args: ScoreArguments, scorer=None, state=None) -> dict:
     folder = run / FOLDER
     outputs = [folder / name for name in ("evidence.parquet", "similarities.parquet", "text_embeddings.parquet",
                                           "agreement.json")]
-    for leftover in (folder / "embeddings").glob(".emb-*.tmp"):
-        leftover.unlink()  # a batch a killed run was writing: it is embedded again
+    if state.is_main_process:  # only the lock holder: another launch's writers may be at work otherwise
+        for leftover in (folder / "embeddings").glob(".emb-*.tmp"):
+            leftover.unlink()  # a batch a killed run was writing: it is embedded again
     ids, labels, label_categories = _labels(captions_path)
     taxonomy = Taxonomy.load(taxonomy_path)
     index = read_shards(run / "audio", columns=INDEX_COLUMNS)
@@ -339,8 +345,8 @@ def score_audio(args: ScoreArguments, scorer=None, state=None) -> dict:
     wanted = {i: keys[i] for i in ids}
     done = read_audio_embeddings(run, model, wanted)
     missing_ids = [i for i in ids if i not in done]
-    # Every process takes every num_processes-th clip: the same split on every process, no communication.
-    todo = set(missing_ids[state.process_index :: state.num_processes])
+    with state.split_between_processes(missing_ids) as mine:  # contiguous shares, the same on every process
+        todo = set(mine)
     if state.is_main_process:
         logger.info("audio score: %d of %d clips already embedded with %s; %d to embed on %d process(es)", len(done),
                     len(ids), model, len(missing_ids), state.num_processes)
