@@ -445,3 +445,41 @@ def test_up_to_date_means_the_files_match_their_record_and_stale_inputs_are_refu
     with pytest.raises(ConceptCapsError, match=r"RUN/captions.parquet was made by `captions generate` from an older "
                                                r"RUN/attributes.parquet .*`conceptcaps captions generate --run .* --force`"):
         finished(run, *consumer)
+
+
+# 12. Values from flags stay text in the card, also where it is rendered with HTML on ---------------------------
+PAYLOAD = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>[x](javascript:alert(1))"
+
+
+def test_markup_in_flags_is_text_in_the_rendered_card(release_run, copy_run, tmp_path):
+    """--card_authors, --contact and --code_url with markup: the card rendered by markdown-it-py with HTML on holds
+    no element or script from them; in headless Chromium (where installed) nothing of it runs."""
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt
+
+    run = copy_run(release_run)
+    build_release(BuildArguments(run=str(run), audio=False, card_authors=PAYLOAD, contact=PAYLOAD, code_url=PAYLOAD))
+    card = (run / "release" / "README.md").read_text(encoding="utf-8")
+    body = card.split("\n---\n", 1)[1]  # after the YAML header
+    page = MarkdownIt("commonmark", {"html": True}).enable("table").render(body)
+
+    class Elements(HTMLParser):
+        found: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found.append((tag, dict(attrs)))
+
+    parser = Elements()
+    parser.feed(page)
+    assert not [t for t, a in parser.found if t == "script" or a.get("src") == "x" or any(k.startswith("on") for k in a)]
+    assert not [a["href"] for t, a in parser.found if t == "a" and a.get("href", "").startswith("javascript:")]
+    assert page.count("document.title=") >= 3  # the payload is there, as text
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return
+    html_file = tmp_path / "card.html"
+    html_file.write_text(f"<html><head><title>card</title></head><body>{page}</body></html>", encoding="utf-8")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          html_file.as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
+    assert "<title>card</title>" in dom and "pwned</title>" not in dom and '<img src="x"' not in dom
