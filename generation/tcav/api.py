@@ -329,6 +329,12 @@ def run_classifier(classifier, layers: list[str], masks: dict, pool, inputs: dic
     family = family_of(s, concepts, target_names, layers)
     n_random = random_count(s, len(family))
     needed = auto_random(len(family), s.alpha)
+    planned = (n_random + 1) * s.n_cavs * len(concepts) * len(layers)
+    # Why say it: K grows with the tests, so the CAVs grow with concepts x layers x tests.
+    (logger.warning if planned > 2_000_000 else logger.info)(
+        "tcav: %d tests in the family, %d random concepts per concept: %d CAVs to fit (about 1 ms each at 768 "
+        "units)%s", len(family), n_random, planned, "; --primary keeps the family to the tests that matter"
+        if planned > 2_000_000 else "")
     seconds = s.max_duration or seconds
     if not seconds:
         raise ConceptCapsError("--max_duration: the clips' length is unknown; give it in seconds.")
