@@ -23,7 +23,6 @@ without audio). Rows are keyed by their id.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +39,9 @@ from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, 
     read_audio_index,
     run_fingerprint,
 )
+from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, make_example, tag_categories  # noqa: F401 - public
 from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, assign_splits, nested_subsets, subset_min_positives  # noqa: F401
-from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
+from conceptcaps_pipeline.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ _DESCRIPTION = (
 )
 _HOMEPAGE = "https://arxiv.org/abs/2601.14157"
 _LICENSE = "cc-by-sa-4.0"  # the captions and labels (MusicCaps); an audio config adds its model's terms (_info)
-# The dataset's version: every config carries it, and the release card's `configs:` entries with
-# it, so `load_dataset(release, config).info.version` reads it too.
-VERSION = datasets.Version("1.0.0")
+# VERSION (the dataset's version, every config's) lives with the configs table in release/rows.py.
 
 
 @dataclass
@@ -75,47 +73,21 @@ class ConceptCapsConfig(datasets.BuilderConfig):
 
 
 def _configs() -> list[ConceptCapsConfig]:
-    configs = [
-        ConceptCapsConfig(name="default", version=VERSION, description="Captions and concept labels (no audio)."),
-        ConceptCapsConfig(name="audio", version=VERSION, with_audio=True,
-                          description="Captions, concept labels and the audio."),
-    ]
-    for name, fraction in SUBSETS.items():
-        share = f"{fraction:.0%} of every split"
-        configs.append(ConceptCapsConfig(name=name, version=VERSION, fraction=fraction, description=f"{share}, no audio."))
-        configs.append(ConceptCapsConfig(name=f"{name}_audio", version=VERSION, fraction=fraction, with_audio=True,
-                                         description=f"{share}, with audio."))
+    configs = []
+    for name, (with_audio, fraction) in CONFIGS.items():
+        if fraction >= 1.0:
+            text = "Captions, concept labels and the audio." if with_audio else "Captions and concept labels (no audio)."
+        else:
+            text = f"{fraction:.0%} of every split, {'with' if with_audio else 'no'} audio."
+        configs.append(ConceptCapsConfig(name=name, version=VERSION, with_audio=with_audio, fraction=fraction,
+                                         description=text))
     return configs
 
 
 BUILDER_CONFIGS = _configs()
 
 
-# -- features and rows: the one place both the builder and `conceptcaps build` use -------------
-def features(taxonomy: Taxonomy, sampling_rate: int | None = None) -> datasets.Features:
-    """The typed columns; `audio` and `duration_s` only when a sampling rate is given.
-
-    Each category column is a list of ClassLabel over that category's tags, so the tag -> category
-    map is part of the features (`ds.features["instrument"].feature.names`); `labels` holds every
-    tag of the row as a ClassLabel over the whole taxonomy, and `aspect_list` the same as strings.
-    """
-    strings = datasets.List(datasets.Value("string"))
-    columns = {
-        "id": datasets.Value("string"),
-        "caption": datasets.Value("string"),
-        "aspect_list": strings,
-        **{category: datasets.List(datasets.ClassLabel(names=list(taxonomy.categories[category])))
-           for category in CATEGORIES},
-        # Typed concept labels: filter with `names.index("piano") in row["labels"]`.
-        "labels": datasets.List(datasets.ClassLabel(names=list(taxonomy.tags))),
-        "coverage": datasets.Value("float32"),
-    }
-    if sampling_rate is not None:
-        columns["audio"] = datasets.Audio(sampling_rate=sampling_rate)
-        columns["duration_s"] = datasets.Value("float32")
-    return datasets.Features(columns)
-
-
+# -- the DatasetInfo of a config ------------------------------------------------------------------
 def config_info(config: ConceptCapsConfig, taxonomy: Taxonomy, sampling_rate: int | None, licence: str | None = None
                 ) -> datasets.DatasetInfo:
     """The DatasetInfo of one config (features, licence, citation): `_info` and `conceptcaps build` share it."""
@@ -123,25 +95,6 @@ def config_info(config: ConceptCapsConfig, taxonomy: Taxonomy, sampling_rate: in
         description=_DESCRIPTION, features=features(taxonomy, sampling_rate if config.with_audio else None),
         homepage=_HOMEPAGE, license=licence or _LICENSE, citation=_CITATION,
     )
-
-
-def make_example(row: dict, columns: datasets.Features, clip: dict | None = None,
-                 category_of: dict[str, str] | None = None) -> dict:
-    """One dataset row from a checked caption row (plan.read_captions) and, for audio configs, its clip
-    ({"audio": FLAC bytes, "duration_s": ...}). `category_of`: `tag_categories(columns)`, passed in by
-    callers that make many rows."""
-    out = {k: row[k] for k in CAPTION_COLUMNS if k not in ("coverage", *CATEGORIES)}
-    category_of = category_of or tag_categories(columns)
-    for category in CATEGORIES:
-        # Filed by the taxonomy, not by the captions file, so a category column never holds another's tag.
-        out[category] = [columns[category].feature.str2int(t) for t in row["aspect_list"]
-                         if category_of.get(t) == category]
-    out["labels"] = sorted(columns["labels"].feature.str2int(t) for t in set(row["aspect_list"]))
-    out["coverage"] = row["coverage"] if row["coverage"] is not None and not math.isnan(row["coverage"]) else None
-    if clip is not None:
-        out["duration_s"] = clip["duration_s"]
-        out["audio"] = {"bytes": clip["audio"], "path": f"{row['id']}.flac"}
-    return out
 
 
 # -- the builder --------------------------------------------------------------------------------
@@ -228,13 +181,6 @@ _COLLECT_AT_EXIT = False
 def label_names(dataset) -> list[str]:
     """The taxonomy tags behind the `labels` ClassLabel of a loaded ConceptCaps split."""
     return dataset.features["labels"].feature.names
-
-
-def tag_categories(dataset_or_features) -> dict[str, str]:
-    """tag -> category, read from the features (each category column is a ClassLabel over its tags)."""
-    columns = getattr(dataset_or_features, "features", dataset_or_features)
-    return {tag: category for category in CATEGORIES if category in columns
-            for tag in columns[category].feature.names}
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at a run

@@ -90,16 +90,18 @@ def config_names(with_audio: bool) -> list[str]:
 
 def _data_key(args: BuildArguments, run: Path) -> dict:
     """What the Parquet shards depend on: a rebuild with the same key reuses them."""
-    import conceptcaps
-    from conceptcaps_pipeline.release import plan, splits, write
+    from importlib.util import find_spec
+
+    from conceptcaps_pipeline.release import plan, rows, splits, write
 
     audio = hashlib.sha256()
     for shard in sorted((run / "audio").glob("shard-r*-*.parquet")):
         audio.update(f"{shard.name}:{shard.stat().st_size}".encode())
     # The code that decides the rows: the builder's features and rows, the plan, the splits, the writer.
     code = hashlib.sha256()
-    for module in (conceptcaps, plan, splits, write):
-        code.update(file_sha256(Path(module.__file__)).encode())
+    # conceptcaps.py by its path: importing it here would close an import cycle through release.concepts.
+    for path in (find_spec("conceptcaps").origin, *(m.__file__ for m in (plan, rows, splits, write))):
+        code.update(file_sha256(Path(path)).encode())
     return {
         "captions": file_sha256(run / "captions.parquet"),
         "taxonomy": file_sha256(run / "taxonomy.json"),
@@ -131,17 +133,9 @@ def write_data(args: BuildArguments, run: Path, release: Path, plan, taxonomy) -
     the audio (release/write.py); returns {config: DatasetInfo as YAML dict}."""
     from conceptcaps_pipeline.release.write import write_configs
 
-    configs = config_names(args.audio)
-    licences = {}
-    if args.audio:
-        from conceptcaps_pipeline.dataset_card.licence import release_licence
-
-        # The clips carry the terms of the weights that made them (MusicGen: CC BY-NC 4.0).
-        licence = release_licence(run, configs)
-        licences = {name: licence.configs[name].text for name in configs if name in AUDIO_CONFIGS}
     with quiet_datasets_progress():
-        infos = write_configs(plan, configs, taxonomy, release / "data", max_shard_size=args.max_shard_size,
-                              rows_per_group=args.rows_per_group, run=run, licences=licences)
+        infos = write_configs(plan, config_names(args.audio), taxonomy, release / "data",
+                              max_shard_size=args.max_shard_size, rows_per_group=args.rows_per_group, run=run)
     return {name: info._to_yaml_dict() for name, info in infos.items()}
 
 
@@ -298,7 +292,7 @@ def _describe(args, run, release, configs, infos, assignment, taxonomy, key, sta
     write_json(release / CONCEPTS_FILE, concepts)
     write_json(release / "taxonomy.json", public_taxonomy(run))
     stats["concepts"] = concepts
-    from conceptcaps import VERSION
+    from conceptcaps_pipeline.release.rows import VERSION
 
     write_card(run, release, infos=infos, stats=stats, repo_id=args.repo_id, revision=args.revision,
                build_command=stage_command(STAGE, {"stage": STAGE, "arguments": asdict(args)}, run),

@@ -80,33 +80,32 @@ class _SplitWriter:
 
 
 def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | Path, *, max_shard_size: str | int,
-                  rows_per_group: int, run: str | Path, licences: dict[str, str] | None = None,
-                  progress: bool = True) -> dict:
-    """Write data_dir/<config>/<split>-NNNNN-of-NNNNN.parquet for every config; returns {config: DatasetInfo}."""
+                  rows_per_group: int, run: str | Path, progress: bool = True) -> dict:
+    """Write data_dir/<config>/<split>-NNNNN-of-NNNNN.parquet for every config; returns {config: DatasetInfo}
+    (features, splits and sizes: what the card's `dataset_info` holds)."""
     import datasets
     import pyarrow.parquet as pq
     from datasets.utils.py_utils import convert_file_size_to_int
     from tqdm.auto import tqdm
 
-    from conceptcaps import BUILDER_CONFIGS, config_info, make_example, tag_categories
+    from conceptcaps_pipeline.release.rows import CONFIGS, features, make_example, tag_categories
 
-    by_name = {c.name: c for c in BUILDER_CONFIGS}
-    unknown = [c for c in configs if c not in by_name]
+    unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
-        raise ConceptCapsError(f"unknown config(s) {unknown}: ConceptCaps has {sorted(by_name)}.")
+        raise ConceptCapsError(f"unknown config(s) {unknown}: ConceptCaps has {sorted(CONFIGS)}.")
     limit = convert_file_size_to_int(max_shard_size)
     data_dir = Path(data_dir)
     infos, writers, members = {}, {}, {}
     for name in configs:
-        config = by_name[name]
-        info = config_info(config, taxonomy, plan.audio.sampling_rate, (licences or {}).get(name))
+        with_audio, fraction = CONFIGS[name]
+        info = datasets.DatasetInfo(features=features(taxonomy, plan.audio.sampling_rate if with_audio else None))
         infos[name] = info
         (data_dir / name).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             writers[name, split] = _SplitWriter(data_dir / name, split, info.features, limit, rows_per_group)
-            members[name, split] = set(plan.split_ids(split, config.fraction))
-    text = [n for n in configs if not by_name[n].with_audio]
-    audio = [n for n in configs if by_name[n].with_audio]
+            members[name, split] = set(plan.split_ids(split, fraction))
+    text = [n for n in configs if not CONFIGS[n][0]]
+    audio = [n for n in configs if CONFIGS[n][0]]
     text_features = infos[text[0]].features if text else None
     audio_features = infos[audio[0]].features if audio else None
     category_of = tag_categories(text_features or audio_features)
@@ -170,7 +169,6 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
         info.config_name = name
         info.dataset_name = "conceptcaps"
         info.builder_name = "conceptcaps"
-        info.version = by_name[name].version
         info.dataset_size = sum(s.num_bytes for s in splits.values())
         out[name] = info
     return out
