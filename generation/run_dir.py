@@ -460,14 +460,14 @@ def check_memory(needed: float, what: str, fix: str) -> None:
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
-def check_id(value: str, where: str) -> str:
-    """`value` if it matches ID_PATTERN (and holds no `..`), else one clear error naming `where`."""
+def check_id(value: str, where: str, fix: str = "give one such as cc or demo-2026") -> str:
+    """`value` if it matches ID_PATTERN (and holds no `..`), else one clear error naming `where` and `fix`."""
     import re
 
     if not isinstance(value, str) or not re.fullmatch(ID_PATTERN, value) or ".." in value:
         shown = repr(value)[:80]
         raise ConceptCapsError(f"{where} {shown}: ids use only letters, digits, '.', '_' and '-' (at most 128, not "
-                               f"starting with '.' or '-', no '..'): give one such as cc or demo-2026.")
+                               f"starting with '.' or '-', no '..'): {fix}.")
     return value
 
 

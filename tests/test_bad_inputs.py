@@ -248,6 +248,20 @@ def other_build_record(run: Path):
     path.write_text(json.dumps(manifest))
 
 
+def caption_id(new_id: str):
+    """The first row of RUN/captions.parquet gets id `new_id` (a hand-edited or hostile file)."""
+    def damage(run: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(run / "captions.parquet")
+        ids = table.column("id").to_pylist()
+        ids[0] = new_id
+        pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids, pa.string())),
+                       run / "captions.parquet")
+    return damage
+
+
 PUSH = ["push", "--run", "RUN", "--repo_id", "my-org/conceptcaps", "--dry_run", "--allow_tiny_models"]
 
 # Integrity II: hostile option files, values and names; releases that are not what their build wrote; output
@@ -379,6 +393,10 @@ CASES += [
     ("concepts export over the manifests", nothing,
      ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--out", "RUN/manifests", "--force"],
      r"manifests exists and is not an earlier output"),
+    ("caption id leaving the run", caption_id("../../../x"), ["build", "--run", "RUN", "--audio", "false"],
+     r"captions.parquet: id '../../../x': ids use only .*vae sample --run"),
+    ("caption id with markup", caption_id("<img src=x onerror=alert(9)>"), ["build", "--run", "RUN", "--audio", "false"],
+     r"captions.parquet: id '<img src=x onerror=alert\(9\)>': ids use only"),
     ("concepts export over the run", nothing,
      ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--n", "5", "--n_random", "3", "--out",
       "RUN", "--force"], r"exists and is not an earlier output of this command \(it has no concept_sets.json\)"),

@@ -68,7 +68,7 @@ def read_captions(run: str | Path, tags: list[str]) -> list[dict]:
             f"{path} not found: the dataset's rows are the run's captions. "
             f"Run `conceptcaps captions generate --run {run}` first."
         )
-    from conceptcaps_pipeline.run_dir import read_table
+    from conceptcaps_pipeline.run_dir import check_id, read_table
 
     table = read_table(path, fix=f"re-run `conceptcaps captions generate --run {run} --force`")
     missing = [c for c in CAPTION_COLUMNS if c not in table.column_names]
@@ -80,6 +80,9 @@ def read_captions(run: str | Path, tags: list[str]) -> list[dict]:
         if not clip_id or clip_id in seen:
             raise ConceptCapsError(f"{path}: id {clip_id!r} is empty or repeated; re-run `conceptcaps captions generate --run {run} --force`.")
         seen.add(clip_id)
+        # Ids become file names (the card's example clips, the explorer's) and card text: one pattern, checked here.
+        check_id(clip_id, f"{path}: id", f"sample again with a valid --id_prefix (`conceptcaps vae sample --run {run} "
+                                         f"--force`), then caption again")
         if not row["caption"] or not str(row["caption"]).strip():
             raise ConceptCapsError(f"{path}: the caption of id {clip_id!r} is empty; re-run `conceptcaps captions generate --run {run} --force`.")
         for column in ("aspect_list", *CATEGORIES):
