@@ -62,6 +62,9 @@ def plot(path: Path, document: dict) -> None:
                     bar.set_alpha(0.35)
                 elif r["significant"]:
                     ax.text(bar.get_x() + bar.get_width() / 2, 1.02, "*", ha="center", va="bottom", fontsize=11)
+                elif "underpowered" in r["verdict"]:  # could not have passed: not the same as no evidence
+                    ax.text(bar.get_x() + bar.get_width() / 2, 1.02, "u", ha="center", va="bottom", fontsize=7,
+                            color="0.4")
         ax.set_xticks(x, targets)
         ax.set_xlim(-0.5, len(targets) - 0.5)
         ax.set_ylim(0, 1.12)
@@ -77,7 +80,7 @@ def plot(path: Path, document: dict) -> None:
         f"bar: mean over {settings['n_cavs']} CAVs; whiskers: their 2.5-97.5% range; grey violin: its "
         f"{settings['n_random']} random concepts' means\n*: significant after "
         f"{family.get('correction', settings.get('correction'))} at {family.get('alpha', settings.get('alpha'))} "
-        f"(threshold per test in report.md); hatched: not separable", fontsize=7)
+        f"(thresholds in report.md); u: underpowered; hatched: not separable", fontsize=7)
     fig.tight_layout(rect=(0, 0.07 + 0.02 * (len(handles) > 4), 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
