@@ -397,6 +397,8 @@ CASES += [
      r"captions.parquet: id '../../../x': ids use only .*vae sample --run"),
     ("caption id with markup", caption_id("<img src=x onerror=alert(9)>"), ["build", "--run", "RUN", "--audio", "false"],
      r"captions.parquet: id '<img src=x onerror=alert\(9\)>': ids use only"),
+    ("explore a release without a shard", lambda run: first_shard("default")(run).unlink(), ["explore", "--run", "RUN"],
+     r"release is not the release its build wrote: data/default/train-00000-of-\d+.parquet is missing"),
     ("concepts export over the run", nothing,
      ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--n", "5", "--n_random", "3", "--out",
       "RUN", "--force"], r"exists and is not an earlier output of this command \(it has no concept_sets.json\)"),

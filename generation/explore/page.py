@@ -394,6 +394,9 @@ def check_run(args: ExploreArguments) -> None:
     for name in ("concepts.json", "data/default"):
         if not (release / name).exists():
             raise ConceptCapsError(f"{release / name} not found: run `conceptcaps build --run {run}` first.")
+    from conceptcaps_pipeline.release.concepts import check_built_release
+
+    check_built_release(release)  # the page shows the release its build wrote, or nothing
     require(run, "vae")
 
 
