@@ -294,3 +294,19 @@ def test_the_api_streams_a_loaded_release(world):
     (row,) = document["results"]
     assert document["settings"]["max_duration"] == 1.0 and document["clips"]["pool"] == 300
     assert row["tcav_score"] >= 0.9 and row["p_value"] == pytest.approx(1 / 20)
+
+
+def test_the_cav_accuracy_gate_means_something_at_small_n():
+    """At n = 4 one CAV's held-out accuracy is 0, 0.5 or 1, and random concepts reach 0.7 by chance:
+    the gate also asks a concept to beat 95% of its random concepts' accuracy."""
+    rows = tone_rows(120, 7)
+    pool = [r["audio"] for r in rows]
+    sets = {c: np.array([c in r["aspect_list"] for r in rows]) for c in (PLANTED, SILENT)}
+    gates = []
+    for seed in range(3):
+        document = run(ToneClassifier(True), ["conv"], sets, {"jazz": pool[:10]}, pool=pool,
+                       settings=TcavSettings(n=4, n_cavs=10, n_random=19, seed=seed))
+        by = {r["concept"]: r for r in document["results"]}
+        assert by[PLANTED]["separable"] and not by[SILENT]["separable"]
+        gates.append(by[SILENT]["cav_accuracy_gate"])
+    assert max(gates) >= 0.65  # a fixed bar of 0.7 alone is within reach of random concepts here
