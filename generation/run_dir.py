@@ -791,7 +791,12 @@ def finished(run: str | os.PathLike, stage: str, args: Any, inputs: dict, output
     made from an older version of its own inputs is refused (`check_upstream`). The outputs named here
     are those `write_manifest` records for the stage.
     """
-    _DECLARED[_key(run, stage)] = [Path(p) for p in outputs]
+    # The files named here, and every file of the stage's own output folders (the stage table): a page that
+    # lost app.js, or a VAE folder that lost its config, is not up to date.
+    declared = [Path(p) for p in outputs]
+    declared += [Path(run) / name for name in STAGE_FILES.get(stage.replace(" ", "_"), [])
+                 if Path(run) / name not in declared]
+    _DECLARED[_key(run, stage)] = declared
     check_upstream(run, inputs)
     manifest = read_manifest(run, stage)
     if manifest is None or not all(Path(p).exists() for p in outputs):

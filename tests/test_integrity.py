@@ -440,6 +440,16 @@ def test_up_to_date_means_the_files_match_their_record_and_stale_inputs_are_refu
     assert finished(run, *consumer) is None
     (run / "out.json").write_text("made")
     assert finished(run, *consumer) is not None
+    # A stage's own folder is recorded whole (the stage table): the explorer without app.js is not up to date.
+    page = ("explore", {"k": 1}, {"captions": run / "captions.parquet"}, [run / "explorer" / "index.html"])
+    assert finished(run, *page) is None
+    (run / "explorer").mkdir()
+    for name in ("index.html", "app.js"):
+        (run / "explorer" / name).write_text(name)
+    write_manifest(run, "explore", {"k": 1}, inputs=page[2], started=time.time())
+    assert finished(run, *page) is not None
+    (run / "explorer" / "app.js").unlink()
+    assert finished(run, *page) is None
     # attributes.parquet is sampled again, captions are not remade: the consumer refuses, never "up to date".
     pq.write_table(pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3]}), run / "attributes.parquet")
     with pytest.raises(ConceptCapsError, match=r"RUN/captions.parquet was made by `captions generate` from an older "
