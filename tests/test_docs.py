@@ -38,62 +38,62 @@ RUN_NAMES = ("runs/demo", "runs/paper", "runs/smoke", "RUN")  # what the docs ca
 
 # `conceptcaps` commands that are parsed but not run here: (pattern searched in the command, reason).
 NOT_RUN = [
-    (r"^conceptcaps audio generate\b", "MusicGen from the Hub (facebook/musicgen-*; no network here); the smoke run's "
-                                       "audio stage runs the same code on the tiny MusicGen"),
+    (r"^conceptcaps audio generate\b", ("MusicGen from the Hub (facebook/musicgen-*; no network here); the smoke run's "
+                                       "audio stage runs the same code on the tiny MusicGen")),
     (r"^conceptcaps captioner train --config generation/configs/captioner\.yaml",
      "QLoRA on Llama-3.1-8B-Instruct: the weights and a CUDA GPU (bitsandbytes)"),
     (r"--model /models/", "needs a local copy of Llama-3.1-8B-Instruct"),
     (r"^(OMP_NUM_THREADS=\d+ )?conceptcaps run --preset paper", "the paper-size run: GPU hours and models from the Hub"),
-    (r"^conceptcaps vae train\b", "the paper's VAE (150 epochs, 1024/256): minutes on 2 cores; the smoke run trains "
-                                  "the same code for 30 epochs"),
-    (r"--set tempo=|--axes tempo arousal", "needs a VAE trained with --lsr (skipped above for time); "
-                                           "tests/test_vae_lsr.py and tests/test_explore.py run it"),
-    (r"--reference_audio", "reference clips (GTZAN) from a folder or the Hub: none here; tests/test_metric_fad.py "
-                           "computes FAD on clips"),
-    (r"^conceptcaps tcav .*--model sanchit-gandhi/", "the GTZAN classifier from the Hub; the smoke run's tcav stage "
-                                                     "runs the same code on the tiny classifier"),
-    (r"^conceptcaps captions generate\b", "the tiny LLM writes noise, which the default checks refuse "
+    (r"^conceptcaps vae train\b", ("the paper's VAE (150 epochs, 1024/256): minutes on 2 cores; the smoke run trains "
+                                  "the same code for 30 epochs")),
+    (r"--set tempo=|--axes tempo arousal", ("needs a VAE trained with --lsr (skipped above for time); "
+                                           "tests/test_vae_lsr.py and tests/test_explore.py run it")),
+    (r"--reference_audio", ("reference clips (GTZAN) from a folder or the Hub: none here; tests/test_metric_fad.py "
+                           "computes FAD on clips")),
+    (r"^conceptcaps tcav .*--model sanchit-gandhi/", ("the GTZAN classifier from the Hub; the smoke run's tcav stage "
+                                                     "runs the same code on the tiny classifier")),
+    (r"^conceptcaps captions generate\b", ("the tiny LLM writes noise, which the default checks refuse "
                                           "(--require_end_of_turn, --max_failure_rate; the smoke preset relaxes them), "
                                           "and the smoke run's captions were made with the preset's settings; the smoke "
-                                          "run's captions stage runs this code"),
-    (r"^conceptcaps captioner train --run \S+ --model runs/tiny-llm", "a LoRA fine-tune on all 3,356 distilled pairs: "
+                                          "run's captions stage runs this code")),
+    (r"^conceptcaps captioner train --run \S+ --model runs/tiny-llm", ("a LoRA fine-tune on all 3,356 distilled pairs: "
                                                                       "minutes on CPU; tests/test_captioner.py runs it "
-                                                                      "on 16"),
-    (r"^conceptcaps evaluate\b", "evaluate's default models (CLAP, BERTScore's and MAUVE's) come from the Hub; the "
+                                                                      "on 16")),
+    (r"^conceptcaps evaluate\b", ("evaluate's default models (CLAP, BERTScore's and MAUVE's) come from the Hub; the "
                                  "smoke run's evaluate stage runs this code on tiny models, tests/test_baselines.py "
-                                 "the baselines"),
-    (r"^conceptcaps concepts export\b", "concept sets of the paper's size (n=50 positives): the smoke release holds about "
-                                        "11 per tag; tests/test_concepts.py exports from a release with a smaller --n"),
-    (r"^conceptcaps build --run \S+ --repo_id", "the card with a Hub id: tests/test_card.py builds exactly this "
-                                               "(repo_id my-org/conceptcaps)"),
+                                 "the baselines")),
+    (r"^conceptcaps concepts export\b", ("concept sets of the paper's size (n=50 positives): the smoke release holds about "
+                                        "11 per tag; tests/test_concepts.py exports from a release with a smaller --n")),
+    (r"^conceptcaps build --run \S+ --repo_id", ("the card with a Hub id: tests/test_card.py builds exactly this "
+                                               "(repo_id my-org/conceptcaps)")),
     (r"^conceptcaps push\b", "a Hub revision (network and a token); tests/test_push.py runs push on a local server"),
 ]
 
 # Other tools: (pattern, reason). Checked where possible (see check_tool), never run.
 SKIP_TOOLS = [
-    (r"^bash scripts/install\.sh", "the README's set-up commands: the install is this environment, smoke.sh is the "
-                                   "smoke_run fixture (the same `run --preset smoke`), pytest is this suite"),
+    (r"^bash scripts/install\.sh", ("the README's set-up commands: the install is this environment, smoke.sh is the "
+                                   "smoke_run fixture (the same `run --preset smoke`), pytest is this suite")),
     (r"^\.venv/bin/python -m pytest", "this test suite"),
     (r"^pip install", "installs packages (network)"),
     (r"^hf ", "the Hub CLI (network, a token)"),
     (r"^srun ", "Slurm, several nodes with GPUs"),
     (r"^accelerate launch --config_file accelerate_configs/(single_gpu|multi_gpu|multi_node)\.yaml",
      "GPUs (one or many); the config file and the module are checked"),
-    (r"^accelerate launch --config_file accelerate_configs/cpu\.yaml", "two processes: the conftest audio_run fixture "
-                                                                       "launches exactly this"),
+    (r"^accelerate launch --config_file accelerate_configs/cpu\.yaml", ("two processes: the conftest audio_run fixture "
+                                                                       "launches exactly this")),
     (r"^export ", "environment for the Slurm example above"),
     (r"\s\.\.\.(\s|$)", "a synopsis: `...` stands for the options of the command above it"),
     (r"^chromium ", "opens a browser window; tests/test_explore.py drives a headless Chromium"),
     (r"^(\.venv/bin/)?python benchmarks/", "benchmarks print figures and take minutes; the script exists"),
-    (r"^(\.venv/bin/)?python -m conceptcaps_pipeline\.testing\.", "builds a tiny model; the conftest fixtures build "
-                                                                   "them with the same functions; the module imports"),
+    (r"^(\.venv/bin/)?python -m conceptcaps_pipeline\.testing\.", ("builds a tiny model; the conftest fixtures build "
+                                                                   "them with the same functions; the module imports")),
 ]
 
 
 def shell_commands(path: Path) -> list[str]:
     """The command lines of the ```bash blocks of one Markdown file (continuations joined, comments dropped)."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S):
+    for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL):
         pending = ""
         for line in block.splitlines():
             line = pending + line.strip()
@@ -108,7 +108,7 @@ def shell_commands(path: Path) -> list[str]:
 
 
 def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 COMMANDS = [(doc, line) for doc in DOCS for line in shell_commands(doc)]
@@ -235,9 +235,9 @@ def check_tool(words: list[str]) -> None:
             assert (ROOT / word).is_file(), f"{word} does not exist"
     if words[:2] == ["pip", "install"]:
         extras = re.findall(r"\.\[([\w,]+)\]", " ".join(words))
-        declared = re.search(r"\[project\.optional-dependencies\](.*?)(\n\[|\Z)", (ROOT / "pyproject.toml").read_text(), re.S)
+        declared = re.search(r"\[project\.optional-dependencies\](.*?)(\n\[|\Z)", (ROOT / "pyproject.toml").read_text(), re.DOTALL)
         for extra in (e for group in extras for e in group.split(",")):
-            assert declared and re.search(rf"^{extra}\s*=", declared.group(1), re.M), f"extra [{extra}] not declared"
+            assert declared and re.search(rf"^{extra}\s*=", declared.group(1), re.MULTILINE), f"extra [{extra}] not declared"
 
 
 def test_every_command_is_extracted_and_the_skip_lists_are_used():
@@ -287,7 +287,7 @@ def test_readme_distill_figures_are_the_runs(smoke_run):
     readme = DOCS[0].read_text(encoding="utf-8")
     header = re.search(r"On the MusicCaps CSV \(([\d,]+) rows, taxonomy (\d+\.\d+\.\d+)[;)]", readme)
     assert header and _number(header.group(1)) == counts["source_rows"] and header.group(2) == counts["taxonomy_version"]
-    table = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([^|]+?) \| (.+?) \|", readme, flags=re.M)}
+    table = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([^|]+?) \| (.+?) \|", readme, flags=re.MULTILINE)}
     assert table["rows parsed"].startswith(f"{counts['parsed_rows']:,} ({counts['bad_rows']} unparsable)")
     assert table["distilled pairs"] == (f"**{counts['kept']:,}** ({counts['train']:,} train / "
                                         f"{counts['validation']:,} validation)")
@@ -383,7 +383,7 @@ def test_cpu_accelerate_config_does_what_its_comments_say():
 
     config = ROOT / "accelerate_configs" / "cpu.yaml"
     comments = config.read_text()
-    assert re.search(r"^use_cpu: true\s+# .*does not", comments, flags=re.M)
+    assert re.search(r"^use_cpu: true\s+# .*does not", comments, flags=re.MULTILINE)
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(config), "-m", "conceptcaps_pipeline.cli", "audio", "generate"])
     saved = os.environ.pop("OMP_NUM_THREADS", None)
@@ -398,4 +398,4 @@ def test_cpu_accelerate_config_does_what_its_comments_say():
     import psutil
 
     per_process = int(psutil.cpu_count(logical=False) / 2)
-    assert env["OMP_NUM_THREADS"] == str(per_process if per_process > 1 else 1)
+    assert env["OMP_NUM_THREADS"] == str(max(1, per_process))
