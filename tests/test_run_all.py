@@ -1,6 +1,7 @@
 """`conceptcaps run`: the smoke preset end to end on the real CSV, and its errors.
 
-The end-to-end run takes about a minute or two on 2 cores; CI runs it."""
+The end-to-end run (the conftest `smoke_run` fixture, shared with tests/test_docs.py and tests/test_quiet.py)
+takes about a minute or two on 2 cores; CI runs it."""
 
 import json
 
@@ -9,13 +10,6 @@ import pytest
 from conceptcaps import load_release
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_all import RunArguments, load_preset, run_pipeline
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, musiccaps_csv):
-    run = tmp_path_factory.mktemp("smoke") / "run"
-    manifest = run_pipeline(RunArguments(run=str(run), preset="smoke", source=str(musiccaps_csv)))
-    return run, manifest
 
 
 @pytest.mark.slow
