@@ -2,14 +2,22 @@
 
 A stage writes each artifact to a temporary name in the same folder and renames it into
 place, so a reader (or a resumed run) never sees half a file; the renamed file has the
-permissions any file gets (the umask), not those of a private temporary file. A stage holds
+permissions any file gets (the umask), not those of a private temporary file. A folder is
+published by exchanging it with the old one in one system call (`publish`: Linux
+renameat2(RENAME_EXCHANGE); elsewhere a two-phase swap with a journal that the next writer
+completes or rolls back, `recover`), so at no moment is neither the old nor the new complete
+output in place, and clean-up of leftovers never touches the committed output. A stage holds
 `RUN/.locks/<stage>.lock` while it works (`stage_lock`, taken by the `@stage` decorator of
 every stage's entry function), so a second process on the same run stops with the first
-one's pid instead of writing beside it. Work that `--force` replaces is
-set aside (`set_aside`) and dropped only once the new work has succeeded. Each stage also
-writes `RUN/manifests/<stage>.json` with its arguments, package versions, input hashes,
-counts and wall time. Paths inside the run are stored as `RUN/...` (`run_relative`), so a run
-directory can be moved or copied and still resume.
+one's pid instead of writing beside it. Work that `--force` replaces is set aside
+(`set_aside`), dropped once the new work has succeeded, and put back if it fails. Each stage
+also writes `RUN/manifests/<stage>.json` with its arguments, package versions, input hashes,
+counts, wall time and every output file's size, sha256 and Parquet row count: `finished` calls
+a stage up to date only while its files match that record and its inputs were not made from
+inputs that changed since (`check_upstream`). A kill between a publication and its manifest
+leaves a record that does not match, so the stage runs again. Paths inside the run are stored
+as `RUN/...` (`run_relative`, `portable`), so a run directory can be moved or copied and still
+resume.
 """
 
 from __future__ import annotations
