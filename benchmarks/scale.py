@@ -1,0 +1,136 @@
+"""Scale of the CPU stages: a synthetic run of N clips, each stage in a fresh process, and its wall time,
+peak RSS and bytes read, with ratios against the smallest N.
+
+    python benchmarks/scale.py --n 100 400 --seconds 2 --out /tmp/scale            # a few minutes on 2 cores
+    python benchmarks/scale.py --n 2400 --seconds 30 --out /tmp/scale_real         # realistic clips (~0.6 GB)
+    python benchmarks/scale.py --n 2400 24000 --seconds 2 --stages build --out /tmp/scale_short
+
+The run: `conceptcaps distill` on the real MusicCaps CSV ($MUSICCAPS_CSV, once per --out), captions
+cycled from the distilled pairs (N rows), and music-like FLAC clips at --sampling_rate written through
+the project's shard writer with caption fingerprints (conceptcaps_pipeline.testing.synthetic_run):
+no model is needed. Stages measured (--stages): `build` (every config, split and subset; the card
+included), `verify` (`audio verify`: decodes every clip), `stream` (the README's streaming example through
+`conceptcaps.stream_release`, filter + take 10, in a fresh process; its exit code is printed).
+Each runs as a child process that reports its own /proc/self/io (rchar: bytes through read() calls,
+page cache included; read_bytes: from the block device) and peak RSS (ru_maxrss), so one stage's
+imports and caches do not hide in another's. Prints one line per (N, stage) and a table of ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STREAM = """
+import sys
+from conceptcaps import stream_release
+stream = stream_release(sys.argv[1], "audio", split="train")
+names = stream.features["labels"].feature.names
+rows = list(stream.filter(lambda r: len(r["labels"]) > 0).take(10))
+assert len(rows) == 10 and rows[0]["audio"]["array"].size > 0
+"""
+
+
+def child(report: str, argv: list[str]) -> int:
+    """Run one stage in this process, then write its /proc/self/io and ru_maxrss to `report`."""
+    import resource
+
+    started = time.time()
+    if argv[0] == "stream":
+        sys.argv = ["stream", *argv[1:]]
+        exec(compile(STREAM, "stream", "exec"), {"__name__": "__stream__"})
+        code = 0
+    else:
+        from conceptcaps_pipeline.cli import main
+
+        code = main(argv)
+    with open("/proc/self/io") as f:
+        io = {k: int(v) for k, v in (line.split(":") for line in f)}
+    Path(report).write_text(json.dumps({
+        "code": code, "wall_s": time.time() - started, "rchar": io["rchar"], "read_bytes": io["read_bytes"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+    return code
+
+
+def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Path, int]:
+    """OUT/run-N: the distilled base (made once) plus N captions and clips; returns (run, audio bytes)."""
+    from conceptcaps_pipeline.testing.synthetic_run import write_audio, write_captions
+
+    base = out / "distilled"
+    if not (base / "taxonomy.json").is_file():
+        csv = os.environ.get("MUSICCAPS_CSV", str(ROOT.parent / "shared/data/musiccaps/musiccaps-public.csv"))
+        subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", "distill", "--run", str(base), "--source", csv],
+                       check=True)
+    run = out / f"run-{n}-{seconds:g}s"
+    if run.exists():
+        shutil.rmtree(run)
+    shutil.copytree(base, run)
+    write_captions(run, n)
+    audio_bytes = write_audio(run, seconds=seconds, sampling_rate=sampling_rate)
+    return run, audio_bytes
+
+
+def measure(stage: str, run: Path, report: Path, seconds: float) -> dict:
+    argv = {"build": ["build", "--run", str(run), "--force"],
+            "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
+            "stream": ["stream", str(run / "release")]}[stage]
+    started = time.time()
+    done = subprocess.run([sys.executable, __file__, "--child", str(report), "--", *argv], capture_output=True, text=True)
+    result = json.loads(report.read_text()) if report.is_file() and done.returncode == 0 else {}
+    result.update(exit=done.returncode, process_wall_s=time.time() - started)
+    if done.returncode != 0:
+        result["stderr_tail"] = done.stderr[-300:]
+    report.unlink(missing_ok=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 400], help="Run sizes (clips), smallest first.")
+    parser.add_argument("--seconds", type=float, default=2.0, help="Clip length (30 = MusicGen's paper clips).")
+    parser.add_argument("--sampling_rate", type=int, default=32_000, help="Clip rate (MusicGen: 32 kHz).")
+    parser.add_argument("--stages", nargs="+", default=["build", "verify", "stream"], help="build, verify, stream.")
+    parser.add_argument("--out", default="/tmp/conceptcaps-scale", help="Working folder (runs are kept for a look).")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        sys.exit(child(args.child, [a for a in rest if a != "--"]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for n in sorted(args.n):
+        started = time.time()
+        run, audio_bytes = make_run(out, n, args.seconds, args.sampling_rate)
+        print(f"N={n}: synthetic run {run} ({audio_bytes / 1e6:.1f} MB of audio shards, "
+              f"{time.time() - started:.0f} s to make)", flush=True)
+        for stage in args.stages:
+            r = measure(stage, run, out / "report.json", args.seconds)
+            r["audio_bytes"] = audio_bytes
+            results[n, stage] = r
+            if "rchar" in r:
+                print(f"  {stage:7s} exit {r['exit']}  wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                      f"read {r['rchar'] / 1e6:8.1f} MB ({r['rchar'] / audio_bytes:5.2f}x audio; "
+                      f"{r['read_bytes'] / 1e6:.1f} MB from disk)", flush=True)
+            else:
+                print(f"  {stage:7s} exit {r['exit']}  {r.get('stderr_tail', '')!r}", flush=True)
+    smallest = min(args.n)
+    print(f"\nratios against N={smallest} (N ratio, wall, peak RSS, bytes read):")
+    for (n, stage), r in sorted(results.items()):
+        base = results.get((smallest, stage), {})
+        if "rchar" in r and "rchar" in base:
+            print(f"  {stage:7s} N={n:>7d} x{n / smallest:<6.1f} wall x{r['wall_s'] / base['wall_s']:.2f}  "
+                  f"RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}  read x{r['rchar'] / base['rchar']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
