@@ -239,3 +239,119 @@ def test_the_stage_raises_no_deprecation_from_its_own_calls(audio_captions_run, 
         ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations
                 if str(Path(w.filename).resolve()).startswith(project) or "past_key_values" in str(w.message)]
         assert not ours, ours
+
+
+# -- best of K (`--candidates`) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clap(tmp_path_factory, captions):
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
+
+    return build_tiny_clap(tmp_path_factory.mktemp("tiny_clap") / "model", captions[:500])
+
+
+def audio_by_id(folder: Path) -> dict[str, bytes]:
+    table = read_shards(folder)
+    return dict(zip(table.column("id").to_pylist(), table.column("audio").to_pylist()))
+
+
+def check_best_of(run: Path, k: int) -> dict:
+    """Each id once, with a record whose kept candidate has the highest mean evidence and whose seed is the row's."""
+    from conceptcaps_pipeline.audio.best_of import candidate_seeds, read_candidate_records
+
+    ids = caption_ids(run)
+    index = read_shards(run / "audio", columns=INDEX_COLUMNS).to_pylist()
+    assert Counter(r["id"] for r in index) == Counter(ids)  # each id exactly once
+    records = read_candidate_records(run / "audio")
+    assert sorted(records) == sorted(ids)
+    for row in index:
+        record = records[row["id"]]
+        means = record["candidate_means"]
+        assert len(means) == len(record["candidate_seeds"]) == len(record["evidence"]) == k
+        assert means[record["kept"]] == max(m for m in means if m is not None)
+        assert record["kept"] == min(c for c, m in enumerate(means) if m == means[record["kept"]])  # ties: lowest
+        assert row["seed"] == record["seed"] == record["candidate_seeds"][record["kept"]]
+        # The batch's seeds: candidate 0 is the plain run's batch seed.
+        assert record["candidate_seeds"][0] in {batch_seed(0, i) for i in ids}
+        assert candidate_seeds(0, next(i for i in ids if batch_seed(0, i) == record["candidate_seeds"][0]), k) == \
+            record["candidate_seeds"]
+        assert all(len(e) == len(record["labels"]) for e in record["evidence"]) and record["labels"]
+    return records
+
+
+def test_best_of_two_keeps_the_higher_evidence_and_is_reproducible(audio_run, audio_captions_run, tiny_musicgen,
+                                                                   tiny_clap, tmp_path, single_process_state):
+    """--candidates 2 --keep_candidates on 10 real captions (batches of 2, as audio_run): each id once, the kept
+    candidate has the highest mean evidence, candidate 0 is the plain run's clip, the same seed gives the same
+    bytes; the manifest counts the winners; a plain resume of a best-of-2 run is refused."""
+    options = dict(model=str(tiny_musicgen), duration=0.5, batch_size=2, candidates=2, clap_model=str(tiny_clap))
+    first = shutil.copytree(audio_captions_run, tmp_path / "first")
+    manifest = generate_audio(AudioArguments(run=str(first), keep_candidates=True, **options))
+    records = check_best_of(first, 2)
+
+    # Candidate 0 is the clip of a run without --candidates (audio_run: two processes, the same batches).
+    plain, kept, others = audio_by_id(audio_run / "audio"), audio_by_id(first / "audio"), \
+        read_shards(first / "audio" / "candidates").to_pylist()
+    assert Counter(r["id"] for r in others) == Counter(caption_ids(first))  # the other candidate of each id
+    for clip_id, record in records.items():
+        other = next(r for r in others if r["id"] == clip_id)
+        assert other["seed"] == record["candidate_seeds"][1 - record["kept"]]
+        assert plain[clip_id] == (kept[clip_id] if record["kept"] == 0 else other["audio"])
+    assert set(records[i]["kept"] for i in records) == {0, 1}  # both candidates win somewhere (the scores are noise)
+
+    counts = manifest["counts"]
+    assert counts["candidate_clips_generated"] == 20 and counts["generated"] == counts["clips"] == 10
+    best = counts["best_of"]
+    assert best["clips_with_record"] == 10 and sum(best["kept_candidate"].values()) == 10
+    assert best["mean_evidence_kept"] >= best["mean_evidence_candidate_0"]
+    assert best["scorers"] == [str(tiny_clap)]
+    assert manifest["sessions"][-1]["per_rank"][0]["score_seconds"] >= 0
+
+    # The same seed: the same choice and the same bytes (without --keep_candidates too).
+    second = shutil.copytree(audio_captions_run, tmp_path / "second")
+    generate_audio(AudioArguments(run=str(second), **options))
+    assert audio_by_id(second / "audio") == kept and read_candidate_records(second / "audio") == records
+    assert not (second / "audio" / "candidates").exists()
+
+    # Clips of best of 2 are not mixed with plain ones (nor with another K).
+    (second / "audio" / shard_paths(second / "audio")[0].name).unlink()
+    with pytest.raises(ConceptCapsError, match=r"candidates: 2 there, None now.*--force"):
+        generate_audio(AudioArguments(run=str(second), model=str(tiny_musicgen), duration=0.5, batch_size=2))
+    with pytest.raises(ConceptCapsError, match="--keep_candidates needs --candidates"):
+        generate_audio(AudioArguments(run=str(second), model=str(tiny_musicgen), keep_candidates=True))
+
+
+def read_candidate_records(audio_dir):
+    from conceptcaps_pipeline.audio.best_of import read_candidate_records as read
+
+    return read(audio_dir)
+
+
+def test_kill_9_mid_best_of_run_then_resume(tmp_path, audio_captions_run, tiny_musicgen, tiny_clap,
+                                           single_process_state):
+    """`kill -9` of `accelerate launch ... audio generate --candidates 2` (two processes), then a resume: each id
+    once, every clip with its record; the batches done before the kill keep their clips and choices."""
+    run = shutil.copytree(audio_captions_run, tmp_path / "run")
+    ids = caption_ids(run)
+    process = launch_audio_generate(run, tiny_musicgen, "--duration", "1.0", "--batch_size", "1",
+                                    "--candidates", "2", "--clap_model", str(tiny_clap),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not shard_paths(run / "audio") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(1.0)
+    before = audio_by_id(run / "audio")
+    assert 0 < len(before) < len(ids), "the kill should land after the first shard and before the last"
+    records_before = read_candidate_records(run / "audio")
+    assert sorted(records_before) == sorted(before)  # a clip and its record are written together
+
+    manifest = generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=1.0, batch_size=1,
+                                             candidates=2, clap_model=str(tiny_clap)))
+    records = check_best_of(run, 2)
+    after = audio_by_id(run / "audio")
+    assert {i: after[i] for i in before} == before and {i: records[i] for i in before} == records_before
+    assert manifest["counts"]["already_done"] == len(before)
+    assert manifest["counts"]["generated"] == len(ids) - len(before)
+    assert manifest["counts"]["best_of"]["clips_with_record"] == len(ids)
+    assert not list((run / "audio").glob(".*.tmp"))

@@ -111,33 +111,93 @@ def score_candidates(scorer, clips: list[list[bytes]], labels: list[list[str]], 
 
 @dataclass
 class BatchChoice:
-    """What `best_of_batch` returns: the kept clip of every id (FLAC bytes, as scored) and each id's choice."""
+    """What `best_of_batch` returns: the kept clip of every id (FLAC bytes, as scored, and the audio that made
+    them), each id's choice, and every candidate's audio (for --keep_candidates)."""
 
     clips: list[bytes]
     choices: dict[str, Choice]
+    audio: list[np.ndarray] = field(default_factory=list)  # the kept candidate's audio, per id
+    candidates: list[list[np.ndarray]] = field(default_factory=list)  # per candidate, one array per id
+    seeds: list[int] = field(default_factory=list)  # the batch's candidate seeds
 
 
 def best_of_batch(make, ids: list[str], labels: list[list[str]], *, key: str, base_seed: int, k: int,
-                  sampling_rate: int, scorer, tags: list[tuple[str, str]], text: np.ndarray) -> BatchChoice:
+                  sampling_rate: int, scorer, tags: list[tuple[str, str]], text: np.ndarray,
+                  subtype: str = "PCM_16") -> BatchChoice:
     """Synthesise K candidates of one generation batch and keep, per id, the best candidate.
 
     make(seed) -> one audio array per id of the batch (what `audio generate` does for a batch and a
     seed); `key` is the batch's seed key (its first id), so candidate 0 is the clip `audio generate`
-    makes without candidates. Each candidate is encoded to FLAC (`shards.encode_flac`) before it is
-    scored, so the kept clip's score is the score of the bytes that are shipped. The caller writes
-    `clips` in place of the single clips and `choices[id].record()` beside them.
+    makes without candidates. Each candidate is encoded to FLAC (`shards.encode_flac`, with the
+    shards' `subtype`) before it is scored, so the kept clip's score is the score of the bytes that
+    are shipped. The caller writes `audio` (or `clips`) in place of the single clips and
+    `choices[id].record()` beside them. A candidate with NaN/Inf samples scores lowest.
     """
     from conceptcaps_pipeline.audio.shards import encode_flac
 
     seeds = candidate_seeds(base_seed, key, k)
-    per_candidate = []
+    per_candidate, arrays = [], []
     for seed in seeds:
         audio = make(seed)
         if len(audio) != len(ids):
             raise ValueError(f"make({seed}) returned {len(audio)} clips for {len(ids)} ids")
-        per_candidate.append([encode_flac(np.asarray(a, dtype=np.float32), sampling_rate) for a in audio])
+        audio = [np.asarray(a, dtype=np.float32) for a in audio]
+        arrays.append(audio)
+        per_candidate.append([encode_flac(a, sampling_rate, subtype) for a in audio])
     clips = [[per_candidate[c][i] for c in range(k)] for i in range(len(ids))]
     scores = score_candidates(scorer, clips, labels, tags, text)
+    for i in range(len(ids)):
+        for c in range(k):
+            if not np.isfinite(arrays[c][i]).all():  # the writer would refuse it: never keep it
+                scores[i][c] = [float("nan")] * len(scores[i][c])
     # Every id of a batch shares the batch's seeds: candidate c of the batch used seeds[c].
     choices = {i: choose_candidate(s, seeds) for i, s in zip(ids, scores)}
-    return BatchChoice(clips=[clips[n][choices[i].index] for n, i in enumerate(ids)], choices=choices)
+    kept = [choices[i].index for i in ids]
+    return BatchChoice(clips=[clips[n][kept[n]] for n in range(len(ids))], choices=choices,
+                       audio=[arrays[kept[n]][n] for n in range(len(ids))], candidates=arrays, seeds=seeds)
+
+
+RECORD_KEY = b"conceptcaps.candidates"  # the audio shards' parquet metadata key of the best-of-K records
+
+
+def shard_metadata(choices: dict[str, Choice], scorer: str, labels: dict[str, list[str]],
+                   seeds: list[int]) -> dict[bytes, bytes]:
+    """The parquet key-value metadata that records, in the shard itself, every candidate's score of its ids.
+
+    Why in the shard: it is written atomically with the clips it describes, so a killed run never
+    leaves a clip without its record or a record without its clip.
+    """
+    import json
+
+    def finite(values):  # JSON has no NaN: a label without a score (a one-tag category) is null
+        return [None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+    record = {"scorer": scorer, "clips": {
+        i: {"kept": c.index, "seed": c.seed, "candidate_seeds": list(seeds), "candidate_means": finite(c.means), "labels": list(labels.get(i, [])),
+            "evidence": [finite(e) for e in c.evidence]} for i, c in choices.items()}}
+    return {RECORD_KEY: json.dumps(record, sort_keys=True, allow_nan=False).encode()}
+
+
+def read_candidate_records(audio_dir) -> dict[str, dict]:
+    """{id: record} of the best-of-K records in RUN/audio/ shards, for the rows each shard holds.
+
+    A record: kept (index), seed (the kept candidate's), candidate_seeds, candidate_means (mean label evidence of
+    every candidate, in candidate order), labels, evidence (per candidate, per label) and scorer.
+    Clips made without --candidates have no record.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.audio.shards import shard_paths
+
+    records: dict[str, dict] = {}
+    for path in shard_paths(audio_dir):
+        metadata = pq.read_schema(path).metadata or {}
+        if RECORD_KEY not in metadata:
+            continue
+        stored = json.loads(metadata[RECORD_KEY])
+        for clip_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+            if clip_id in stored["clips"]:  # rows moved aside (changed captions) keep their shard's metadata
+                records[clip_id] = {**stored["clips"][clip_id], "scorer": stored["scorer"]}
+    return records

@@ -5,6 +5,7 @@ r"""Synthesize one MusicGen clip per caption into RUN/audio/, on one process or 
         --guidance_scale 3.3 --batch_size 8
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m conceptcaps_pipeline.cli \
         audio generate --run runs/demo                                          # every GPU of a node
+    conceptcaps audio generate --run runs/demo --candidates 4                    # best of 4 by CLAP evidence
 
 Reads RUN/captions.parquet (id, caption). Every caption goes into a fixed batch (captions
 sorted by prompt length, so the text encoder pads little); the batches that still lack a clip
@@ -24,6 +25,15 @@ sets the old clips aside, and drops them only once the new ones are made. One pr
 may work on a run (RUN/.locks/audio.lock). On a GPU the model runs in bf16 while the EnCodec
 decoder stays in float32. Writes RUN/manifests/audio.json (counts per rank, audio seconds, wall
 time, and one entry per session when a run was resumed).
+
+`--candidates K` (best of K, docs/audio.md): each batch is made K times, with candidate seeds from
+`best_of.candidate_seeds` (candidate 0 is the seed above, so K = 1 is the plain run, byte for byte);
+every candidate is encoded to FLAC and scored by the CLAP of `--clap_model` (per label, the rank
+percentile `audio score` stores as evidence), and per caption the candidate whose labels have the
+highest mean evidence is kept. Every candidate's score is recorded in the parquet metadata of the
+shard that holds the kept clip (`best_of.read_candidate_records`), so record and clip are written
+together; the manifest counts which candidate won and the mean evidence kept. `--keep_candidates`
+also writes the other candidates to RUN/audio/candidates/ (never shipped by `build`).
 
 `--model` takes a Hub id (facebook/musicgen-small, -medium, -large, -stereo-*) or a local folder.
 """
@@ -51,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 STAGE = "audio"
 DEFAULT_MODEL = "facebook/musicgen-large"
+SCORE_MODEL = "laion/larger_clap_music"  # audio score's DEFAULT_MODEL (not imported: score.py loads evaluate code)
+CANDIDATES_FOLDER = "candidates"  # RUN/audio/candidates/: --keep_candidates' other candidates
 
 
 @dataclass
@@ -86,6 +98,18 @@ class AudioArguments:
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even where a GPU is present."})
     force: bool = field(default=False, metadata={"help": "Make every clip again; the old ones are set aside and "
                                                          "dropped once the new ones are made."})
+    candidates: int = field(
+        default=1,
+        metadata={"help": "Best of K: make K candidates per caption and keep the one whose labels have the highest "
+                          "mean CLAP evidence (K x the audio time, plus scoring); 1: one clip per caption, as before."})
+    clap_model: str = field(
+        default=SCORE_MODEL,
+        metadata={"help": "With --candidates > 1: the CLAP checkpoint (Hub id or local folder) that scores the "
+                          "candidates; `audio score`'s default, so the kept clip is chosen by the evidence it reports."})
+    keep_candidates: bool = field(
+        default=False,
+        metadata={"help": "With --candidates > 1: also write the candidates not kept to RUN/audio/candidates/ "
+                          "(for inspection; `build` never ships them)."})
 
 
 def batch_seed(base_seed: int, first_id: str) -> int:
@@ -370,6 +394,9 @@ def check_arguments(args: AudioArguments) -> None:
         (args.flac_subtype in FLAC_SUBTYPES, f"--flac_subtype {args.flac_subtype!r}: use one of {', '.join(FLAC_SUBTYPES)}."),
         (args.max_pending >= 1, f"--max_pending {args.max_pending}: give at least 1."),
         (args.num_threads >= 0, f"--num_threads {args.num_threads}: give 0 (torch's default) or more."),
+        (args.candidates >= 1, f"--candidates {args.candidates}: give 1 (one clip per caption) or more (best of K)."),
+        (args.candidates > 1 or not args.keep_candidates,
+         "--keep_candidates needs --candidates 2 or more: with one candidate there is nothing else to keep."),
     ]
     for ok, message in checks:
         if not ok:
@@ -382,6 +409,8 @@ def clip_settings(args: AudioArguments, run: Path) -> dict:
 
     settings = {key: getattr(args, key) for key in SETTING_KEYS}
     settings["model"] = run_relative(args.model, run)
+    if args.candidates > 1:  # only then: a plain run's settings (and so its shards) stay as they always were
+        settings.update(candidates=args.candidates, clap_model=run_relative(args.clap_model, run))
     return settings
 
 
@@ -393,7 +422,8 @@ def _check_settings(index, settings: dict, run: Path) -> None:
 
     for text in sorted(stored):
         other = json.loads(text)
-        differ = {k: (other.get(k), settings[k]) for k in settings if other.get(k) != settings[k]}
+        # Both sides' keys: a best-of-K clip carries candidates/clap_model, a plain one does not.
+        differ = {k: (other.get(k), settings.get(k)) for k in {*settings, *other} if other.get(k) != settings.get(k)}
         if differ:
             listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differ.items()))
             raise ConceptCapsError(
@@ -439,7 +469,7 @@ def prepare_audio_dir(args: AudioArguments, run: Path, stale: dict[str, set[str]
     report = {"leftovers": remove_stale_temporaries(audio_dir) if audio_dir.is_dir() else 0,
               "stale": sum(len(ids) for ids in stale.values())}
     if args.force:
-        folder = set_aside(run, STAGE, shard_paths(audio_dir))
+        folder = set_aside(run, STAGE, shard_paths(audio_dir) + shard_paths(audio_dir / CANDIDATES_FOLDER))
         if folder:
             logger.info("audio: --force: the old clips are set aside in %s until the new ones are made", folder)
     elif report["stale"]:
@@ -512,6 +542,7 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
         if static.compile_step:  # compile every graph now: the first batch then runs at full speed
             static.warm_up(batch_size, max_new_tokens, args.guidance_scale, args.top_k, args.temperature)
     codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
+    best_of = _load_best_of(args, run, captions_path, device) if args.candidates > 1 else None
     state.wait_for_everyone()
     report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
     # Why: no process may write a shard before the main one has set old clips aside.
@@ -520,6 +551,8 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
     # 3. Generate this process's share of the batches; the writer thread does the disk work.
     local = {"rank": rank, "assigned": 0, "clips": 0, "shards": 0, "audio_seconds": 0.0,
              "generate_seconds": 0.0, "failed": {}}
+    if best_of is not None:
+        local.update(candidate_clips=0, score_seconds=0.0)
     with state.split_between_processes(todo) as mine:
         if mine:
             local["assigned"] = sum(1 for b in mine for i in batches[b] if i not in done)
@@ -534,19 +567,47 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
                     os._exit(1)  # orphaned: the launcher died; stop before writing anything more
                 batch_ids = batches[b]
                 seed = batch_seed(args.seed, batch_ids[0])
-                tick = time.time()
-                audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
-                                   max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
-                                   top_k=args.top_k, temperature=args.temperature, decoder=static,
-                                   codec_batch_size=codec_batch)
-                local["generate_seconds"] += time.time() - tick
-                writer.put(Batch(ids=batch_ids, audio=audio, seed=seed,
-                                 caption_sha256=[caption_sha256(prompts[i]) for i in batch_ids],
-                                 keep=[i not in done for i in batch_ids]))
+                keep = [i not in done for i in batch_ids]
+                fingerprints = [caption_sha256(prompts[i]) for i in batch_ids]
+
+                def make(seed: int, batch_ids=batch_ids) -> np.ndarray:
+                    tick = time.time()
+                    audio = synthesize(model, processor, [prompts[i] for i in batch_ids], seed=seed,
+                                       max_new_tokens=max_new_tokens, guidance_scale=args.guidance_scale,
+                                       top_k=args.top_k, temperature=args.temperature, decoder=static,
+                                       codec_batch_size=codec_batch)
+                    local["generate_seconds"] += time.time() - tick
+                    return audio
+
+                if best_of is None:
+                    writer.put(Batch(ids=batch_ids, audio=make(seed), seed=seed, caption_sha256=fingerprints,
+                                     keep=keep))
+                    continue
+                # Best of K: candidate 0 is the clip above; the kept ones go out with every candidate's score.
+                from conceptcaps_pipeline.audio.best_of import best_of_batch, shard_metadata
+
+                tick, generating = time.time(), local["generate_seconds"]
+                chosen = best_of_batch(make, batch_ids, [best_of["labels"][i] for i in batch_ids], key=batch_ids[0],
+                                       base_seed=args.seed, k=args.candidates, sampling_rate=timing["sampling_rate"],
+                                       scorer=best_of["scorer"], tags=best_of["tags"], text=best_of["text"],
+                                       subtype=args.flac_subtype)
+                local["score_seconds"] += time.time() - tick - (local["generate_seconds"] - generating)
+                local["candidate_clips"] += args.candidates * sum(keep)
+                if args.keep_candidates:  # before the kept clips: a kill in between redoes the batch (docs/audio.md)
+                    _write_other_candidates(audio_dir / CANDIDATES_FOLDER, writer.token, rank, b, batch_ids, keep,
+                                            chosen, fingerprints, timing["sampling_rate"], settings, args)
+                kept_ids = [i for i, k in zip(batch_ids, keep) if k]
+                metadata = shard_metadata({i: chosen.choices[i] for i in kept_ids}, best_of["scorer"].name,
+                                          best_of["labels"], chosen.seeds)
+                writer.put(Batch(ids=batch_ids, audio=np.stack(chosen.audio), seed=seed,
+                                 seeds=[chosen.choices[i].seed for i in batch_ids], metadata=metadata,
+                                 caption_sha256=fingerprints, keep=keep))
             stats = writer.close()
             local.update(clips=stats.clips, shards=stats.shards, audio_seconds=round(stats.audio_seconds, 3),
                          failed=stats.failed)
     local["generate_seconds"] = round(local["generate_seconds"], 3)
+    if best_of is not None:
+        local["score_seconds"] = round(local["score_seconds"], 3)
 
     # 4. Collect every process's counts; the main process writes the manifest.
     per_rank = gather_object([local])
@@ -560,6 +621,65 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
     return manifest if manifest is not None else (read_manifest(run, STAGE) or {})
 
 
+def _load_best_of(args: AudioArguments, run: Path, captions_path: Path, device) -> dict:
+    """What --candidates needs: the CLAP scorer, each caption's labels, the taxonomy's tags and their text embeddings."""
+    from conceptcaps_pipeline.audio.score import ClapScorer, _labels, tag_embeddings
+    from conceptcaps_pipeline.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.load(require(run, "taxonomy.json"))
+    ids, labels, _ = _labels(captions_path)
+    scorer = ClapScorer(args.clap_model, str(device))
+    # The tags in audio score's order, so that a label's rank percentile is the evidence that stage reports.
+    tags = [(tag, category) for category, members in taxonomy.categories.items() for tag in members]
+    return {"scorer": scorer, "labels": dict(zip(ids, labels)), "tags": tags, "text": tag_embeddings(scorer, tags)}
+
+
+def _write_other_candidates(folder: Path, token: str, rank: int, batch: int, ids: list[str], keep: list[bool],
+                            chosen, fingerprints: list[str], sampling_rate: int, settings: dict,
+                            args: AudioArguments) -> None:
+    """--keep_candidates: the candidates not kept, one shard per batch in RUN/audio/candidates/ (written at once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.audio.shards import encode_flac, shard_schema
+    from conceptcaps_pipeline.run_dir import atomic_path
+
+    rows = []
+    for n, (clip_id, wanted) in enumerate(zip(ids, keep)):
+        for c, seed in enumerate(chosen.seeds):
+            audio = chosen.candidates[c][n]
+            if not wanted or c == chosen.choices[clip_id].index or not np.isfinite(audio).all():
+                continue
+            rows.append({"id": clip_id, "audio": encode_flac(audio, sampling_rate, args.flac_subtype),
+                         "duration_s": audio.shape[-1] / sampling_rate, "sampling_rate": sampling_rate, "seed": seed,
+                         "model": settings["model"], "caption_sha256": fingerprints[n],
+                         "settings": json.dumps(settings, sort_keys=True)})
+    if rows:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / f"shard-r{rank:03d}-{token}-{batch:06d}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=shard_schema()), tmp)
+
+
+def best_of_counts(audio_dir: Path, ids, candidates: int) -> dict:
+    """The manifest's best-of-K summary over the clips in RUN/audio/: which candidate won, and the mean
+    evidence kept against candidate 0's (what a plain run would have shipped)."""
+    from conceptcaps_pipeline.audio.best_of import read_candidate_records
+
+    records = read_candidate_records(audio_dir)
+    records = [records[i] for i in ids if i in records]
+    kept = [r["candidate_means"][r["kept"]] for r in records]
+    first = [r["candidate_means"][0] for r in records]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return round(float(np.mean(values)), 6) if values else None
+
+    won = {str(c): sum(r["kept"] == c for r in records) for c in range(candidates)}
+    return {"candidates": candidates, "clips_with_record": len(records), "kept_candidate": won,
+            "mean_evidence_kept": mean(kept), "mean_evidence_candidate_0": mean(first),
+            "scorers": sorted({r["scorer"] for r in records})}
+
+
 def determinism(args: AudioArguments, state, batch_size: int) -> dict:
     """What a clip's exact samples depend on, recorded so that a rerun can match it (docs/audio.md)."""
     import torch
@@ -568,6 +688,8 @@ def determinism(args: AudioArguments, state, batch_size: int) -> dict:
               "batch_size": batch_size, "seed": args.seed, "dtype": args.dtype, "decoder": args.decoder,
               "codec_batch_size": args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if state.device.type == "cuda" else
                                                              "all")}
+    if args.candidates > 1:
+        record.update(candidates=args.candidates, clap_model=args.clap_model)
     if torch.cuda.is_available() and state.device.type == "cuda":
         record.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
                       cudnn=torch.backends.cudnn.version())
@@ -596,6 +718,9 @@ def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, pre
         "audio_seconds_generated": session["audio_seconds"],
         "per_rank": {str(r["rank"]): r["clips"] for r in per_rank},  # str: the same keys as in the JSON file
     }
+    if args.candidates > 1:
+        counts["candidate_clips_generated"] = sum(r.get("candidate_clips", 0) for r in per_rank)
+        counts["best_of"] = best_of_counts(audio_dir, sorted(prompts), args.candidates)
     sessions = (previous or {}).get("sessions", []) if not args.force else []
     extra = {"sessions": sessions + [session], "failed_ids": failed,
              "codec": {**timing, "frames_per_clip": decoding_steps(args.duration, timing)[0]}}

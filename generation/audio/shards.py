@@ -158,6 +158,8 @@ class Batch:
     seed: int
     caption_sha256: list[str]
     keep: list[bool] | None = None
+    seeds: list[int] | None = None  # per row, where rows differ (best of K: each id's kept candidate); else `seed`
+    metadata: dict[bytes, bytes] | None = None  # the shard's parquet key-value metadata (best-of-K records)
 
 
 @dataclass
@@ -225,7 +227,8 @@ class ShardWriter:
 
         rows = []
         keep = batch.keep or [True] * len(batch.ids)
-        for clip_id, audio, fingerprint, wanted in zip(batch.ids, batch.audio, batch.caption_sha256, keep):
+        seeds = batch.seeds or [batch.seed] * len(batch.ids)
+        for clip_id, audio, fingerprint, wanted, seed in zip(batch.ids, batch.audio, batch.caption_sha256, keep, seeds):
             if not wanted:
                 continue  # made only so that the batch is the same as in a run that was never interrupted
             if not np.isfinite(audio).all():
@@ -237,13 +240,14 @@ class ShardWriter:
             rows.append({
                 "id": clip_id, "audio": encode_flac(audio, self.sampling_rate, self.subtype),
                 "duration_s": audio.shape[-1] / self.sampling_rate, "sampling_rate": self.sampling_rate,
-                "seed": batch.seed, "model": self.model_id, "caption_sha256": fingerprint, "settings": self.settings,
+                "seed": seed, "model": self.model_id, "caption_sha256": fingerprint, "settings": self.settings,
             })
         if not rows:
             return
         path = self.audio_dir / f"shard-r{self.rank:03d}-{self.token}-{self._next:06d}.parquet"
         with atomic_path(path) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=shard_schema()), tmp)
+            schema = shard_schema().with_metadata(batch.metadata) if batch.metadata else shard_schema()
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         self._next += 1
         self.stats.shards += 1
         self.stats.clips += len(rows)
