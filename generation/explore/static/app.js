@@ -126,7 +126,15 @@
   let current = { row: Math.floor(pad.size / 2), col: Math.floor(pad.size / 2) };
   let shownSet = -1;
 
-  const setColour = (index, light) => `hsl(${(index * 137.508) % 360}, 55%, ${light}%)`;
+  // A point's colour is that of its set's first genre tag (taxonomy order; else its first tag): the points
+  // differ in length as samples do (set sizes drawn from the data), so colouring every distinct set apart
+  // would speckle the pad, while the genre shows the regions the axes move through.
+  const tagIndex = new Map(data.concepts.map((c, i) => [c.tag, i]));
+  const colourKey = pad.sets.map((set) => {
+    const genre = set.find((t) => byTag.has(t) && byTag.get(t).category === "genre");
+    return tagIndex.get(genre !== undefined ? genre : set[0]) || 0;
+  });
+  const setColour = (index, light) => `hsl(${(colourKey[index] * 137.508) % 360}, 55%, ${light}%)`;
   const [axisX, axisY] = pad.axes;
 
   // "z[12] = 0.40" and, on a regularised axis, the attribute's value there: " (tempo ≈ 0.67)".
@@ -181,7 +189,9 @@
     $("axis-y").textContent = `↑ ${axisY.label}: ${fmt(axisY.range[0], 2)} to ${fmt(axisY.range[1], 2)}`;
     $("pad-note").textContent =
       `${pad.size} × ${pad.size} points on two latent dimensions: ${pad.note}. Every other dimension is at 0, the ` +
-      "prior's mean. Colours mark distinct decoded tag sets; the clips listed are the release's closest to the set " +
+      "prior's mean. Each point is decoded as the run sampled its sets" +
+      (pad.rule && pad.rule.sizes === "data" ? ", with the set sizes of a training set (so lengths vary point to point)" : "") +
+      ". A point's colour is its set's first genre tag; the clips listed are the release's closest to the set " +
       "under the pointer (Jaccard similarity of their labels).";
     canvas.addEventListener("mousemove", (event) => showCell(...cellAt(event)));
     canvas.addEventListener("click", (event) => showCell(...cellAt(event)));
