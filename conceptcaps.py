@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.release.concepts import ConceptSets, concept_sets, load_release, tag_mask, to_captum_concepts  # noqa: F401 - the public API
-from conceptcaps_pipeline.tcav import run as tcav_run  # noqa: F401 - TCAV on any torch model (docs/tcav.md)
 from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, importable from here as before
     CAPTION_COLUMNS,
     load_tags,
@@ -39,9 +37,10 @@ from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, 
     read_audio_index,
     run_fingerprint,
 )
-from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, make_example, tag_categories  # noqa: F401 - public
+from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, make_example, tag_categories
 from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, assign_splits, nested_subsets, subset_min_positives  # noqa: F401
 from conceptcaps_pipeline.taxonomy import Taxonomy
+from conceptcaps_pipeline.tcav import run as tcav_run  # noqa: F401 - TCAV on any torch model (docs/tcav.md)
 
 logger = logging.getLogger(__name__)
 

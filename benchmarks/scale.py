@@ -46,7 +46,7 @@ def child(report: str, argv: list[str]) -> int:
     started = time.time()
     if argv[0] == "stream":
         sys.argv = ["stream", *argv[1:]]
-        exec(compile(STREAM, "stream", "exec"), {"__name__": "__stream__"})
+        exec(compile(STREAM, "stream", "exec"), {"__name__": "__stream__"})  # noqa: S102 - our own constant script
         code = 0
     else:
         from conceptcaps_pipeline.cli import main
@@ -84,7 +84,7 @@ def measure(stage: str, run: Path, report: Path, seconds: float) -> dict:
             "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
             "stream": ["stream", str(run / "release")]}[stage]
     started = time.time()
-    done = subprocess.run([sys.executable, __file__, "--child", str(report), "--", *argv], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", str(report), "--", *argv], capture_output=True, text=True, check=False)
     result = json.loads(report.read_text()) if report.is_file() and done.returncode == 0 else {}
     result.update(exit=done.returncode, process_wall_s=time.time() - started)
     if done.returncode != 0:

@@ -9,14 +9,14 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from conceptcaps import ConceptCaps
 from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
-from conceptcaps_pipeline.release.build import BuildArguments, build_release, release_files
 from conceptcaps_pipeline.cli import main
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.build import BuildArguments, build_release, release_files
 from conceptcaps_pipeline.release.splits import SPLITS
 from conceptcaps_pipeline.run_dir import read_manifest
+
+from conceptcaps import ConceptCaps
 
 CONFIGS = ["default", "audio", "25pct", "25pct_audio", "10pct", "10pct_audio"]
 SHARD = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.parquet$")

@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from conceptcaps import ConceptCaps, concept_sets, tag_categories
 from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.release.plan import run_fingerprint
 from conceptcaps_pipeline.release.splits import SPLITS, assign_splits, nested_subsets, subset_min_positives
 from conceptcaps_pipeline.taxonomy import Taxonomy
+
+from conceptcaps import ConceptCaps, concept_sets, tag_categories
 
 
 def prepare(run, config, cache):

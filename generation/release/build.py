@@ -170,7 +170,6 @@ def release_statistics(release: Path, configs: list[str], unsatisfiable: dict[st
     """Counts read back from the written shards: rows, files and bytes per config and split; ids, tags and label
     sets per split (of the default config)."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.release.splits import SPLITS
 
     rows = {c: {s: 0 for s in SPLITS} for c in configs}
@@ -213,9 +212,8 @@ def check_arguments(args: BuildArguments) -> None:
 @stage(STAGE, check=check_arguments)
 def build_release(args: BuildArguments) -> dict:
     """Run the stage: data (unless up to date), figures and card; returns the stage manifest."""
-    from conceptcaps_pipeline.run_dir import write_json
-
     from conceptcaps_pipeline.release.plan import load_taxonomy, plan_run
+    from conceptcaps_pipeline.run_dir import write_json
 
     started = time.time()
     run = Path(args.run)
@@ -273,9 +271,8 @@ def _describe(args, run, release, configs, infos, assignment, taxonomy, key, sta
     """Figures, card, concepts.json and taxonomy.json into the staged `release`; returns the build manifest."""
     from conceptcaps_pipeline.dataset_card.card import public_taxonomy, stage_command, write_card
     from conceptcaps_pipeline.release.concepts import CONCEPTS_FILE, concepts_document
-    from conceptcaps_pipeline.run_dir import file_record, make_manifest, write_json
-
     from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, subset_min_positives
+    from conceptcaps_pipeline.run_dir import file_record, make_manifest, write_json
 
     # 2. Statistics from the written release, then figures and the card.
     if assignment.unsatisfiable:

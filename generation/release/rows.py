@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import datasets
-
 from conceptcaps_pipeline.release.plan import CAPTION_COLUMNS
 from conceptcaps_pipeline.release.splits import SUBSETS
 from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy

@@ -85,10 +85,9 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
     (features, splits and sizes: what the card's `dataset_info` holds)."""
     import datasets
     import pyarrow.parquet as pq
+    from conceptcaps_pipeline.release.rows import CONFIGS, features, make_example, tag_categories
     from datasets.utils.py_utils import convert_file_size_to_int
     from tqdm.auto import tqdm
-
-    from conceptcaps_pipeline.release.rows import CONFIGS, features, make_example, tag_categories
 
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:

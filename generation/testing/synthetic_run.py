@@ -45,7 +45,7 @@ def write_captions(run: str | Path, n: int) -> Path:
 
 def music_like(seconds: float, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
     """(1, samples) float32: chords of decaying partials that change every half second, over a noise floor."""
-    samples = int(round(seconds * sampling_rate))
+    samples = round(seconds * sampling_rate)
     t = np.arange(samples, dtype=np.float32) / sampling_rate
     out = np.zeros(samples, dtype=np.float32)
     step = sampling_rate // 2
@@ -65,7 +65,6 @@ def write_audio(run: str | Path, *, seconds: float, sampling_rate: int = 32_000,
     """RUN/audio/ shards for every caption of RUN/captions.parquet (one shard per batch, as `audio generate`
     writes them); returns the bytes of the shards. `distinct` clips are synthesised and reused (speed)."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import Batch, ShardWriter, caption_sha256, shard_paths
 
     run = Path(run)
