@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.record import BUILD_RECORD, verify_release
 from conceptcaps_pipeline.run_dir import (
     atomic_dir,
     check_upstream,
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "build"
 RELEASE = "release"
-BUILD_RECORD = ".build.json"  # the build manifest, published inside the release in the same swap as its files
 TEXT_CONFIGS = ("default", "25pct", "10pct")
 AUDIO_CONFIGS = ("audio", "25pct_audio", "10pct_audio")
 
@@ -315,32 +315,3 @@ def _describe(args, run, release, configs, infos, assignment, taxonomy, key, sta
                # The commit record of the release: every file's size, sha256 and row count (push checks it).
                "release_record": file_record([release / f for f in files], release, prefix="")},
     )
-
-
-def verify_release(release: Path, configs: list[str] | None = None, *, data_only: bool = False) -> list[str]:
-    """What differs between `release` and the build record published in it (missing, extra or changed files);
-    one phrase per file, empty when it is the complete release a build wrote."""
-    from conceptcaps_pipeline.run_dir import check_record
-
-    path = release / BUILD_RECORD
-    if not release.is_dir():
-        return [f"{release} is missing"]
-    if not path.is_file():
-        return [f"{path} is missing (a release from before build records, or an interrupted build)"]
-    try:
-        import json
-
-        record = json.loads(path.read_text(encoding="utf-8"))["release_record"]
-        assert isinstance(record, dict)
-    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-        return [f"{path} is not a build record"]
-    if data_only:
-        record = {k: v for k, v in record.items() if k.startswith("data/")}
-        folders = ["data"]
-    else:
-        folders = ["."]
-    problems = check_record(record, release, prefix="", folders=folders)
-    if configs is not None:
-        missing = [c for c in configs if not any(k.startswith(f"data/{c}/") for k in record)]
-        problems += [f"config {c} has no shard" for c in missing]
-    return problems

@@ -38,7 +38,7 @@ def check_built_release(path: Path) -> None:
     """A release folder that `conceptcaps build` wrote (it holds the build record) must still be what the build
     wrote: a missing, extra or changed file is refused before any set is drawn from it. Folders without a record
     (a downloaded snapshot) are read as they are."""
-    from conceptcaps_pipeline.release.build import BUILD_RECORD, verify_release
+    from conceptcaps_pipeline.release.record import BUILD_RECORD, verify_release
 
     if not (path / BUILD_RECORD).is_file():
         return
