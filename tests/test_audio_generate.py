@@ -283,9 +283,9 @@ def test_best_of_two_keeps_the_higher_evidence_and_is_reproducible(audio_run, au
     """--candidates 2 --keep_candidates on 10 real captions (batches of 2, as audio_run): each id once, the kept
     candidate has the highest mean evidence, candidate 0 is the plain run's clip, the same seed gives the same
     bytes; the manifest counts the winners; a plain resume of a best-of-2 run is refused."""
-    options = dict(model=str(tiny_musicgen), duration=0.5, batch_size=2, candidates=2, clap_model=str(tiny_clap))
     first = shutil.copytree(audio_captions_run, tmp_path / "first")
-    manifest = generate_audio(AudioArguments(run=str(first), keep_candidates=True, **options))
+    manifest = generate_audio(AudioArguments(run=str(first), model=str(tiny_musicgen), duration=0.5, batch_size=2,
+                                             candidates=2, clap_model=str(tiny_clap), keep_candidates=True))
     records = check_best_of(first, 2)
 
     # Candidate 0 is the clip of a run without --candidates (audio_run: two processes, the same batches).
@@ -306,9 +306,15 @@ def test_best_of_two_keeps_the_higher_evidence_and_is_reproducible(audio_run, au
     assert best["scorers"] == [str(tiny_clap)]
     assert manifest["sessions"][-1]["per_rank"][0]["score_seconds"] >= 0
 
-    # The same seed: the same choice and the same bytes (without --keep_candidates too).
+    # The same seed: the same choice and the same bytes, on two processes under `accelerate launch` too (and
+    # without --keep_candidates).
     second = shutil.copytree(audio_captions_run, tmp_path / "second")
-    generate_audio(AudioArguments(run=str(second), **options))
+    process = launch_audio_generate(second, tiny_musicgen, "--duration", "0.5", "--batch_size", "2", "--candidates",
+                                    "2", "--clap_model", str(tiny_clap), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    assert {p.name[:10] for p in shard_paths(second / "audio")} == {"shard-r000", "shard-r001"}
     assert audio_by_id(second / "audio") == kept and read_candidate_records(second / "audio") == records
     assert not (second / "audio" / "candidates").exists()
 
