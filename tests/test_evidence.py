@@ -448,3 +448,46 @@ def test_tiny_clap_end_to_end(audio_run, copy_run, tmp_path_factory, captions):
     assert set(concepts["evidence"]["concepts"]) == set(taxonomy.tags)
     assert (run / "release" / "figures" / "evidence_auc.png").is_file()
     assert "figures/evidence_auc.png" in (run / "release" / "README.md").read_text()
+
+
+def test_best_of_records_travel_with_the_shard(tmp_path):
+    """The best-of-K record is the kept clip's shard metadata: written with the rows, read back only for the rows
+    the shard holds; a candidate with NaN samples is never kept, whatever it would have scored."""
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.audio.best_of import best_of_batch, candidate_seeds, read_candidate_records, shard_metadata
+    from conceptcaps_pipeline.audio.score import tag_embeddings
+    from conceptcaps_pipeline.audio.shards import Batch, ShardWriter, move_rows_aside, read_shards
+
+    scorer = ToneScorer()
+    tags = [(t, c) for c, members in CATEGORIES.items() for t in members]
+    ids, labels = ["cc-000001", "cc-000002"], [["piano"], ["violin"]]
+    seeds = candidate_seeds(0, ids[0], 3)
+
+    def make(seed):  # candidate 1 sounds both labels but is NaN for the first id; candidate 2 sounds violin
+        rng = np.random.default_rng(seed)
+        heard = {seeds[0]: [[], []], seeds[1]: [["piano"], ["violin"]], seeds[2]: [["harp"], ["violin"]]}[seed]
+        clips = [clip_wave(h, rng) for h in heard]
+        if seed == seeds[1]:
+            clips[0][100] = np.nan
+        return clips
+
+    chosen = best_of_batch(make, ids, labels, key=ids[0], base_seed=0, k=3, sampling_rate=RATE, scorer=scorer,
+                           tags=tags, text=tag_embeddings(scorer, tags))
+    assert chosen.choices["cc-000001"].index != 1 and chosen.choices["cc-000002"].index == 1
+    assert chosen.choices["cc-000001"].means[1] is None
+    run = tmp_path / "run"
+    writer = ShardWriter(run / "audio", 0, RATE, "planted")
+    writer.put(Batch(ids=ids, audio=np.stack(chosen.audio)[:, None], seed=seeds[0],
+                     seeds=[chosen.choices[i].seed for i in ids], caption_sha256=["a", "b"],
+                     metadata=shard_metadata(chosen.choices, scorer.name, dict(zip(ids, labels)), seeds)))
+    writer.close()
+    table = read_shards(run / "audio")
+    assert table.column("seed").to_pylist() == [chosen.choices[i].seed for i in ids]
+    records = read_candidate_records(run / "audio")
+    assert records["cc-000002"]["kept"] == 1 and records["cc-000002"]["candidate_seeds"] == seeds
+    assert records["cc-000001"]["candidate_means"][1] is None and records["cc-000002"]["scorer"] == "tone-scorer"
+    # A row moved aside (its caption changed) leaves with its record; the other keeps its own.
+    move_rows_aside(run, {table.column("shard")[0].as_py(): {"cc-000001"}})
+    assert sorted(read_candidate_records(run / "audio")) == ["cc-000002"]
+    assert pq.read_table(next((run / "audio").glob("shard-*.parquet"))).num_rows == 1

@@ -97,7 +97,7 @@ def score_candidates(scorer, clips: list[list[bytes]], labels: list[list[str]], 
 
     flat = [c for candidates in clips for c in candidates]
     if not flat:
-        return []
+        return [[] for _ in clips]
     audio = np.asarray(scorer.embed_audio(flat), dtype=np.float64)
     similarities = np.clip(audio @ np.asarray(text, dtype=np.float64).T, -1.0, 1.0)
     flat_labels = [labels[i] for i, candidates in enumerate(clips) for _ in candidates]
@@ -143,13 +143,16 @@ def best_of_batch(make, ids: list[str], labels: list[list[str]], *, key: str, ba
             raise ValueError(f"make({seed}) returned {len(audio)} clips for {len(ids)} ids")
         audio = [np.asarray(a, dtype=np.float32) for a in audio]
         arrays.append(audio)
-        per_candidate.append([encode_flac(a, sampling_rate, subtype) for a in audio])
+        # Why the check: FLAC cannot hold NaN/Inf (soundfile fails), and the writer would refuse the clip anyway.
+        per_candidate.append([encode_flac(a, sampling_rate, subtype) if np.isfinite(a).all() else None
+                              for a in audio])
     clips = [[per_candidate[c][i] for c in range(k)] for i in range(len(ids))]
-    scores = score_candidates(scorer, clips, labels, tags, text)
-    for i in range(len(ids)):
-        for c in range(k):
-            if not np.isfinite(arrays[c][i]).all():  # the writer would refuse it: never keep it
-                scores[i][c] = [float("nan")] * len(scores[i][c])
+    finite = [[c for c in range(k) if clips[i][c] is not None] for i in range(len(ids))]
+    scored = score_candidates(scorer, [[clips[i][c] for c in finite[i]] for i in range(len(ids))], labels, tags, text)
+    scores = []
+    for i in range(len(ids)):  # a non-finite candidate has no score: it is never kept
+        by_candidate = dict(zip(finite[i], scored[i]))
+        scores.append([by_candidate.get(c, [float("nan")] * len(labels[i])) for c in range(k)])
     # Every id of a batch shares the batch's seeds: candidate c of the batch used seeds[c].
     choices = {i: choose_candidate(s, seeds) for i, s in zip(ids, scores)}
     kept = [choices[i].index for i in ids]
