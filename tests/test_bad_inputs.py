@@ -520,3 +520,19 @@ def test_ctrl_c_is_one_line_and_exit_130(audio_captions_run, tiny_musicgen, tmp_
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         "conceptcaps: interrupted; re-run the same command to resume")
     assert not (run / ".locks").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["distill", "--run", "NEW", "--validation_fraction", "nan"],
+    ["distill", "--run", "NEW", "--config", "NEW.yaml"],
+    ["vae", "sample", "--run", "NEW", "--id_prefix", "../x"],
+    ["build", "--run", "NEW", "--repo_id", "a/<b>"],
+])
+def test_a_refused_command_creates_nothing(tmp_path, capsys, argv):
+    """A command refused for its options leaves no run directory (nor lock folder) behind."""
+    (tmp_path / "NEW.yaml").write_text("n: &a 1\nm: *a\n")
+    argv = [str(tmp_path / part) if part.startswith("NEW") else part for part in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("conceptcaps")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NEW.yaml"]
