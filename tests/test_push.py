@@ -131,3 +131,25 @@ def test_a_failed_upload_is_one_clear_error(release_run, copy_run):
 
     with pytest.raises(ConceptCapsError, match="network unreachable.*re-run the same command"):
         push_release(PushArguments(run=str(copy_run(release_run)), repo_id="a/b"), api=Offline())
+
+
+def test_label_indices_outside_their_names_are_refused(release_run, copy_run):
+    """A shard whose `labels` hold 999 and -5 (a hand edit that a build record would not catch if it were
+    re-recorded) is refused by name, before any upload."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.release.push import check_labels
+
+    run = copy_run(release_run)
+    check_labels(run / "release")  # the built release passes
+    shard = sorted((run / "release" / "data" / "default").glob("train-*.parquet"))[0]
+    table = pq.read_table(shard)
+    labels = table.column("labels").to_pylist()
+    labels[0] = [999, -5]
+    column = table.schema.get_field_index("labels")
+    table = table.set_column(column, table.schema.field(column), pa.array(labels, table.schema.field(column).type))
+    pq.write_table(table, shard)
+    with pytest.raises(ConceptCapsError, match=rf"{shard.name}: column 'labels' holds label index -5, outside its \d+ "
+                                               r"names.*build --run .* --force"):
+        check_labels(run / "release")
