@@ -10,6 +10,8 @@
     positives, randoms = sets
     both = concept_sets(train, ["piano", "organ"], n=50, n_random=10)   # {tag: ConceptSets}, shared randoms
     concepts = to_captum_concepts(sets, preprocess)                       # captum Concepts for TCAV.interpret
+    heard = concept_sets(train, "piano", n=50, min_evidence=0.75, evidence="runs/demo")  # CLAP hears piano
+    heard.evidence          # {"positives": 80, "kept": 61, ...}: how many positives remain
 
 `concept_sets` works on any loaded ConceptCaps split (or the `audio` config, or a streaming-free
 subset of either). It and `conceptcaps concepts export` are one function (`choose_sets`): the
@@ -23,6 +25,7 @@ config and split, and how often two tags share a row.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.taxonomy import CATEGORIES
+
+logger = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.json"
 
@@ -82,6 +87,8 @@ class ConceptSets:
     tag: str
     positives: object  # a datasets.Dataset
     randoms: list = field(default_factory=list)  # datasets.Dataset each
+    # With min_evidence: {"min_evidence", "source", "positives" (labelled), "kept" (evidence >= it), "unscored"}.
+    evidence: dict | None = None
 
     def __iter__(self):  # `positives, randoms = concept_sets(...)`
         return iter((self.positives, self.randoms))
@@ -137,8 +144,12 @@ def draw_sets(positive: np.ndarray, n: int, n_random: int, rng: np.random.Genera
 
 
 def choose_sets(masks: dict[str, np.ndarray], n: int, n_random: int, random_size: int | None = None, seed: int = 0,
-                what: str = "") -> dict:
+                what: str = "", *, eligible: dict[str, np.ndarray] | None = None, min_evidence: float = 0.0) -> dict:
     """Row indices of every concept's positives and of the shared random sets: `concept_sets` and the export.
+
+    `masks`: the rows labelled with each tag; `eligible`: the labelled rows positives may be drawn
+    from (those with evidence >= `min_evidence`, `select_by_evidence`); random sets avoid every
+    labelled row either way.
 
     {"concepts": {tag: sorted rows}, "random": [sorted rows, ...], "shared": {"a & b": rows in both
     positive sets}, "random_excludes": tags, "overlapping_random": bool}.
@@ -162,6 +173,14 @@ def choose_sets(masks: dict[str, np.ndarray], n: int, n_random: int, random_size
         # Why a generator per tag: a tag's positives then depend on the seed and the tag alone, so
         # exporting [piano] or [piano, organ] gives piano the same clips.
         rng = np.random.default_rng([seed, stable_hash(f"positives|{tag}") % 2**32])
+        if eligible is not None and tag in eligible:
+            kept = int(eligible[tag].sum())
+            if kept < n:
+                raise ConceptCapsError(
+                    f"{tag!r}{what} has only {kept} positive row(s) with evidence >= {min_evidence:g} (of "
+                    f"{int(mask.sum())} labelled), fewer than n={n}: lower n or min_evidence (--min_evidence), or "
+                    f"make clips that carry it (`conceptcaps audio generate --candidates K`).")
+            mask = eligible[tag]
         chosen, _ = draw_sets(mask, n, 0, rng, what=f"{tag!r}{what}")
         concepts[tag] = chosen.tolist()
     any_tag = np.any(np.stack(list(masks.values())), axis=0)
@@ -197,7 +216,80 @@ def choose_sets(masks: dict[str, np.ndarray], n: int, n_random: int, random_size
             "random_excludes": tags, "overlapping_random": overlapping}
 
 
-def concept_sets(dataset, tag, n: int = 50, n_random: int = 10, seed: int = 0, random_size: int | None = None):
+def evidence_lookup(dataset, evidence=None) -> tuple[dict, str]:
+    """({id: {tag: evidence}}, where it came from) for the rows of a ConceptCaps split.
+
+    `evidence`: a run directory scored by `conceptcaps audio score` (RUN/audio_evidence/), or a
+    ready {id: {tag: evidence}}; default: the split's own `evidence` column (a list aligned with
+    `labels`). A split with neither gets one error saying how to make it.
+    """
+    if evidence is not None and not isinstance(evidence, dict):
+        from conceptcaps_pipeline.release.evidence import FOLDER, evidence_by_label
+
+        return evidence_by_label(evidence), str(Path(evidence) / FOLDER / "evidence.parquet")
+    if evidence is not None:
+        return evidence, "the evidence given"
+    if "evidence" not in dataset.column_names:
+        raise ConceptCapsError(
+            "min_evidence needs per-label evidence, and this dataset has no `evidence` column: run `conceptcaps audio "
+            "score --run RUN`, then rebuild the release (`conceptcaps build --run RUN --force`), or pass evidence=RUN "
+            "(the scored run directory).")
+    names = dataset.features["labels"].feature.names
+    ids = dataset["id"] if "id" in dataset.column_names else list(range(len(dataset)))
+    lookup = {}
+    for clip, labels, values in zip(ids, dataset["labels"], dataset["evidence"]):
+        values = values or []
+        if len(values) != len(labels):
+            raise ConceptCapsError(f"row {clip!r}: its `evidence` column has {len(values)} value(s) for {len(labels)} "
+                                   f"label(s) (they are aligned): rebuild the release (`conceptcaps build --force`).")
+        lookup[clip] = {names[label]: value for label, value in zip(labels, values)}
+    return lookup, "the release's evidence column"
+
+
+def select_by_evidence(dataset, masks: dict[str, np.ndarray], min_evidence: float, evidence=None,
+                       what: str = "") -> tuple[dict[str, np.ndarray], dict]:
+    """The labelled rows of each tag whose evidence for it is >= `min_evidence`, and how many remain.
+
+    Returns ({tag: boolean mask}, {"min_evidence", "source", "concepts": {tag: {"positives", "kept",
+    "unscored"}}}); `unscored`: labelled rows with no evidence at all (never kept). One log line per tag.
+    """
+    from conceptcaps_pipeline.release.evidence import check_min_evidence, positives_with_evidence
+
+    check_min_evidence(min_evidence)
+    lookup, source = evidence_lookup(dataset, evidence)
+    ids = dataset["id"] if "id" in dataset.column_names else list(range(len(dataset)))
+    eligible, counts = {}, {}
+    for tag, mask in masks.items():
+        rows = np.flatnonzero(mask)
+        found = positives_with_evidence(lookup, tag, min_evidence, ids=[ids[i] for i in rows])
+        keep = set(found.ids)
+        eligible[tag] = np.zeros(len(mask), dtype=bool)
+        eligible[tag][[i for i in rows if ids[i] in keep]] = True
+        counts[tag] = {"positives": len(rows), "kept": found.kept, "unscored": len(rows) - found.positives}
+        logger.info("concept sets: %r%s: %d of %d positives have evidence >= %g (%s)%s", tag, what, found.kept,
+                    len(rows), min_evidence, source, f"; {counts[tag]['unscored']} have none (not scored)"
+                    if counts[tag]["unscored"] else "")
+    return eligible, {"min_evidence": min_evidence, "source": source, "concepts": counts}
+
+
+def run_evidence(dataset, run: str | Path, reads_run_release: bool, min_evidence: float):
+    """Where a command's --min_evidence reads evidence: None (the release's own `evidence` column) or the
+    run directory (RUN/audio_evidence/, when the release read is RUN/release); else one clear error."""
+    from conceptcaps_pipeline.release.evidence import FOLDER
+
+    if "evidence" in dataset.column_names:
+        return None
+    run = Path(run)
+    if reads_run_release and (run / FOLDER / "evidence.parquet").is_file():
+        return run
+    where = f"{run / FOLDER / 'evidence.parquet'} is not there" if reads_run_release else "--dataset is not RUN/release"
+    raise ConceptCapsError(
+        f"--min_evidence {min_evidence:g} needs per-label evidence: the release has no `evidence` column and {where}: "
+        f"run `conceptcaps audio score --run {run}` and rebuild (`conceptcaps build --run {run} --force`).")
+
+
+def concept_sets(dataset, tag, n: int = 50, n_random: int = 10, seed: int = 0, random_size: int | None = None, *,
+                 min_evidence: float = 0.0, evidence=None):
     """Positive sets of one or more concepts and `n_random` random negative sets, for TCAV and similar probes.
 
     Args:
@@ -208,6 +300,12 @@ def concept_sets(dataset, tag, n: int = 50, n_random: int = 10, seed: int = 0, r
         n_random: how many random sets (TCAV tests a concept against many).
         seed: the same seed gives the same sets, and the same as `conceptcaps concepts export`.
         random_size: rows per random set (default n).
+        min_evidence: draw positives only from rows whose evidence for the tag (its rank percentile
+            among its category's tags by CLAP, `conceptcaps audio score`) is at least this; 0 (default)
+            reads no evidence and gives the same sets as before. Random sets still avoid every row
+            labelled with a tag. How many remain: `sets.evidence` and a log line.
+        evidence: where the evidence is: a scored run directory, or {id: {tag: evidence}}; default the
+            split's `evidence` column (a list aligned with `labels`).
 
     Raises a ConceptCapsError naming the count available when fewer than `n` rows hold a tag.
 
@@ -223,10 +321,20 @@ def concept_sets(dataset, tag, n: int = 50, n_random: int = 10, seed: int = 0, r
     ...
     conceptcaps_pipeline.errors.ConceptCapsError: 'piano' has only 2 positive row(s), fewer than n=3: ...
     """
+    from conceptcaps_pipeline.release.evidence import check_min_evidence
+
+    check_min_evidence(min_evidence)
     tags = [tag] if isinstance(tag, str) else list(tag)
-    chosen = choose_sets({t: tag_mask(dataset, t) for t in tags}, n, n_random, random_size, seed)
+    masks = {t: tag_mask(dataset, t) for t in tags}
+    eligible, report = None, None
+    if min_evidence > 0:  # why only then: 0 keeps every positive, so it needs no evidence and changes nothing
+        eligible, report = select_by_evidence(dataset, masks, min_evidence, evidence)
+    chosen = choose_sets(masks, n, n_random, random_size, seed, eligible=eligible, min_evidence=min_evidence)
     randoms = [dataset.select(rows) for rows in chosen["random"]]
-    sets = {t: ConceptSets(t, dataset.select(rows), randoms) for t, rows in chosen["concepts"].items()}
+    sets = {t: ConceptSets(t, dataset.select(rows), randoms,
+                           None if report is None else {"min_evidence": min_evidence, "source": report["source"],
+                                                        **report["concepts"][t]})
+            for t, rows in chosen["concepts"].items()}
     return sets[tag] if isinstance(tag, str) else sets
 
 

@@ -231,6 +231,13 @@ def evidence_by_label(run: str | Path) -> dict[str, dict[str, float]]:
             zip(*(table.column(c).to_pylist() for c in ("id", "labels", "evidence")))}
 
 
+def check_min_evidence(min_evidence: float) -> None:
+    """A threshold on rank percentiles: a number in [0, 1], or one clear error (NaN too)."""
+    if not 0.0 <= min_evidence <= 1.0:  # False for NaN as well
+        raise ConceptCapsError(f"--min_evidence {min_evidence}: give a rank percentile in [0, 1] (0 keeps every "
+                               f"positive, 1 only clips whose closest tag of the category is the label).")
+
+
 def positives_with_evidence(run_or_evidence, tag: str, min_evidence: float,
                             ids: list[str] | None = None) -> EvidenceFilter:
     """The clips labelled `tag` whose evidence for it (rank percentile in [0, 1]) is at least `min_evidence`.
@@ -239,9 +246,7 @@ def positives_with_evidence(run_or_evidence, tag: str, min_evidence: float,
     clips (a split), in their order. What `concept_sets(..., min_evidence=q)`, `concepts export
     --min_evidence` and `tcav --min_evidence` draw their positives with.
     """
-    if not 0.0 <= min_evidence <= 1.0:
-        raise ConceptCapsError(f"--min_evidence {min_evidence}: give a rank percentile in [0, 1] (0 keeps every "
-                               f"positive, 1 only clips whose closest tag of the category is the label).")
+    check_min_evidence(min_evidence)
     evidence = run_or_evidence if isinstance(run_or_evidence, dict) else evidence_by_label(run_or_evidence)
     order = ids if ids is not None else list(evidence)
     result = EvidenceFilter(tag=tag, min_evidence=min_evidence)

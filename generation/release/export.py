@@ -3,6 +3,7 @@
     conceptcaps concepts export --run runs/demo --tags piano "slow tempo" --format tcav
     conceptcaps concepts export --run runs/demo --out sets/ --tags piano --format ids --n 50 --n_random 20
     conceptcaps concepts export --run probe --dataset my-org/conceptcaps --tags jazz --split validation
+    conceptcaps concepts export --run runs/demo --tags piano --min_evidence 0.75   # positives CLAP hears piano in
 
 Reads the `audio` config of RUN/release (or --dataset: a release folder or Hub dataset id).
 
@@ -14,7 +15,10 @@ sampling rate. `--format ids` writes `OUT/concept_sets.json` with the same sets 
 release; the same seed gives the same sets, and the same as `concept_sets(ds, tags, ...)` in Python
 (one function draws both). Random sets hold none of the exported tags and are disjoint when the
 split allows; clips that are positives of two exported concepts are listed under
-`shared_positives`. Writes into a temporary folder and renames it, so
+`shared_positives`. `--min_evidence q` draws positives only from clips whose evidence for the tag
+is >= q (the release's `evidence` column, else RUN/audio_evidence/ when RUN/release is read; else
+an error saying to run `conceptcaps audio score`); random sets still avoid every labelled clip, and
+concept_sets.json's `evidence` says how many positives remained. Writes into a temporary folder and renames it, so
 an interrupted export leaves no partial OUT.
 """
 
@@ -50,6 +54,10 @@ class ExportArguments:
     n_random: int = field(default=10, metadata={"help": "Random sets (holding none of the exported tags)."})
     random_size: int | None = field(default=None, metadata={"help": "Clips per random set (default: --n)."})
     seed: int = field(default=0, metadata={"help": "The same seed gives the same sets."})
+    min_evidence: float = field(default=0.0, metadata={"help": "Draw positives only from clips whose evidence for "
+                                                                "the tag (its CLAP rank percentile in its category, "
+                                                                "`conceptcaps audio score`) is >= this; 0: every "
+                                                                "positive, no evidence read."})
     force: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
 
 
@@ -58,13 +66,23 @@ def safe_name(tag: str) -> str:
     return re.sub(r"[^\w&-]+", "_", tag.strip()).strip("_") or "tag"
 
 
-def choose_sets(dataset, args: ExportArguments) -> dict:
-    """The sets of the split: `release.concepts.choose_sets`, the function behind `concept_sets()` too."""
-    from conceptcaps_pipeline.release.concepts import choose_sets as choose
-    from conceptcaps_pipeline.release.concepts import tag_mask
+def choose_sets(dataset, args: ExportArguments, evidence=None) -> dict:
+    """The sets of the split: `release.concepts.choose_sets`, the function behind `concept_sets()` too.
 
+    With --min_evidence, positives come from the clips whose evidence reaches it (`evidence`: a scored
+    run directory, or None for the release's `evidence` column); the result's "evidence" says how
+    many remain per tag."""
+    from conceptcaps_pipeline.release.concepts import choose_sets as choose
+    from conceptcaps_pipeline.release.concepts import select_by_evidence, tag_mask
+
+    what = f" in split {args.split!r}"
     masks = {tag: tag_mask(dataset, tag) for tag in args.tags}
-    return choose(masks, args.n, args.n_random, args.random_size, args.seed, what=f" in split {args.split!r}")
+    eligible, report = None, None
+    if args.min_evidence > 0:
+        eligible, report = select_by_evidence(dataset, masks, args.min_evidence, evidence, what)
+    sets = choose(masks, args.n, args.n_random, args.random_size, args.seed, what=what, eligible=eligible,
+                  min_evidence=args.min_evidence)
+    return {**sets, "evidence": report}
 
 
 def write_wavs(dataset, indices: list[int], folder: Path) -> int:
@@ -93,6 +111,9 @@ def check_arguments(args: ExportArguments) -> None:
         raise ConceptCapsError("--tags is required: name the concepts to export, e.g. --tags piano 'slow tempo'.")
     if args.n < 1 or args.n_random < 0 or (args.random_size is not None and args.random_size < 1):
         raise ConceptCapsError(f"--n ({args.n}) and --random_size must be positive, --n_random ({args.n_random}) >= 0.")
+    from conceptcaps_pipeline.release.evidence import check_min_evidence
+
+    check_min_evidence(args.min_evidence)
     out = Path(args.out) if args.out else Path(args.run) / "concepts"
     if out.exists() and not args.force:
         raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --out.")
@@ -119,7 +140,13 @@ def export_concepts(args: ExportArguments) -> dict:
         raise ConceptCapsError(f"cannot read split {args.split!r} of the {config!r} config of {source}: "
                                f"{str(err).splitlines()[0]}") from err
 
-    sets = choose_sets(dataset, args)
+    evidence = None
+    if args.min_evidence > 0:  # the release's evidence column, else RUN/audio_evidence when RUN/release is read
+        from conceptcaps_pipeline.release.concepts import run_evidence
+
+        reads_run_release = not args.dataset or Path(args.dataset).resolve() == (run / "release").resolve()
+        evidence = run_evidence(dataset, run, reads_run_release, args.min_evidence)
+    sets = choose_sets(dataset, args, evidence)
     ids = dataset["id"]
     listing = {
         "source": args.dataset or "RUN/release", "revision": args.revision, "split": args.split, "seed": args.seed,
@@ -130,6 +157,9 @@ def export_concepts(args: ExportArguments) -> dict:
         "random_excludes": sets["random_excludes"],
         "random_sets_overlap": sets["overlapping_random"],
         "shared_positives": {pair: [ids[i] for i in rows] for pair, rows in sets["shared"].items()},
+        # With --min_evidence: the threshold, where the evidence came from and, per tag, the labelled
+        # positives, how many reach it (what the positives were drawn from) and how many had none.
+        "evidence": sets["evidence"],
     }
     clips = 0
     with atomic_dir(out, marker=MARKER) as tmp:
@@ -142,5 +172,8 @@ def export_concepts(args: ExportArguments) -> dict:
         write_json(tmp / MARKER, listing)
     logger.info("concepts export: %d concept set(s) and %d random set(s) of split %s written to %s (%d wav files)",
                 len(sets["concepts"]), len(sets["random"]), args.split, out, clips)
-    return {"out": str(out), "concepts": len(sets["concepts"]), "random": len(sets["random"]), "wav_files": clips,
-            "wall_time_s": round(time.time() - started, 2)}
+    result = {"out": str(out), "concepts": len(sets["concepts"]), "random": len(sets["random"]), "wav_files": clips,
+              "wall_time_s": round(time.time() - started, 2)}
+    if sets["evidence"]:
+        result["evidence_kept"] = {tag: c["kept"] for tag, c in sets["evidence"]["concepts"].items()}
+    return result

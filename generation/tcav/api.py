@@ -106,17 +106,20 @@ def check_settings(s: TcavSettings) -> None:
             raise ConceptCapsError(message)
 
 
-def check_concepts(masks: dict, n: int, where: str = "") -> None:
-    """Each concept needs n positives and n rows without it: checked before any forward pass."""
+def check_concepts(masks: dict, n: int, where: str = "", exclude: dict | None = None) -> None:
+    """Each concept needs n positives and n rows without it (nor in `exclude[concept]`, its labelled rows when
+    positives are drawn by evidence): checked before any forward pass."""
     for concept, mask in masks.items():
         positives = int(mask.sum())
+        if exclude is not None and concept in exclude:
+            mask = mask | exclude[concept]  # only the count of rows free for random sets reads it below
         if positives < n:
             raise ConceptCapsError(
                 f"--concepts {concept!r}{where} has only {positives} positive row(s), fewer than n={n}: lower --n, "
                 f"use a split or release with more positives, or sample more sets that hold it (`conceptcaps vae "
                 f"sample --min_per_tag {n}`).")
-        if len(mask) - positives < n:
-            raise ConceptCapsError(f"--concepts {concept!r}{where}: only {len(mask) - positives} row(s) lack it, "
+        if len(mask) - int(mask.sum()) < n:
+            raise ConceptCapsError(f"--concepts {concept!r}{where}: only {len(mask) - int(mask.sum())} row(s) lack it, "
                                    f"fewer than n={n} for a random set: lower --n.")
 
 
@@ -159,11 +162,14 @@ def _outside(rng: np.random.Generator, excluded: np.ndarray, n: int) -> np.ndarr
     return picked[:n]
 
 
-def draw_concept(mask: np.ndarray, n: int, n_cavs: int, n_random: int, rng: np.random.Generator):
+def draw_concept(mask: np.ndarray, n: int, n_cavs: int, n_random: int, rng: np.random.Generator,
+                 exclude: np.ndarray | None = None):
     """(positives, randoms) row indices, each (1 + n_random, n_cavs, n): row 0 the concept, then random concepts.
 
     A random concept is a random pool of as many rows as the concept has positives (any rows); its
-    CAVs are drawn from it exactly as the concept's are drawn from its positives.
+    CAVs are drawn from it exactly as the concept's are drawn from its positives. `exclude`: rows the
+    concept's random sets never hold besides its positives (the labelled rows left out by --min_evidence:
+    a clip labelled piano is no negative of piano, whatever CLAP heard).
     """
     count = int(mask.sum())
     positives = np.zeros((1 + n_random, n_cavs, n), dtype=np.int64)
@@ -173,9 +179,10 @@ def draw_concept(mask: np.ndarray, n: int, n_cavs: int, n_random: int, rng: np.r
         if j:
             pool[rng.choice(len(mask), size=count, replace=False)] = True
         members = np.flatnonzero(pool)
+        avoid = pool | exclude if j == 0 and exclude is not None else pool
         for k in range(n_cavs):
             positives[j, k] = rng.choice(members, size=n, replace=False)
-            randoms[j, k] = _outside(rng, pool, n)
+            randoms[j, k] = _outside(rng, avoid, n)
     return positives, randoms
 
 
@@ -295,12 +302,14 @@ def summarize(own: dict, null: dict, accuracy: dict, concepts, targets, layers, 
 # -- the engine ----------------------------------------------------------------------------------
 def run_classifier(classifier, layers: list[str], masks: dict, pool, inputs: dict, targets: dict,
                    settings: TcavSettings, *, cache_dir=None, device=None, seconds: float | None = None,
-                   categories: dict | None = None) -> dict:
+                   categories: dict | None = None, exclude: dict | None = None) -> dict:
     """The engine behind `run` and `conceptcaps tcav`; returns the scores document (no files written).
 
     `pool` and each `inputs[target][0]` are clip sources (`model.ArrayClips`, `model.DatasetClips`);
     `inputs[target]` = (source, row indices); `targets` = {target: class index}; `masks` = {concept:
-    boolean mask over `pool`}; `seconds` the clip length when --max_duration is unset.
+    boolean mask over `pool`}: the rows its positives are drawn from; `exclude` = {concept: boolean
+    mask}: further rows its random sets never hold (its labelled rows, when `masks` keeps only those
+    with evidence); `seconds` the clip length when --max_duration is unset.
     """
     import torch
     from conceptcaps_pipeline.run_dir import stable_hash
@@ -322,7 +331,7 @@ def run_classifier(classifier, layers: list[str], masks: dict, pool, inputs: dic
     # 1. Everything that needs no forward pass.
     check_settings(s)
     check_layers(classifier.module, [classifier.layer_prefix + layer for layer in layers], classifier.name)
-    check_concepts(masks, s.n)
+    check_concepts(masks, s.n, exclude=exclude)
     for target, (_source, rows) in inputs.items():
         if not len(rows):
             raise ConceptCapsError(f"no input clips for target {target!r}: give at least one.")
@@ -369,7 +378,9 @@ def run_classifier(classifier, layers: list[str], masks: dict, pool, inputs: dic
     fits = 0
     for concept, mask in masks.items():
         rng = np.random.default_rng(stable_hash(f"{s.seed}|concept|{concept}") % 2**32)
-        positives, randoms = draw_concept(np.asarray(mask, dtype=bool), s.n, s.n_cavs, n_random, rng)
+        positives, randoms = draw_concept(np.asarray(mask, dtype=bool), s.n, s.n_cavs, n_random, rng,
+                                          None if exclude is None or concept not in exclude else
+                                          np.asarray(exclude[concept], dtype=bool))
         shape = positives.shape[:2]
         for layer in layers:
             directions, acc = fit_cavs(acts[layer], positives.reshape(-1, s.n), randoms.reshape(-1, s.n))

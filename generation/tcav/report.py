@@ -138,6 +138,10 @@ def markdown(document: dict) -> str:
          f"{document['tests'] - family['tests']} exploratory ones)."),
         "",
     ]
+    evidence = document.get("evidence")
+    if evidence:  # tcav --min_evidence: how many positives remained
+        lines += [f"Positives drawn only from clips with evidence >= {evidence['min_evidence']:g} ({evidence['source']}): "
+                  + "; ".join(f"{c}: {e['kept']} of {e['positives']}" for c, e in evidence["concepts"].items()) + ".", ""]
     shared = document.get("shared_inputs") or {}
     if shared:
         lines += ["Targets share input clips (their results are not independent): "

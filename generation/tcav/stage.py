@@ -7,6 +7,8 @@ r"""Which concepts does an audio classifier use for a class? TCAV on a ConceptCa
         --layers encoder.layers.3 --concepts piano --targets jazz --n 30 --primary piano:jazz
     conceptcaps tcav --run runs/probe --model my_package.models:genre_cnn --layers conv2 --concepts piano \
         --targets 3 --sampling_rate 22050                       # any torch module from a factory (or a .pt2 file)
+    conceptcaps tcav --run runs/demo --model ./my-classifier --layers encoder.layers.3 --concepts piano \
+        --targets jazz --min_evidence 0.75                      # positives whose audio CLAP hears piano in
 
 Reads the `audio` config of RUN/release (or --dataset: a release folder or a Hub dataset id).
 --model is a transformers audio classifier (Hub id or folder, with its feature extractor;
@@ -21,6 +23,10 @@ chooses each target's inputs from --input_split, and writes RUN/tcav/scores.json
 score, p-value, threshold and accuracy), RUN/tcav/report.md, RUN/tcav/tcav.png and
 RUN/manifests/tcav.json. Activations are cached per (model, layer, clip) in
 RUN/tcav/activations/, so another concept, target or seed needs no new forward pass.
+--min_evidence q draws each concept's positives from the clips whose evidence for it is >= q
+(the release's `evidence` column, else RUN/audio_evidence/ when RUN/release is read); its random
+sets still avoid every clip labelled with it; scores.json's `evidence` and the report say how
+many positives remained.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ class TcavArguments(TcavSettings):
     dataset: str | None = field(default=None, metadata={"help": "A release folder or Hub dataset id (default RUN/release)."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --dataset (branch, tag or commit)."})
     concept_split: str = field(default="train", metadata={"help": "Split the concept and random sets come from."})
+    min_evidence: float = field(default=0.0, metadata={"help": "Draw each concept's positives only from clips whose "
+                                                                "evidence for it (its CLAP rank percentile in its "
+                                                                "category, `conceptcaps audio score`) is >= this; "
+                                                                "random sets still avoid every labelled clip. 0: every "
+                                                                "positive, no evidence read."})
     input_split: str = field(default="test", metadata={"help": "Split the target inputs come from."})
     n_inputs: int = field(default=50, metadata={"help": "Input clips per target (fewer if the split is smaller)."})
     inputs: str = field(default="top", metadata={"help": "Target inputs: top (clips the model rates most likely to be "
@@ -82,6 +93,9 @@ def check_arguments(args: TcavArguments) -> None:
         raise ConceptCapsError(f"--inputs {args.inputs!r}: use one of {', '.join(INPUT_MODES)}.")
     if args.sampling_rate < 1:
         raise ConceptCapsError(f"--sampling_rate {args.sampling_rate}: give a positive rate in Hz, e.g. 16000.")
+    from conceptcaps_pipeline.release.evidence import check_min_evidence
+
+    check_min_evidence(args.min_evidence)
 
 
 def settings_of(args: TcavArguments) -> TcavSettings:
@@ -146,11 +160,13 @@ class Prepared:
     device: object
     concept_ds: object
     input_ds: object
-    masks: dict  # concept -> boolean mask over the concept split
+    masks: dict  # concept -> boolean mask over the concept split: the rows positives are drawn from
     targets: dict  # target -> class index
     seconds: float
     inputs: dict  # target -> row indices of the input split
     forwarded: int  # input clips forwarded for --inputs top (the rest came from the cache)
+    labelled: dict | None = None  # with --min_evidence: concept -> its labelled rows (never in its random sets)
+    evidence: dict | None = None  # with --min_evidence: threshold, source, per concept positives / kept / unscored
 
 
 def prepare(args: TcavArguments, run: Path) -> Prepared:
@@ -181,7 +197,22 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
     splits = load_splits(args, run)
     concept_ds, input_ds = splits[args.concept_split], splits[args.input_split]
     masks = {concept: tag_mask(concept_ds, concept) for concept in args.concepts}  # unknown tags: an error now
-    check_concepts(masks, args.n, f" in split {args.concept_split!r}")
+    labelled, evidence = None, None
+    if args.min_evidence > 0:  # positives with evidence: the release's column, else RUN/audio_evidence
+        from conceptcaps_pipeline.release.concepts import run_evidence, select_by_evidence
+
+        reads_run_release = not args.dataset or Path(args.dataset).resolve() == (run / "release").resolve()
+        source = run_evidence(concept_ds, run, reads_run_release, args.min_evidence)
+        labelled = masks
+        masks, evidence = select_by_evidence(concept_ds, labelled, args.min_evidence, source,
+                                             f" in split {args.concept_split!r}")
+        for concept, counts in evidence["concepts"].items():
+            if counts["kept"] < args.n:
+                raise ConceptCapsError(
+                    f"--concepts {concept!r}: only {counts['kept']} of its {counts['positives']} positives in split "
+                    f"{args.concept_split!r} have evidence >= {args.min_evidence:g}, fewer than n={args.n}: lower "
+                    f"--min_evidence or --n.")
+    check_concepts(masks, args.n, f" in split {args.concept_split!r}", exclude=labelled)
     family_of(args, args.concepts, list(targets), args.layers)  # a bad --primary: an error now
     seconds = args.max_duration or clip_seconds(concept_ds, input_ds)
     if not seconds:
@@ -200,7 +231,8 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
         finally:
             probes.remove()
     inputs = target_inputs(input_ds, logits, targets, args)
-    return Prepared(classifier, device, concept_ds, input_ds, masks, targets, seconds, inputs, forwarded)
+    return Prepared(classifier, device, concept_ds, input_ds, masks, targets, seconds, inputs, forwarded, labelled,
+                    evidence)
 
 
 def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
@@ -215,7 +247,7 @@ def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     document = run_classifier(p.classifier, args.layers, p.masks, DatasetClips(p.concept_ds),
                               {t: (source, rows) for t, rows in p.inputs.items()}, p.targets, settings_of(args),
                               cache_dir=run / "tcav" / "activations", device=p.device, seconds=p.seconds,
-                              categories=tag_categories(p.concept_ds))
+                              categories=tag_categories(p.concept_ds), exclude=p.labelled)
     ids = p.input_ds["id"] if "id" in p.input_ds.column_names else list(range(len(p.input_ds)))
     document["settings"].update({k: v for k, v in asdict(args).items()
                                  if k not in document["settings"] and k not in ("run", "force", "num_threads", "cpu")})
@@ -224,6 +256,8 @@ def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     document["clips"].update({"concept_split": len(p.concept_ds), "input_split": len(p.input_ds)})
     document["clips"]["forwarded_now"] += p.forwarded
     document["inputs"] = {t: [ids[i] for i in rows] for t, rows in p.inputs.items()}
+    if p.evidence is not None:  # how many positives remained per concept, and where the evidence came from
+        document["evidence"] = p.evidence
     return document
 
 
@@ -237,6 +271,8 @@ def run_tcav(args: TcavArguments) -> dict:
     run = Path(args.run)
     out = run / "tcav"
     inputs_record = {"release": (run / "release" / "concepts.json") if not args.dataset else args.dataset}
+    if args.min_evidence > 0 and (run / "audio_evidence" / "evidence.parquet").is_file():
+        inputs_record["evidence"] = run / "audio_evidence" / "evidence.parquet"  # new evidence: not up to date
     done = finished(run, STAGE, args, inputs_record, [out / "scores.json", out / "report.md"])
     if done and not args.force:
         logger.info("tcav: %s is up to date; --force recomputes it", out)
