@@ -324,6 +324,11 @@ def test_best_of_two_keeps_the_higher_evidence_and_is_reproducible(audio_run, au
         generate_audio(AudioArguments(run=str(second), model=str(tiny_musicgen), duration=0.5, batch_size=2))
     with pytest.raises(ConceptCapsError, match="--keep_candidates needs --candidates"):
         generate_audio(AudioArguments(run=str(second), model=str(tiny_musicgen), keep_candidates=True))
+    fresh = shutil.copytree(audio_captions_run, tmp_path / "fresh")
+    with pytest.raises(ConceptCapsError, match=r"--clap_model .*no-such-clap"):
+        generate_audio(AudioArguments(run=str(fresh), model=str(tiny_musicgen), duration=0.5, candidates=2,
+                                      clap_model=str(tmp_path / "no-such-clap")))
+    assert not (fresh / "audio").exists()
 
 
 def read_candidate_records(audio_dir):

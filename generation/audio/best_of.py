@@ -1,9 +1,11 @@
 """Best of K: synthesise K candidates per caption, keep the one whose audio carries its labels best.
 
-    from conceptcaps_pipeline.audio.best_of import candidate_seeds, choose_candidates
+    from conceptcaps_pipeline.audio.best_of import candidate_seeds, choose_candidates, read_candidate_records
     seeds = candidate_seeds(base_seed=0, key="cc-000001", k=4)   # seeds[0] is today's single-clip seed
     choice = choose_candidates(scores)   # scores: {id: [per-label evidence of candidate 0, 1, ...]}
     choice["cc-000001"].index, choice["cc-000001"].means         # the kept candidate, every candidate's mean
+    read_candidate_records("runs/demo/audio")["cc-000001"]        # what `audio generate --candidates K` recorded
+    conceptcaps audio generate --run runs/demo --candidates 4     # the stage that uses it (docs/audio.md)
 
 The candidate seeds derive from the base seed, the key the generator seeds by (a batch's first
 id in `audio generate`) and the candidate index only, so they never depend on the process count
@@ -11,7 +13,9 @@ or on what was done before: a resumed run makes the same candidates and keeps th
 Candidate 0's seed is `batch_seed(base_seed, key)`, the seed of the single clip `audio generate`
 makes today, so `--candidates 1` changes nothing. A candidate's score is the mean evidence of its
 labels (rank percentile of each label among its category's tags, `audio score`); the highest mean
-wins, ties go to the lowest index (deterministic). Every candidate's score is kept, for the record.
+wins, ties go to the lowest index (deterministic). Every candidate's score is kept, for the record:
+`audio generate` stores it in the parquet metadata of the shard that holds the kept clip
+(`shard_metadata`, `read_candidate_records`), so clip and record are written in one atomic rename.
 """
 
 from __future__ import annotations

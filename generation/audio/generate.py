@@ -529,8 +529,10 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
             state.wait_for_everyone()
             return previous
 
-    # 2. Load the model; only then does the main process set aside what is replaced.
+    # 2. Load the models (a bad --clap_model fails before the large one loads); only then does the main process
+    # set aside what is replaced.
     device = state.device
+    best_of = _load_best_of(args, run, captions_path, device) if args.candidates > 1 else None
     dtype = resolve_dtype(args.dtype, device)
     model, processor = load_musicgen(args.model, device, dtype, processor)
     timing = codec_timing(model.config)
@@ -542,7 +544,6 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
         if static.compile_step:  # compile every graph now: the first batch then runs at full speed
             static.warm_up(batch_size, max_new_tokens, args.guidance_scale, args.top_k, args.temperature)
     codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
-    best_of = _load_best_of(args, run, captions_path, device) if args.candidates > 1 else None
     state.wait_for_everyone()
     report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
     # Why: no process may write a shard before the main one has set old clips aside.
@@ -628,7 +629,10 @@ def _load_best_of(args: AudioArguments, run: Path, captions_path: Path, device) 
 
     taxonomy = Taxonomy.load(require(run, "taxonomy.json"))
     ids, labels, _ = _labels(captions_path)
-    scorer = ClapScorer(args.clap_model, str(device))
+    try:
+        scorer = ClapScorer(args.clap_model, str(device))
+    except ConceptCapsError as err:  # its message names audio score's --model
+        raise ConceptCapsError(str(err).replace("--model", "--clap_model", 1)) from None
     # The tags in audio score's order, so that a label's rank percentile is the evidence that stage reports.
     tags = [(tag, category) for category, members in taxonomy.categories.items() for tag in members]
     return {"scorer": scorer, "labels": dict(zip(ids, labels)), "tags": tags, "text": tag_embeddings(scorer, tags)}
