@@ -17,7 +17,9 @@ and the 25% / 10% subsets in conceptcaps_pipeline.release.splits.
 
 Configs: `default` (captions and labels), `audio` (the same rows plus the clip), `25pct`,
 `25pct_audio`, `10pct`, `10pct_audio` (the same deterministic share of every split, with and
-without audio). Rows are keyed by their id.
+without audio). Rows are keyed by their id. When the run was scored (`conceptcaps audio score`),
+the audio configs also carry `evidence`: per label, aligned with `labels`, the evidence that the
+clip carries it (release/rows.py; null where there is none).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, 
     read_audio_index,
     run_fingerprint,
 )
-from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, make_example, tag_categories
+from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, label_evidence, make_example, tag_categories
 from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, assign_splits, nested_subsets, subset_min_positives  # noqa: F401
 from conceptcaps_pipeline.taxonomy import Taxonomy
 from conceptcaps_pipeline.tcav import run as tcav_run  # noqa: F401 - TCAV on any torch model (docs/tcav.md)
@@ -87,11 +89,13 @@ BUILDER_CONFIGS = _configs()
 
 
 # -- the DatasetInfo of a config ------------------------------------------------------------------
-def config_info(config: ConceptCapsConfig, taxonomy: Taxonomy, sampling_rate: int | None, licence: str | None = None
-                ) -> datasets.DatasetInfo:
-    """The DatasetInfo of one config (features, licence, citation): `_info` and `conceptcaps build` share it."""
+def config_info(config: ConceptCapsConfig, taxonomy: Taxonomy, sampling_rate: int | None, licence: str | None = None,
+                evidence: bool = False) -> datasets.DatasetInfo:
+    """The DatasetInfo of one config (features, licence, citation): `_info` and `conceptcaps build` share it.
+    `evidence`: the run was scored, so an audio config has the `evidence` column."""
     return datasets.DatasetInfo(
-        description=_DESCRIPTION, features=features(taxonomy, sampling_rate if config.with_audio else None),
+        description=_DESCRIPTION,
+        features=features(taxonomy, sampling_rate if config.with_audio else None, evidence=config.with_audio and evidence),
         homepage=_HOMEPAGE, license=licence or _LICENSE, citation=_CITATION,
     )
 
@@ -109,13 +113,13 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
         data_dir = kwargs.get("data_dir")
         if data_dir is None:
             raise ConceptCapsError("ConceptCaps needs data_dir=RUN, a run directory with captions.parquet and taxonomy.json.")
-        # Why: the cache folder is keyed by this hash, so a run that changed is prepared again
-        # instead of being served from an old cache.
-        super().__init__(*args, hash=hash or run_fingerprint(data_dir), **kwargs)
+        # Why: the cache folder is keyed by this hash, so a run that changed (or was scored again) is
+        # prepared again instead of being served from an old cache.
+        super().__init__(*args, hash=hash or _fingerprint(data_dir), **kwargs)
 
     def _info(self) -> datasets.DatasetInfo:
         run = Path(self.config.data_dir)
-        rate, licence = None, None
+        rate, licence, self._evidence = None, None, None
         if self.config.with_audio:
             rate = read_audio_index(run).sampling_rate
             if rate is None:
@@ -127,7 +131,9 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
 
             # The clips carry the terms of the weights that made them (MusicGen: CC BY-NC 4.0).
             licence = release_licence(run, [self.config.name]).configs[self.config.name].text
-        return config_info(self.config, load_taxonomy(run), rate, licence)
+            # The per-label evidence of `audio score` (None when not scored; evidence of other clips is refused).
+            self._evidence = label_evidence(run)
+        return config_info(self.config, load_taxonomy(run), rate, licence, evidence=self._evidence is not None)
 
     def _split_generators(self, dl_manager):
         self._plan = plan_run(self.config.data_dir, self.info.features["labels"].feature.names,
@@ -151,7 +157,19 @@ class ConceptCaps(datasets.GeneratorBasedBuilder):
             if mine:
                 clips = {r["id"]: r for r in pq.read_table(shard, columns=["id", "audio", "duration_s"]).to_pylist()}
                 for clip_id in mine:
-                    yield clip_id, make_example(plan.rows[clip_id], columns, clips[clip_id], category_of)
+                    evidence = (getattr(self, "_evidence", None) or {}).get(clip_id, {})
+                    yield clip_id, make_example(plan.rows[clip_id], columns, clips[clip_id], category_of, evidence)
+
+
+def _fingerprint(run: str | Path) -> str:
+    """run_fingerprint (captions, taxonomy, audio shards) and the per-label evidence, if the run was scored."""
+    import hashlib
+
+    evidence = Path(run) / "audio_evidence" / "evidence.parquet"
+    if not evidence.is_file():
+        return run_fingerprint(run)
+    return hashlib.sha256(f"{run_fingerprint(run)}:{evidence.stat().st_size}:{evidence.stat().st_mtime_ns}"
+                          .encode()).hexdigest()[:16]
 
 
 def stream_release(source: str | Path, config: str = "audio", split: str = "train", **kwargs) -> datasets.IterableDataset:

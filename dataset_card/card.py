@@ -509,6 +509,8 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         "figures": figures,
         "examples": examples,
         "clap_scored": len(scores),
+        # The audio configs' `evidence` column (build adds it when `audio score` ran): the card says which.
+        "evidence_column": any(f.get("name") == "evidence" for n in infos for f in infos[n]["features"]),
         "metrics": read_metrics(run),
         "paper_url": PAPER_URL,
         "musiccaps_id": MUSICCAPS_ID,

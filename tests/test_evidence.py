@@ -491,3 +491,102 @@ def test_best_of_records_travel_with_the_shard(tmp_path):
     move_rows_aside(run, {table.column("shard")[0].as_py(): {"cc-000001"}})
     assert sorted(read_candidate_records(run / "audio")) == ["cc-000002"]
     assert pq.read_table(next((run / "audio").glob("shard-*.parquet"))).num_rows == 1
+
+
+# -- the release's audio configs carry the evidence per label ----------------------------------------
+def _release_world(run: Path) -> list[dict]:
+    """The planted world with the captions columns a release needs (aspect_list, coverage)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = write_world(run)
+    table = pq.read_table(run / "captions.parquet")
+    aspect = [[t for c in CATEGORIES for t in r[c]] for r in rows]
+    table = table.append_column("aspect_list", pa.array(aspect, pa.list_(pa.string())))
+    pq.write_table(table.append_column("coverage", pa.array([1.0] * len(rows), pa.float64())), run / "captions.parquet")
+    return rows
+
+
+class MisheardScorer(ToneScorer):
+    """The stand-in CLAP with every tag's text pointing at the next tag's tone: other evidence for the same clips."""
+
+    name = "misheard-scorer"
+
+    def embed_text(self, texts):
+        return np.roll(super().embed_text(texts), 1, axis=1)
+
+
+def _release_evidence(release: Path, config: str = "audio") -> dict[str, dict[str, float | None]]:
+    import datasets
+
+    ds = datasets.load_dataset(str(release), config)
+    names = ds["train"].features["labels"].feature.names
+    return {r["id"]: dict(zip([names[k] for k in r["labels"]], r["evidence"])) for split in ds.values()
+            for r in split.remove_columns("audio").to_list()}
+
+
+def test_release_audio_configs_carry_the_evidence(tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from conceptcaps import ConceptCaps, load_release
+    from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
+    from conceptcaps_pipeline.release.build import BuildArguments, build_release
+    from conceptcaps_pipeline.run_dir import read_manifest
+
+    run = tmp_path / "run"
+    rows = _release_world(run)
+    # Not scored: no `evidence` column, and the card says so.
+    build_release(BuildArguments(run=str(run), max_shard_size="50KB"))
+    assert "evidence" not in load_release(run / "release", "audio")["train"].features
+    assert "Label evidence: not scored" in (run / "release" / "README.md").read_text()
+
+    score_audio(ScoreArguments(run=str(run), batch_size=16, n_bootstrap=50), scorer=ToneScorer())
+    build_release(BuildArguments(run=str(run), max_shard_size="50KB"))  # no --force: the evidence is an input
+    scored = pq.read_table(run / "audio_evidence" / "evidence.parquet").to_pylist()
+    expected = {r["id"]: dict(zip(r["labels"], r["evidence"])) for r in scored}
+    for config in ("audio", "25pct_audio", "10pct_audio"):
+        release = load_release(run / "release", config)
+        assert release["train"].features["evidence"] == datasets.List(datasets.Value("float32"))
+        found = _release_evidence(run / "release", config)
+        assert found and set(found) <= set(expected)
+        for clip_id, by_label in found.items():  # aligned with `labels`, float32 of the stored evidence
+            assert by_label.keys() == expected[clip_id].keys()
+            assert by_label == pytest.approx(expected[clip_id], abs=1e-6)
+    assert len(_release_evidence(run / "release")) == len(rows)
+    # Planted labels carry full evidence through to the release rows.
+    assert all(_release_evidence(run / "release")[r["id"]][r["instrument"][0]] == 1.0 for r in rows)
+    assert "evidence" not in load_release(run / "release", "default")["train"].features
+    card = (run / "release" / "README.md").read_text()
+    assert "| `evidence` | list of float32 (aligned with `labels`)" in card and "not scored" not in card
+    assert set(read_manifest(run, "build")["inputs"]) >= {"evidence", "agreement"}
+    # The builder gives the same typed column.
+    builder = ConceptCaps(config_name="audio", data_dir=str(run), cache_dir=str(tmp_path / "cache"))
+    builder.download_and_prepare()
+    built = builder.as_dataset()
+    names = built["train"].features["labels"].feature.names
+    assert {r["id"]: dict(zip([names[k] for k in r["labels"]], r["evidence"])) for s in built.values()
+            for r in s.remove_columns("audio").to_list()} == _release_evidence(run / "release")
+
+    # Scored again with another scorer: a plain `build` rewrites the shards with the new evidence.
+    score_audio(ScoreArguments(run=str(run), batch_size=16, n_bootstrap=50, force=True), scorer=MisheardScorer())
+    rescored = {r["id"]: dict(zip(r["labels"], r["evidence"]))
+                for r in pq.read_table(run / "audio_evidence" / "evidence.parquet").to_pylist()}
+    assert rescored != expected
+    build_release(BuildArguments(run=str(run), max_shard_size="50KB"))
+    found = _release_evidence(run / "release")
+    assert all(found[i] == pytest.approx(rescored[i], abs=1e-6) for i in found)
+
+    # Clips made again after scoring: their old evidence is refused, never shipped.
+    shard = sorted((run / "audio").glob("shard-*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("seed"), "seed",
+                                    pa_int64([7] * table.num_rows)), shard)
+    with pytest.raises(ConceptCapsError, match=r"other clips.*conceptcaps audio score --run"):
+        build_release(BuildArguments(run=str(run), max_shard_size="50KB"))
+
+
+def pa_int64(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.int64())

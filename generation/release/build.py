@@ -15,7 +15,10 @@ models the run recorded), figures (`RUN/release/figures/`), a few example clips
 from the release itself and the run's manifests, so `load_dataset("RUN/release", "audio")` gives
 the builder's rows and `conceptcaps push` uploads the folder as it is.
 
-Re-running skips the Parquet shards when the captions, taxonomy, clips and data options are
+When the run was scored (`conceptcaps audio score`), the audio configs carry each row's per-label
+evidence (`evidence`, aligned with `labels`) and concepts.json the per-concept agreement.
+
+Re-running skips the Parquet shards when the captions, taxonomy, clips, evidence and data options are
 unchanged, and always re-renders the card: run `conceptcaps build` again after
 `conceptcaps evaluate` to put RUN/eval/metrics.json into the card. Writes
 RUN/manifests/build.json.
@@ -51,6 +54,10 @@ STAGE = "build"
 RELEASE = "release"
 TEXT_CONFIGS = ("default", "25pct", "10pct")
 AUDIO_CONFIGS = ("audio", "25pct_audio", "10pct_audio")
+# What `conceptcaps audio score` leaves that the release carries: the per-label evidence (the audio configs'
+# `evidence` column) and the per-concept agreement (concepts.json, the card's figure).
+EVIDENCE = "audio_evidence/evidence.parquet"
+AGREEMENT = "audio_evidence/agreement.json"
 
 
 @dataclass
@@ -106,6 +113,8 @@ def _data_key(args: BuildArguments, run: Path) -> dict:
         "captions": file_sha256(run / "captions.parquet"),
         "taxonomy": file_sha256(run / "taxonomy.json"),
         "audio_shards": audio.hexdigest() if args.audio else None,
+        # The audio configs' `evidence` column: a rescored run rewrites the shards (no --force needed).
+        "evidence": file_sha256(evidence) if args.audio and (evidence := run / EVIDENCE).is_file() else None,
         "builder": code.hexdigest(),
         "audio": args.audio,
         "max_shard_size": args.max_shard_size,
@@ -128,14 +137,16 @@ def quiet_datasets_progress():
             datasets_logging.enable_progress_bar()
 
 
-def write_data(args: BuildArguments, run: Path, release: Path, plan, taxonomy) -> dict:
+def write_data(args: BuildArguments, run: Path, release: Path, plan, taxonomy, evidence: dict | None = None) -> dict:
     """Write release/data/ with every config (`release` is the staged, not yet published folder) in one pass over
-    the audio (release/write.py); returns {config: DatasetInfo as YAML dict}."""
+    the audio (release/write.py), with the `evidence` column in the audio configs when `evidence` is given
+    ({id: {label: evidence}}, `rows.label_evidence`); returns {config: DatasetInfo as YAML dict}."""
     from conceptcaps_pipeline.release.write import write_configs
 
     with quiet_datasets_progress():
         infos = write_configs(plan, config_names(args.audio), taxonomy, release / "data",
-                              max_shard_size=args.max_shard_size, rows_per_group=args.rows_per_group, run=run)
+                              max_shard_size=args.max_shard_size, rows_per_group=args.rows_per_group, run=run,
+                              evidence=evidence)
     return {name: info._to_yaml_dict() for name, info in infos.items()}
 
 
@@ -234,6 +245,10 @@ def build_release(args: BuildArguments) -> dict:
     # Planned once for every config; the FLAC headers are checked in the one pass that writes the shards.
     plan = plan_run(run, taxonomy.tags, with_audio=args.audio)
     assignment = plan.assignment
+    # The per-label evidence of `audio score`, if the run was scored; evidence of other clips is refused here.
+    from conceptcaps_pipeline.release.rows import label_evidence
+
+    evidence = label_evidence(run) if args.audio else None
 
     # 1. The Parquet shards, unless an identical build already wrote them (checked file by file against the
     #    record the build published with them). Everything is written into a staged copy of the release
@@ -253,7 +268,7 @@ def build_release(args: BuildArguments) -> dict:
             link_data(release / "data", staged / "data")
             infos = previous["dataset_info"]
         else:
-            infos = write_data(args, run, staged, plan, taxonomy)
+            infos = write_data(args, run, staged, plan, taxonomy, evidence)
         manifest = _describe(args, run, staged, configs, infos, assignment, taxonomy, key, started)
         write_json(staged / BUILD_RECORD, manifest)
     return write_manifest(run, STAGE, manifest["arguments"], inputs=_inputs(run), counts=manifest["counts"],
@@ -264,7 +279,11 @@ _EXTRA = ("data_key", "dataset_info", "card", "release_files", "release_record",
 
 
 def _inputs(run: Path) -> dict:
-    return {"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json"}
+    # The evidence files too (when the run was scored): the record says what the release was built from, and
+    # `check_upstream` refuses evidence that `audio score` made from older captions.
+    scored = {name: run / path for name, path in (("evidence", EVIDENCE), ("agreement", AGREEMENT))
+              if (run / path).is_file()}
+    return {"captions": run / "captions.parquet", "taxonomy": run / "taxonomy.json", **scored}
 
 
 def _describe(args, run, release, configs, infos, assignment, taxonomy, key, started) -> dict:

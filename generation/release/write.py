@@ -4,7 +4,8 @@
     from conceptcaps_pipeline.release.write import write_configs
     plan = plan_run(run, load_taxonomy(run).tags, with_audio=True)
     infos = write_configs(plan, ["default", "audio", ...], load_taxonomy(run), "release/data",
-                          max_shard_size="500MB", rows_per_group=100, run=run)
+                          max_shard_size="500MB", rows_per_group=100, run=run,
+                          evidence=label_evidence(run))        # release/rows.py; None: not scored
 
 Subsets and splits are row selections of the same clips, so each source shard of RUN/audio is
 read once and each of its clips goes to every (config, split) that holds it: the bytes read are
@@ -15,6 +16,7 @@ groups); a writer holds at most one row group, so memory is bounded by `rows_per
 per (config, split), not by the dataset. The FLAC header of every clip is checked as it passes.
 Shards are cut like datasets' builder cuts them: a new file once the current one holds more than
 `max_shard_size` bytes (Arrow size, before compression), so a shard exceeds it by at most one group.
+With `evidence` (a scored run), the audio configs carry each row's per-label evidence as a column.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ class _SplitWriter:
 
 
 def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | Path, *, max_shard_size: str | int,
-                  rows_per_group: int, run: str | Path, progress: bool = True) -> dict:
+                  rows_per_group: int, run: str | Path, progress: bool = True,
+                  evidence: dict[str, dict[str, float | None]] | None = None) -> dict:
     """Write data_dir/<config>/<split>-NNNNN-of-NNNNN.parquet for every config; returns {config: DatasetInfo}
-    (features, splits and sizes: what the card's `dataset_info` holds)."""
+    (features, splits and sizes: what the card's `dataset_info` holds). `evidence`: {id: {label: evidence}}
+    (`rows.label_evidence(run)`) puts the `evidence` column into the audio configs; None leaves it out."""
     import datasets
     import pyarrow.parquet as pq
     from conceptcaps_pipeline.release.rows import CONFIGS, features, make_example, tag_categories
@@ -97,7 +101,8 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
     infos, writers, members = {}, {}, {}
     for name in configs:
         with_audio, fraction = CONFIGS[name]
-        info = datasets.DatasetInfo(features=features(taxonomy, plan.audio.sampling_rate if with_audio else None))
+        info = datasets.DatasetInfo(features=features(taxonomy, plan.audio.sampling_rate if with_audio else None,
+                                                      evidence=with_audio and evidence is not None))
         infos[name] = info
         (data_dir / name).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
@@ -119,7 +124,8 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
                 if clip_id in members[name, split]:
                     writers[name, split].write(example)
         if clip is not None and audio:
-            example = make_example(row, audio_features, clip, category_of)
+            example = make_example(row, audio_features, clip, category_of,
+                                   evidence=None if evidence is None else evidence.get(clip_id, {}))
             for name in audio:
                 if clip_id in members[name, split]:
                     writers[name, split].write(example)
