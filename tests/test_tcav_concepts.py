@@ -274,6 +274,19 @@ def test_tcav_min_evidence_draws_heard_positives(scored):
     assert after["cav_accuracy"] > before["cav_accuracy"] + 0.1, (before["cav_accuracy"], after["cav_accuracy"])
     report = (run / "tcav" / "report.md").read_text()
     assert f"piano: {len(sounded)} of {len(piano)}" in report
+    # The Python API with the same masks (positives by evidence, labelled rows kept out of random sets) fits the
+    # same CAVs as the command.
+    import numpy as np
+    from conceptcaps_pipeline.release.concepts import select_by_evidence, tag_mask
+    from conceptcaps_pipeline.tcav import TcavSettings
+    from conceptcaps_pipeline.tcav import run as tcav_run
+
+    train, test = (load_release(run / "release", "audio", split) for split in ("train", "test"))
+    labelled = {"piano": tag_mask(train, "piano")}
+    eligible, _ = select_by_evidence(train, labelled, 0.5, run)
+    document = tcav_run(ToneClassifier(True), ["conv"], eligible, {"jazz": test}, pool=train, labelled=labelled,
+                        settings=TcavSettings(n=20, n_cavs=10, n_random=10, batch_size=32))
+    np.testing.assert_allclose(document["results"][0]["cav_accuracies"], after["cav_accuracies"])
 
 
 def test_tcav_min_evidence_without_evidence_is_one_line(scored, tmp_path, capsys):

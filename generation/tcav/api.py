@@ -420,7 +420,7 @@ def _to(x, device):
 
 def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, preprocess=None,
         sampling_rate: int = 16_000, targets: dict | None = None, settings: TcavSettings | None = None,
-        cache_dir=None, device=None) -> dict:
+        cache_dir=None, device=None, labelled: dict | None = None) -> dict:
     """TCAV of `concept_sets` for the `inputs`' targets at `layers` of any torch model (see the module docstring).
 
     concept_sets: {concept: boolean mask over `pool`, or row indices into it}.
@@ -429,6 +429,9 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
     pool: the clips concept and random sets are drawn from (mono arrays at `sampling_rate`, or a
         datasets split with an `audio` column).
     preprocess: list of clips -> the model's input (default: a (batch, samples) waveform tensor).
+    labelled: {concept: mask or row indices} of every row labelled with it, when `concept_sets` keeps
+        only some (positives by evidence, `release.concepts.select_by_evidence`): the concept's random
+        sets never hold them (as `tcav --min_evidence`).
     Returns the document `conceptcaps tcav` writes to scores.json; `tcav.report.write_report`
     draws it.
     """
@@ -442,14 +445,19 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
     classifier = Classifier(model, preprocess or default_preprocess, int(sampling_rate), _labels_of(model),
                             type(model).__name__, type(model).__qualname__)
     source = DatasetClips(pool) if hasattr(pool, "column_names") else ArrayClips(pool)
-    masks = {}
-    for concept, members in concept_sets.items():
-        members = np.asarray(members)
-        mask = members.astype(bool) if members.dtype == bool else np.isin(np.arange(len(source)), members)
-        if len(mask) != len(source):
-            raise ConceptCapsError(f"concept_sets[{concept!r}] has {len(mask)} entries for a pool of {len(source)} "
-                                   f"clips: give a mask as long as the pool, or row indices.")
-        masks[concept] = mask
+    def as_masks(sets: dict, name: str) -> dict:
+        masks = {}
+        for concept, members in sets.items():
+            members = np.asarray(members)
+            mask = members.astype(bool) if members.dtype == bool else np.isin(np.arange(len(source)), members)
+            if len(mask) != len(source):
+                raise ConceptCapsError(f"{name}[{concept!r}] has {len(mask)} entries for a pool of {len(source)} "
+                                       f"clips: give a mask as long as the pool, or row indices.")
+            masks[concept] = mask
+        return masks
+
+    masks = as_masks(concept_sets, "concept_sets")
+    exclude = None if labelled is None else as_masks(labelled, "labelled")
     label2id = {name: i for i, name in classifier.id2label.items()}
     classes = {}
     for target in inputs:
@@ -471,4 +479,4 @@ def run(model, layers: list[str], concept_sets: dict, inputs: dict, *, pool, pre
         durations = pool["duration_s"] if "duration_s" in pool.column_names else []
         seconds = float(max(durations)) if len(durations) else None
     return run_classifier(classifier, list(layers), masks, source, feeds, classes, settings, cache_dir=cache_dir,
-                          device=device, seconds=seconds)
+                          device=device, seconds=seconds, exclude=exclude)
