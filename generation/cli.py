@@ -12,6 +12,8 @@ gives defaults, command-line flags override them. Stage modules are imported onl
 their command runs, so `--help` stays fast. A `ConceptCapsError` (bad input, missing
 artifact), a flag or config error, or a full or read-only disk is printed as one line,
 without a traceback, and exits with status 2; Ctrl-C prints one line and exits with 130.
+The environment variables the project reads (thread counts, CONCEPTCAPS_FREE_MEMORY, the Hugging
+Face and torch cache folders) are checked first, the same way: `check_environment`.
 
 Logging goes to stderr through the project's own loggers only (level from
 CONCEPTCAPS_LOG_LEVEL, default INFO): other libraries keep Python's default (warnings and
@@ -127,6 +129,7 @@ def run_command(argv: list[str]):
         make_parser(words).parse_args_into_dataclasses(args=["--help"])  # prints the help and exits 0
     entry = by_words(words)
     arguments = parse_options(words, rest)
+    check_environment()  # after parsing: a config file's `env:` block has set its variables by now
     function = getattr(importlib.import_module(entry.module), entry.function)
     set_cpu_threads()
     return function(*arguments)
@@ -145,13 +148,93 @@ def cpu_threads(cores: int, load: float) -> int:
     return max(1, min(cores, cores - round(load)))
 
 
+def thread_count(name: str) -> int | None:
+    """The thread count an environment variable asks for (None when unset), or one error naming it.
+
+    OMP_NUM_THREADS may list one count per nesting level (`4,2`, OpenMP's syntax); the first is ours.
+    """
+    from conceptcaps_pipeline.errors import ConceptCapsError
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    first = value.split(",")[0].strip() if name == "OMP_NUM_THREADS" else value
+    if not first.isdigit() or not 1 <= int(first) <= MAX_THREADS:
+        raise ConceptCapsError(f"${name}={value!r} is not a thread count: give a whole number from 1 to {MAX_THREADS} "
+                               f"(e.g. {name}=4), or unset it to use the free cores.")
+    return int(first)
+
+
+# Above this a thread count is a typo (torch would try to start that many threads).
+MAX_THREADS = 4096
+# Cache folders the libraries write into; the datasets cache is written by every `load_dataset`.
+CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "TRANSFORMERS_CACHE",
+                   "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def check_cache_path(name: str) -> None:
+    """$name, when set, is a folder that exists or can be made, and can be written: else one error naming it.
+
+    Why before the stage: datasets, transformers and huggingface_hub create these folders on first
+    use, deep inside a load, where a file in the way or a read-only disk is a traceback far from
+    the variable that caused it.
+    """
+    from conceptcaps_pipeline.errors import ConceptCapsError
+
+    value = os.environ.get(name)
+    if value is None:
+        return
+    if not value.strip():
+        raise ConceptCapsError(f"${name} is set but empty: give a cache folder, or unset it.")
+    path = os.path.abspath(os.path.expanduser(value))
+    too_long = [part for part in path.split(os.sep) if len(part.encode()) > 255]
+    if too_long or len(path.encode()) >= 4096:
+        raise ConceptCapsError(f"${name}={value!r} is an impossible path (a name over 255 bytes or a path over 4096): "
+                               f"give a shorter cache folder.")
+    probe = path
+    while not os.path.lexists(probe):  # the nearest part that exists decides whether the folder can be made
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConceptCapsError(f"${name}={value!r} is an impossible cache folder: {probe} is a file, not a folder; "
+                               f"give a folder path, or unset it.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConceptCapsError(f"${name}={value!r} is not writable ({probe} cannot be written: read-only or "
+                               f"permission denied): give a writable cache folder, or unset it.")
+
+
+def check_environment() -> None:
+    """Every environment variable the project reads, checked before any work: one error line each.
+
+    CONCEPTCAPS_LOG_LEVEL is checked by configure_logging; CONCEPTCAPS_FREE_MEMORY is parsed here as
+    audio generate parses it (bytes, or one value per rank separated by commas).
+    """
+    from conceptcaps_pipeline.errors import ConceptCapsError
+
+    for name in ("CONCEPTCAPS_NUM_THREADS", "OMP_NUM_THREADS"):
+        thread_count(name)
+    value = os.environ.get("CONCEPTCAPS_FREE_MEMORY", "").strip()
+    if value:
+        import math
+
+        for item in value.split(","):
+            try:
+                number = float(item.strip())
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number) or number < 0:
+                raise ConceptCapsError(f"$CONCEPTCAPS_FREE_MEMORY={value!r}: give bytes (e.g. 40e9), or one value per "
+                                       f"rank separated by commas; {item.strip()!r} is not a finite number >= 0.")
+    for name in CACHE_VARIABLES:
+        check_cache_path(name)
+
+
 def set_cpu_threads() -> None:
     """Set torch's CPU threads from the free cores, unless OMP_NUM_THREADS or CONCEPTCAPS_NUM_THREADS says otherwise."""
-    chosen = os.environ.get("CONCEPTCAPS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    chosen = thread_count("CONCEPTCAPS_NUM_THREADS") or thread_count("OMP_NUM_THREADS")
     import torch
 
     if chosen:
-        torch.set_num_threads(max(1, int(chosen)))
+        torch.set_num_threads(chosen)
     elif not torch.cuda.is_available() and hasattr(os, "getloadavg"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cpu_threads(cores, os.getloadavg()[0]))

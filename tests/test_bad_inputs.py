@@ -45,6 +45,13 @@ def nothing(run: Path):
     pass
 
 
+def env(**variables: str):
+    """Environment variables for the command (RUN in a value is the run's path); set by the test, then restored."""
+    def make(run: Path):
+        return {name: value.replace("RUN", str(run)) for name, value in variables.items()}
+    return make
+
+
 QUICK_CAPTIONS = ["--max_new_tokens", "8", "--require_end_of_turn", "false", "--max_failure_rate", "1", "--limit", "8",
                   "--batch_size", "4"]
 
@@ -408,6 +415,42 @@ CASES += [
     ("concepts export over a file", nothing,
      ["concepts", "export", "--run", "RUN", "--tags", "piano", "--format", "ids", "--out", "RUN/taxonomy.json",
       "--force"], r"taxonomy.json exists and is not an earlier output"),
+    # environment variables the project reads
+    ("thread count that is text", env(CONCEPTCAPS_NUM_THREADS="many"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$CONCEPTCAPS_NUM_THREADS='many' is not a thread count: give a whole number from 1"),
+    ("thread count zero", env(CONCEPTCAPS_NUM_THREADS="0"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$CONCEPTCAPS_NUM_THREADS='0' is not a thread count"),
+    ("negative OMP_NUM_THREADS", env(OMP_NUM_THREADS="-3"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$OMP_NUM_THREADS='-3' is not a thread count"),
+    ("huge OMP_NUM_THREADS", env(OMP_NUM_THREADS="99999999,2"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$OMP_NUM_THREADS='99999999,2' is not a thread count.*4096"),
+    ("free memory that is text", env(CONCEPTCAPS_FREE_MEMORY="lots"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$CONCEPTCAPS_FREE_MEMORY='lots': give bytes"),
+    ("free memory NaN for a rank", env(CONCEPTCAPS_FREE_MEMORY="4e9,nan"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$CONCEPTCAPS_FREE_MEMORY='4e9,nan'.*'nan' is not a finite number"),
+    ("unknown log level", env(CONCEPTCAPS_LOG_LEVEL="LOUD"), ["vae", "sample", "--run", "RUN", "--force"],
+     r"CONCEPTCAPS_LOG_LEVEL='LOUD' is not a logging level"),
+    ("HF_HOME under a file", env(HF_HOME="RUN/taxonomy.json/hf"), ["concepts", "export", "--run", "RUN", "--tags",
+     "piano", "--format", "ids"], r"\$HF_HOME=.*is an impossible cache folder: .*taxonomy.json is a file"),
+    ("datasets cache that is a file", env(HF_DATASETS_CACHE="RUN/taxonomy.json"), ["build", "--run", "RUN", "--force"],
+     r"\$HF_DATASETS_CACHE=.*impossible cache folder"),
+    ("empty hub cache", env(HF_HUB_CACHE=""), ["captions", "generate", "--run", "RUN"], r"\$HF_HUB_CACHE is set but empty"),
+    ("cache name over 255 bytes", env(HF_HOME="RUN/" + "c" * 300), ["vae", "sample", "--run", "RUN", "--force"],
+     r"\$HF_HOME=.*impossible path \(a name over 255 bytes"),
+    ("torch compile cache under a file", env(TORCHINDUCTOR_CACHE_DIR="RUN/distilled.parquet/x"),
+     ["audio", "generate", "--run", "RUN", "--model", "MUSICGEN"], r"\$TORCHINDUCTOR_CACHE_DIR=.*impossible cache folder"),
+    # counts bounded by memory, checked before allocating
+    ("more samples than memory", nothing, ["vae", "sample", "--run", "RUN", "--n", "1000000000000000", "--force"],
+     r"vae sample --n 1000000000000000 .* needs about [\d.]+ GiB of memory, more than the .*ask for fewer sets"),
+    ("quota larger than memory", nothing, ["vae", "sample", "--run", "RUN", "--min_per_tag", "10000000000000", "--force"],
+     r"vae sample --n \d+ --min_per_tag 10000000000000 .* needs about [\d.]+ GiB"),
+    ("quota on named tags larger than memory", nothing,
+     ["vae", "sample", "--run", "RUN", "--min_per_tag", "100000000000000", "--tags", "piano", "--force"],
+     r"needs about [\d.]+ GiB of memory"),
+    ("pad larger than memory", nothing, ["explore", "--run", "RUN", "--grid_size", "100000000"],
+     r"explore --grid_size 100000000 .*needs about [\d.]+ GiB of memory.*smaller --grid_size"),
+    ("wide VAE hidden layer", nothing, ["vae", "train", "--run", "RUN", "--hidden_dim", "100000000000", "--force"],
+     r"vae train with --hidden_dim 100000000000 .* needs about"),
 ]
 
 
@@ -430,10 +473,11 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name, setup, command, pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(full, tmp_path, capsys, name, setup, command, pattern):
+def test_bad_input_is_one_line_and_changes_nothing(full, tmp_path, capsys, monkeypatch, name, setup, command, pattern):
     run = tmp_path / "run"
     shutil.copytree(full, run)
-    setup(run)
+    for variable, value in (setup(run) or {}).items():
+        monkeypatch.setenv(variable, value)
     argv = [str(run) if part == "RUN" else part.replace("RUN/", f"{run}/") for part in command]
     argv = [TINY.get(part, part) for part in argv]
     before = tree(run)

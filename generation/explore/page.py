@@ -9,7 +9,10 @@ The page (generation/explore/static/: index.html, app.js, style.css, copied as t
 - a concept browser: every taxonomy tag with its category, its positives per config and split
   (RUN/release/concepts.json), the mean CLAP score of its clips when `conceptcaps evaluate` scored
   them (else "not evaluated"), and up to --clips_per_tag of its clips with captions, tags and an
-  audio player;
+  audio player; when the run was scored (`conceptcaps audio score`), its label-audio agreement
+  (ROC-AUC with its bootstrap interval, and the top-k share, from concepts.json) and the
+  --evidence_clips positives of highest and of lowest evidence (the release's `evidence` column,
+  `extreme_clips`), to hear whether the audio carries the label before trusting the concept;
 - a 2-D pad over two latent dimensions of RUN/vae: a --grid_size x --grid_size grid, decoded at
   build time with the run's decoding rule (that of `vae sample`: with `--sizes data`, its default,
   each point takes the per-category set sizes of a training set drawn with the run's seed, so
@@ -70,6 +73,9 @@ class ExploreArguments:
                           "default: the VAE's first two regularised attributes, else its two dimensions of highest KL."},
     )
     nearest: int = field(default=3, metadata={"help": "Clips of the release listed (with audio) for each point of the pad."})
+    evidence_clips: int = field(
+        default=3, metadata={"help": "Per concept of a scored run: the positives of highest and of lowest evidence listed "
+                                     "(with audio) each; 0: none."})
     title: str = field(default="ConceptCaps explorer", metadata={"help": "Title of the page and of the Space."})
     force: bool = field(default=False, metadata={"help": "Rewrite RUN/explorer even if it is up to date."})
 
@@ -80,6 +86,12 @@ def check_arguments(args: ExploreArguments) -> None:
         raise ConceptCapsError(f"--clips_per_tag {args.clips_per_tag}: give 0 (no example clips) or more.")
     if args.grid_size < 2:
         raise ConceptCapsError(f"--grid_size {args.grid_size}: give at least 2 points per side (21 is the default).")
+    from conceptcaps_pipeline.run_dir import check_memory
+
+    # Each point of the pad is decoded, keeps its tag set and nearest clips, and becomes page data: a few KiB
+    # each (8 KiB is generous). Checked before the VAE decodes anything.
+    check_memory(8192 * args.grid_size**2, f"explore --grid_size {args.grid_size} ({args.grid_size**2:,} points)",
+                 "give a smaller --grid_size (21 is the default)")
     if not args.extent > 0:
         raise ConceptCapsError(f"--extent {args.extent}: give a positive half-width of the pad, in prior SDs (e.g. 3).")
     if args.axes and (len(args.axes) != 2 or args.axes[0] == args.axes[1]):
@@ -87,6 +99,8 @@ def check_arguments(args: ExploreArguments) -> None:
                                f"e.g. --axes tempo arousal or --axes 0 5.")
     if args.nearest < 1:
         raise ConceptCapsError(f"--nearest {args.nearest}: list at least 1 clip per point of the pad.")
+    if args.evidence_clips < 0:
+        raise ConceptCapsError(f"--evidence_clips {args.evidence_clips}: give 0 (no evidence lists) or more.")
 
 
 # -- the release ------------------------------------------------------------------------------------
@@ -182,6 +196,39 @@ def concept_clap(tags: list[str], clips: dict[str, dict], scores: dict[str, floa
                 if tag in sums:
                     sums[tag].append(scores[clip_id])
     return {t: {"mean": float(np.mean(v)), "n": len(v)} for t, v in sums.items() if v}
+
+
+def release_evidence(release: Path) -> dict[str, dict[str, float | None]] | None:
+    """{id: {label: evidence}} from the `evidence` column of the release's `audio` config, or None (not scored)."""
+    import pyarrow.parquet as pq
+
+    shards = sorted((release / "data" / "audio").glob("*.parquet"))
+    if not shards or "evidence" not in pq.read_schema(shards[0]).names:
+        return None
+    import datasets
+
+    # The label names from the shard's own features (the ClassLabel that `labels` indexes).
+    names = datasets.Features.from_arrow_schema(pq.read_schema(shards[0]))["labels"].feature.names
+    found = {}
+    for shard in shards:
+        for row in pq.read_table(shard, columns=["id", "labels", "evidence"]).to_pylist():
+            found[row["id"]] = {names[k]: e for k, e in zip(row["labels"], row["evidence"] or [])}
+    return found
+
+
+def concept_evidence(concepts: dict, evidence: dict | None, tags: list[str], n: int) -> dict[str, dict]:
+    """{tag: {auc, auc_interval, top_k_share, top_k_interval, k, chance, positives, highest, lowest}}: the agreement
+    `build` put into concepts.json, and the n positives of highest and lowest evidence ([id, evidence] pairs)."""
+    from conceptcaps_pipeline.release.evidence import extreme_clips
+
+    agreement = ((concepts.get("evidence") or {}).get("concepts")) or {}
+    out = {}
+    for tag in tags:
+        entry = dict(agreement.get(tag) or {})
+        extremes = extreme_clips(evidence, tag, n) if evidence is not None and n else {"highest": [], "lowest": []}
+        entry.update({side: [[i, round(e, 4)] for i, e in pairs] for side, pairs in extremes.items()})
+        out[tag] = entry
+    return out
 
 
 # -- the latent pad ---------------------------------------------------------------------------------
@@ -428,6 +475,10 @@ def explore(args: ExploreArguments) -> dict:
     clips = read_clips(release, splits)
     scores = clap_by_clip(run)
     per_concept = concept_clap(tags, clips, scores) if scores else {}
+    # Label-audio agreement (audio score, through build): per concept, and the clips to hear it by.
+    evidence = release_evidence(release)
+    scored = evidence is not None and bool(concepts.get("evidence"))
+    per_concept_evidence = concept_evidence(concepts, evidence, tags, args.evidence_clips) if scored else {}
 
     # 2. The latent pad, decoded with the rule the run sampled its tag sets with (set sizes from the data).
     try:
@@ -448,7 +499,9 @@ def explore(args: ExploreArguments) -> dict:
 
     # 3. The clips on the page (examples per concept and the pad's neighbours), and their audio.
     examples = choose_examples(tags, clips, args.clips_per_tag)
-    shown = set().union(*examples.values(), *({i for i, _ in n} for n in neighbours))
+    shown = set().union(*examples.values(), *({i for i, _ in n} for n in neighbours),
+                        *({i for side in ("highest", "lowest") for i, _ in e[side]} for e in per_concept_evidence.values()))
+    shown &= set(clips)
     has_audio = (release / "data" / "audio").is_dir()
     if not has_audio:
         logger.warning("explore: %s has no audio config (built with --audio false): the page has no players", release)
@@ -464,8 +517,11 @@ def explore(args: ExploreArguments) -> dict:
             "tiny_models": _tiny_models(run),
             "has_audio": has_audio,
             "clap": {"evaluated": scores is not None, "what": "mean CLAP score (raw cosine) of the concept's clips"},
+            "evidence": {"scored": scored, "model": (concepts.get("evidence") or {}).get("model"),
+                         "confidence": ((concepts.get("evidence") or {}).get("settings") or {}).get("confidence", 0.95)},
             "concepts": [{"tag": c["tag"], "category": c["category"], "positives": c["positives"],
-                          "clap": per_concept.get(c["tag"]), "clips": examples[c["tag"]]}
+                          "clap": per_concept.get(c["tag"]), "clips": examples[c["tag"]],
+                          "evidence": per_concept_evidence.get(c["tag"])}
                          for c in concepts["concepts"]],
             "clips": {i: {**clips[i], "clap": (scores or {}).get(i), "audio": audio.get(i)} for i in sorted(shown)},
             "pad": {"size": args.grid_size, "axes": axes, "note": pad_note(axes), "rule": rule, "sets": pad_sets,
@@ -477,7 +533,8 @@ def explore(args: ExploreArguments) -> dict:
         counts = {"concepts": len(tags), "release_rows": len(clips), "clips_shown": len(shown),
                   "clips_with_audio": len(audio), "audio_bytes": sum((tmp / p).stat().st_size for p in audio.values()),
                   "grid_size": args.grid_size, "pad_sets": len(pad_sets), "pad_dims": [a["dim"] for a in axes],
-                  "pad_attributes": [a["attribute"] for a in axes], "concepts_with_clap": len(per_concept)}
+                  "pad_attributes": [a["attribute"] for a in axes], "concepts_with_clap": len(per_concept),
+                  "concepts_with_auc": sum(e.get("auc") is not None for e in per_concept_evidence.values())}
         (tmp / "README.md").write_text(space_readme(args.title, concepts, counts), encoding="utf-8")
     logger.info("explore: wrote %s (%d concepts, %d clips with audio, %.1f MB; pad %dx%d over %s with %d distinct "
                 "tag sets)", out / "index.html", counts["concepts"], counts["clips_with_audio"],

@@ -135,6 +135,13 @@ def check_request(taxonomy, args: VaeSampleArguments) -> None:
     if args.min_per_tag < 0:
         raise ConceptCapsError(f"--min_per_tag {args.min_per_tag}: give 0 (no quota) or a positive number of sets.")
     taxonomy.check_known(args.tags, what="--tags tag")
+    from conceptcaps_pipeline.run_dir import check_memory
+
+    # Each set is a row of tag names and its probabilities until the file is written (about 1 KiB plus 8 bytes
+    # per taxonomy tag); the quota can add --min_per_tag sets per tag. Checked before any set is drawn.
+    most = args.n + args.min_per_tag * len(args.tags or taxonomy.tags)
+    check_memory(most * (1024 + 8 * len(taxonomy.tags)), f"vae sample --n {args.n} --min_per_tag {args.min_per_tag} "
+                 f"(up to {most:,} sets)", "ask for fewer sets, or sample in several runs")
     if args.tags and not args.min_per_tag:
         raise ConceptCapsError("--tags names the tags of the concept quota: give --min_per_tag N as well.")
     for tag in args.tags:
