@@ -94,6 +94,8 @@ def test_page_shows_the_release_and_moves_over_the_latent_pad(browser, explorer_
     clip_ids = page.eval_on_selector_all("#concept .clip", "cards => cards.map(c => c.dataset.clip)")
     assert clip_ids and all(tag["tag"] in data["clips"][i]["tags"] for i in clip_ids)
     assert page.inner_text("#concept-clap") == "CLAP score: not evaluated"  # this run has no RUN/eval
+    assert page.inner_text("#concept-evidence") == "Label evidence: not scored (conceptcaps audio score)"
+    assert page.eval_on_selector_all("#concept-evidence-clips .clip", "cards => cards.length") == 0
 
     # An audio player loads its clip (the FLAC copied from the release's audio shards) from file://.
     page.wait_for_function("() => { const a = document.querySelector('#concept audio'); "
@@ -222,6 +224,65 @@ def test_clap_scores_per_concept_after_evaluate(browser, explorer_run, copy_run,
                                                 f"clip{'' if len(holders) == 1 else 's'})")
     assert problems == []
     page.close()
+
+
+def test_concept_evidence_after_audio_score(browser, explorer_run, copy_run, distilled_run):
+    """After `audio score` (tiny CLAP) and `build`, each concept shows its AUC with its interval and the positives of
+    highest and lowest evidence, with players."""
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
+    from conceptcaps_pipeline.release.build import BuildArguments, build_release
+    from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
+
+    run = copy_run(explorer_run)
+    texts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()
+    clap = build_tiny_clap(run / "models" / "clap", texts[:500])
+    score_audio(ScoreArguments(run=str(run), model=str(clap), batch_size=4, n_bootstrap=50))
+    build_release(BuildArguments(run=str(run), max_shard_size="5KB", rows_per_group=2))
+    explore(ExploreArguments(run=str(run), clips_per_tag=2, grid_size=15, nearest=2, evidence_clips=2))
+    data = page_data(run)
+    agreement = json.loads((run / "release" / "concepts.json").read_text())["evidence"]["concepts"]
+    assert data["evidence"]["scored"] and data["evidence"]["model"] == str(clap)
+    # Every positive's evidence for each tag, from the release's audio config.
+    evidence = {}
+    for shard in (run / "release" / "data" / "audio").glob("*.parquet"):
+        for r in pq.read_table(shard, columns=["id", "aspect_list", "evidence", "labels"]).to_pylist():
+            names = data_label_names(shard)
+            for k, e in zip(r["labels"], r["evidence"]):
+                if e is not None:
+                    evidence.setdefault(names[k], {})[r["id"]] = e
+    concept = next(c for c in data["concepts"] if c["evidence"]["auc"] is not None and len(evidence[c["tag"]]) >= 3)
+    tag, shown = concept["tag"], concept["evidence"]
+    assert shown["auc"] == agreement[tag]["auc"] and shown["auc_interval"] == agreement[tag]["auc_interval"]
+    values = sorted(evidence[tag].values())
+    for side, expected in (("highest", values[::-1][:2]), ("lowest", values[:2])):
+        assert [e for _, e in shown[side]] == pytest.approx(expected, abs=1e-4)
+        assert all(evidence[tag][i] == pytest.approx(e, abs=1e-4) for i, e in shown[side])
+        assert all(data["clips"][i]["audio"] for i, _ in shown[side])  # each with its clip
+
+    page, problems = open_page(browser, run)
+    page.click(f"#concept-list li[data-tag='{tag}'] button")
+    low, high = shown["auc_interval"]
+    text = page.inner_text("#concept-evidence")
+    assert text.startswith(f"Label evidence: AUC {shown['auc']:.2f} [{low:.2f}, {high:.2f}] (95% interval) over "
+                           f"{shown['positives']} positives"), text
+    for side in ("highest", "lowest"):
+        cards = page.eval_on_selector_all(f"#concept-evidence-clips [data-side={side}] .clip",
+                                          "cards => cards.map(c => c.dataset.clip)")
+        assert cards == [i for i, _ in shown[side]]
+    page.wait_for_function("() => { const a = document.querySelector('#concept-evidence-clips audio'); "
+                           "return a && a.readyState >= 1 && a.duration > 0; }", timeout=15000)
+    assert problems == []
+    page.close()
+
+
+def data_label_names(shard: Path) -> list[str]:
+    """The `labels` ClassLabel names of a release shard (its features metadata)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    return datasets.Features.from_arrow_schema(pq.read_schema(shard))["labels"].feature.names
 
 
 def test_clear_errors(tmp_path, explorer_run, copy_run):

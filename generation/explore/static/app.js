@@ -34,7 +34,8 @@
     const parts = data.splits.map((s) => `${s} ${rows[s] || 0}`);
     $("summary").textContent =
       `${data.concepts.length} concepts · rows per split: ${parts.join(", ")} · taxonomy ${data.taxonomy_version}` +
-      (data.clap.evaluated ? " · CLAP scores from conceptcaps evaluate" : " · CLAP: not evaluated");
+      (data.clap.evaluated ? " · CLAP scores from conceptcaps evaluate" : " · CLAP: not evaluated") +
+      (data.evidence && data.evidence.scored ? " · label evidence from conceptcaps audio score" : " · label evidence: not scored");
     if (data.tiny_models.length) {
       const warning = $("warning");
       warning.hidden = false;
@@ -92,6 +93,30 @@
     return el("table", { class: "counts" }, el("thead", {}, head), el("tbody", {}, body));
   }
 
+  // Label-audio agreement of a concept (audio score): AUC with its interval, the top-k share, and the positives of
+  // highest and lowest evidence to listen to (a concept whose lowest clips do not carry it has weak positives).
+  function evidenceText(concept) {
+    const e = concept.evidence;
+    if (!data.evidence || !data.evidence.scored) return "Label evidence: not scored (conceptcaps audio score)";
+    if (!e || e.auc === null || e.auc === undefined) {
+      return `Label evidence: too few positives for an AUC (${e && e.positives !== undefined ? e.positives : 0})`;
+    }
+    const level = Math.round((data.evidence.confidence || 0.95) * 100);
+    const interval = e.auc_interval ? ` [${fmt(e.auc_interval[0], 2)}, ${fmt(e.auc_interval[1], 2)}]` : "";
+    const share = e.top_k_share === null || e.top_k_share === undefined ? "" :
+      ` · top-${e.k} share ${fmt(e.top_k_share, 2)} (chance ${fmt(e.chance, 2)})`;
+    return `Label evidence: AUC ${fmt(e.auc, 2)}${interval} (${level}% interval) over ${e.positives} positives${share}`;
+  }
+
+  function evidenceClips(concept) {
+    const e = concept.evidence;
+    if (!e || !((e.highest || []).length)) return [];
+    return ["highest", "lowest"].map((side) => el("div", { class: "evidence-side", "data-side": side },
+      el("h4", {}, side === "highest" ? "Highest evidence (the audio most likely carries it)"
+        : "Lowest evidence (listen: does the audio carry it?)"),
+      el("div", { class: "clips" }, e[side].map(([id, value]) => clipCard(id, `evidence ${fmt(value, 2)}`)))));
+  }
+
   function selectConcept(tag, updateHash) {
     const concept = byTag.get(tag);
     if (!concept) return;
@@ -113,9 +138,11 @@
         el("span", { class: `badge ${concept.category}` }, concept.category)),
       countsTable(concept),
       el("p", { id: "concept-clap", class: "note" }, clap),
+      el("p", { id: "concept-evidence", class: "note" }, evidenceText(concept)),
       el("h4", {}, concept.clips.length ? `Clips (${concept.clips.length} shown of ${total(concept.positives)})`
         : "No clip in the release holds this tag"),
-      el("div", { class: "clips" }, concept.clips.map((id) => clipCard(id))));
+      el("div", { class: "clips" }, concept.clips.map((id) => clipCard(id))),
+      el("div", { id: "concept-evidence-clips" }, evidenceClips(concept)));
     if (updateHash) history.replaceState(null, "", `#tag=${encodeURIComponent(tag)}`);
   }
 
