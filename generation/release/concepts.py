@@ -224,9 +224,15 @@ def evidence_lookup(dataset, evidence=None) -> tuple[dict, str]:
     `labels`). A split with neither gets one error saying how to make it.
     """
     if evidence is not None and not isinstance(evidence, dict):
-        from conceptcaps_pipeline.release.evidence import FOLDER, evidence_by_label
+        from conceptcaps_pipeline.release.evidence import FOLDER
+        from conceptcaps_pipeline.release.rows import label_evidence
 
-        return evidence_by_label(evidence), str(Path(evidence) / FOLDER / "evidence.parquet")
+        path = Path(evidence) / FOLDER / "evidence.parquet"
+        # Why the build's reader: it refuses evidence of other clips (audio made again since `audio score`).
+        found = label_evidence(evidence)
+        if found is None:
+            raise ConceptCapsError(f"{path} not found: run `conceptcaps audio score --run {evidence}` first.")
+        return found, str(path)
     if evidence is not None:
         return evidence, "the evidence given"
     if "evidence" not in dataset.column_names:
@@ -251,24 +257,32 @@ def select_by_evidence(dataset, masks: dict[str, np.ndarray], min_evidence: floa
     """The labelled rows of each tag whose evidence for it is >= `min_evidence`, and how many remain.
 
     Returns ({tag: boolean mask}, {"min_evidence", "source", "concepts": {tag: {"positives", "kept",
-    "unscored"}}}); `unscored`: labelled rows with no evidence at all (never kept). One log line per tag.
+    "unscored"}}}); `unscored`: labelled rows without a value (not scored, null or NaN; never kept).
+    One log line per tag. Values and threshold are compared at float32 precision, the release
+    column's, so the column and RUN/audio_evidence keep the same rows (evidence 0.7 passes q = 0.7).
     """
-    from conceptcaps_pipeline.release.evidence import check_min_evidence, positives_with_evidence
+    from conceptcaps_pipeline.release.evidence import check_min_evidence
 
     check_min_evidence(min_evidence)
     lookup, source = evidence_lookup(dataset, evidence)
     ids = dataset["id"] if "id" in dataset.column_names else list(range(len(dataset)))
+    threshold = np.float32(min_evidence)
     eligible, counts = {}, {}
     for tag, mask in masks.items():
         rows = np.flatnonzero(mask)
-        found = positives_with_evidence(lookup, tag, min_evidence, ids=[ids[i] for i in rows])
-        keep = set(found.ids)
         eligible[tag] = np.zeros(len(mask), dtype=bool)
-        eligible[tag][[i for i in rows if ids[i] in keep]] = True
-        counts[tag] = {"positives": len(rows), "kept": found.kept, "unscored": len(rows) - found.positives}
-        logger.info("concept sets: %r%s: %d of %d positives have evidence >= %g (%s)%s", tag, what, found.kept,
-                    len(rows), min_evidence, source, f"; {counts[tag]['unscored']} have none (not scored)"
-                    if counts[tag]["unscored"] else "")
+        unscored = 0
+        for i in rows:
+            value = lookup.get(ids[i], {}).get(tag)
+            if value is None or np.isnan(value):
+                unscored += 1
+                continue
+            eligible[tag][i] = np.float32(value) >= threshold
+        kept = int(eligible[tag].sum())
+        counts[tag] = {"positives": len(rows), "kept": kept, "unscored": unscored}
+        logger.info("concept sets: %r%s: %d of %d positives (%.0f%%) have evidence >= %g (%s)%s", tag, what, kept,
+                    len(rows), 100 * kept / max(len(rows), 1), min_evidence, source,
+                    f"; {unscored} have none (not scored)" if unscored else "")
     return eligible, {"min_evidence": min_evidence, "source": source, "concepts": counts}
 
 
