@@ -339,12 +339,13 @@ def read_candidate_records(audio_dir):
 
 def test_kill_9_mid_best_of_run_then_resume(tmp_path, audio_captions_run, tiny_musicgen, tiny_clap,
                                            single_process_state):
-    """`kill -9` of `accelerate launch ... audio generate --candidates 2` (two processes), then a resume: each id
-    once, every clip with its record; the batches done before the kill keep their clips and choices."""
+    """`kill -9` of `accelerate launch ... audio generate --candidates 2 --keep_candidates` (two processes), then a
+    resume: each id once, every clip with its record, each other candidate once; the batches done before the kill
+    keep their clips and choices."""
     run = shutil.copytree(audio_captions_run, tmp_path / "run")
     ids = caption_ids(run)
     process = launch_audio_generate(run, tiny_musicgen, "--duration", "1.0", "--batch_size", "1",
-                                    "--candidates", "2", "--clap_model", str(tiny_clap),
+                                    "--candidates", "2", "--clap_model", str(tiny_clap), "--keep_candidates",
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not shard_paths(run / "audio") and process.poll() is None and time.time() < deadline:
@@ -358,11 +359,35 @@ def test_kill_9_mid_best_of_run_then_resume(tmp_path, audio_captions_run, tiny_m
     assert sorted(records_before) == sorted(before)  # a clip and its record are written together
 
     manifest = generate_audio(AudioArguments(run=str(run), model=str(tiny_musicgen), duration=1.0, batch_size=1,
-                                             candidates=2, clap_model=str(tiny_clap)))
+                                             candidates=2, clap_model=str(tiny_clap), keep_candidates=True))
     records = check_best_of(run, 2)
+    others = read_shards(run / "audio" / "candidates", columns=["id", "seed"]).to_pylist()
+    assert Counter(r["id"] for r in others) == Counter(ids)  # the other candidate of each id, once
+    assert all(r["seed"] == records[r["id"]]["candidate_seeds"][1 - records[r["id"]]["kept"]] for r in others)
     after = audio_by_id(run / "audio")
     assert {i: after[i] for i in before} == before and {i: records[i] for i in before} == records_before
     assert manifest["counts"]["already_done"] == len(before)
     assert manifest["counts"]["generated"] == len(ids) - len(before)
     assert manifest["counts"]["best_of"]["clips_with_record"] == len(ids)
     assert not list((run / "audio").glob(".*.tmp"))
+
+
+def test_prune_candidates_drops_the_other_candidates_of_batches_made_again(tmp_path):
+    """A kill after a batch's other candidates are written and before its kept clips: the resume drops those
+    candidates (their batch is made again and writes them again), so each stays once."""
+    import pyarrow as pa
+
+    from conceptcaps_pipeline.audio.generate import prune_candidates
+    from conceptcaps_pipeline.audio.shards import shard_schema
+
+    folder = tmp_path / "audio" / "candidates"
+    folder.mkdir(parents=True)
+    row = {"audio": b"", "duration_s": 0.5, "sampling_rate": 8000, "seed": 1, "model": "m", "caption_sha256": "c",
+           "settings": "{}"}
+    for n, ids in enumerate((["cc-000000", "cc-000001"], ["cc-000002"], ["cc-000003"])):
+        pq.write_table(pa.Table.from_pylist([{"id": i, **row} for i in ids], schema=shard_schema()),
+                       folder / f"shard-r000-0000000{n}-000000.parquet")
+    assert prune_candidates(folder, {"cc-000000", "cc-000003"}) == 2
+    assert sorted(read_shards(folder).column("id").to_pylist()) == ["cc-000000", "cc-000003"]
+    assert len(shard_paths(folder)) == 2 and not list(folder.glob(".*.tmp"))
+    assert prune_candidates(folder, {"cc-000000", "cc-000003"}) == 0

@@ -546,6 +546,8 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
     codec_batch = args.codec_batch_size or (GPU_CODEC_BATCH_SIZE if device.type == "cuda" else None)
     state.wait_for_everyone()
     report = prepare_audio_dir(args, run, stale) if state.is_main_process else {}
+    if state.is_main_process and not args.force:
+        report["candidate_rows_dropped"] = prune_candidates(audio_dir / CANDIDATES_FOLDER, done)
     # Why: no process may write a shard before the main one has set old clips aside.
     state.wait_for_everyone()
 
@@ -638,6 +640,34 @@ def _load_best_of(args: AudioArguments, run: Path, captions_path: Path, device) 
     return {"scorer": scorer, "labels": dict(zip(ids, labels)), "tags": tags, "text": tag_embeddings(scorer, tags)}
 
 
+def prune_candidates(folder: Path, done: set[str]) -> int:
+    """Drop the --keep_candidates rows of ids without a kept clip (main process, under the lock); returns how many.
+
+    Why: a batch's other candidates are written just before its kept clips, so a kill in between leaves
+    candidates whose batch is made again; dropping them first keeps every candidate exactly once. Each
+    shard is rewritten in place atomically (or removed when nothing of it stays).
+    """
+    import pyarrow.parquet as pq
+
+    from conceptcaps_pipeline.run_dir import atomic_path
+
+    dropped = 0
+    for path in shard_paths(folder):
+        table = pq.read_table(path)
+        keep = [n for n, i in enumerate(table.column("id").to_pylist()) if i in done]
+        if len(keep) == table.num_rows:
+            continue
+        dropped += table.num_rows - len(keep)
+        if keep:
+            with atomic_path(path) as tmp:
+                pq.write_table(table.take(keep), tmp)
+        else:
+            path.unlink()
+    if dropped:
+        logger.info("audio: %d candidate row(s) of batches to be made again were dropped from %s", dropped, folder)
+    return dropped
+
+
 def _write_other_candidates(folder: Path, token: str, rank: int, batch: int, ids: list[str], keep: list[bool],
                             chosen, fingerprints: list[str], sampling_rate: int, settings: dict,
                             args: AudioArguments) -> None:
@@ -713,6 +743,8 @@ def _write_audio_manifest(args, run, captions_path, prompts, todo, per_rank, pre
         "determinism": determinism(args, state, batch_size),
         "stale_replaced": report.get("stale", 0), "leftovers_removed": report.get("leftovers", 0),
     }
+    if report.get("candidate_rows_dropped"):
+        session["candidate_rows_dropped"] = report["candidate_rows_dropped"]
     counts = {
         "captions": len(prompts), "already_done": len(prompts) - sum(r["assigned"] for r in per_rank),
         "assigned": sum(r["assigned"] for r in per_rank), "batches_run": len(todo),
