@@ -1,7 +1,7 @@
 """Write concept sets of a release as files: audio folders in the TCAV layout, or JSON id lists.
 
     conceptcaps concepts export --run runs/demo --tags piano "slow tempo" --format tcav
-    conceptcaps concepts export --run runs/demo --out sets/ --tags piano --format ids --n 50 --n_random 20
+    conceptcaps concepts export --run runs/demo --dest sets/ --tags piano --format ids --n 50 --n_random 20
     conceptcaps concepts export --run probe --dataset my-org/conceptcaps --tags jazz --split validation
     conceptcaps concepts export --run runs/demo --tags piano --min_evidence 0.75   # positives CLAP hears piano in
 
@@ -42,11 +42,15 @@ RANDOM_PREFIX = "random500_"  # the name the tcav package looks for, whatever th
 
 @dataclass
 class ExportArguments:
-    run: str = field(metadata={"help": "Run directory: reads RUN/release (unless --dataset); default --out RUN/concepts."})
+    run: str = field(metadata={"help": "Run directory: reads RUN/release (unless --dataset); default --dest RUN/concepts."})
     tags: list[str] = field(default_factory=list, metadata={"help": "Taxonomy tags to export, e.g. piano 'slow tempo'."})
     format: str = field(default="tcav", metadata={"help": "tcav (<tag>/*.wav and random500_<k>/*.wav) or ids (JSON)."})
-    out: str | None = field(default=None, metadata={"help": "Output folder (default RUN/concepts); must not exist yet "
-                                                            "unless --force."})
+    dest: str | None = field(default=None, metadata={"help": "Folder the sets are written to (default RUN/concepts); "
+                                                             "must not exist yet unless --force, which replaces only an "
+                                                             "earlier export, never the run or another stage's folder."})
+    # Why renamed: every other stage's --out (distill, run) names the run itself, and `--out RUN --force` read as
+    # "write into the run" once replaced the whole run. --out still works for old scripts, with a warning.
+    out: str | None = field(default=None, metadata={"help": "Deprecated spelling of --dest."})
     dataset: str | None = field(default=None, metadata={"help": "A release folder or Hub dataset id (default RUN/release)."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --dataset (branch, tag or commit)."})
     split: str = field(default="train", metadata={"help": "Split the sets come from."})
@@ -101,8 +105,25 @@ def write_wavs(dataset, indices: list[int], folder: Path) -> int:
     return len(indices)
 
 
+def destination(args: ExportArguments, warn: bool = True) -> Path:
+    """The folder the sets go to: --dest (or the deprecated --out), default RUN/concepts; never the run or above it."""
+    if args.dest and args.out and args.dest != args.out:
+        raise ConceptCapsError(f"--dest {args.dest} and --out {args.out}: --out is the deprecated spelling of --dest; "
+                               f"give only --dest.")
+    if args.out and not args.dest and warn:
+        logger.warning("concepts export: --out is deprecated (it reads like the run directory); use --dest %s", args.out)
+    out = Path(args.dest or args.out) if (args.dest or args.out) else Path(args.run) / "concepts"
+    flag = "--dest" if args.dest or not args.out else "--out"
+    run, where = Path(args.run).resolve(), out.resolve()
+    if where == run or where in run.parents:
+        raise ConceptCapsError(f"{flag} {out} is the run directory {args.run}{'' if where == run else ' or holds it'}: "
+                               f"the sets need a folder of their own, e.g. --dest {Path(args.run) / 'concepts'} or "
+                               f"--dest sets/.")
+    return out
+
+
 def check_arguments(args: ExportArguments) -> None:
-    """One clear error for a bad option or an --out it may not replace, before the lock is taken."""
+    """One clear error for a bad option or a --dest it may not replace, before the lock is taken."""
     from conceptcaps_pipeline.run_dir import check_replaceable
 
     if args.format not in FORMATS:
@@ -114,9 +135,9 @@ def check_arguments(args: ExportArguments) -> None:
     from conceptcaps_pipeline.release.evidence import check_min_evidence
 
     check_min_evidence(args.min_evidence)
-    out = Path(args.out) if args.out else Path(args.run) / "concepts"
+    out = destination(args)
     if out.exists() and not args.force:
-        raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --out.")
+        raise ConceptCapsError(f"{out} exists: pass --force to replace it, or another --dest.")
     # --force replaces only an earlier export (it holds concept_sets.json): never the run, the release or a user's folder.
     check_replaceable(out, MARKER)
 
@@ -129,7 +150,7 @@ def export_concepts(args: ExportArguments) -> dict:
 
     started = time.time()
     run = Path(args.run)
-    out = Path(args.out) if args.out else run / "concepts"
+    out = destination(args, warn=False)  # check_arguments warned about --out already
     source = args.dataset or str(run / "release")
     if not args.dataset and not (run / "release").is_dir():
         raise ConceptCapsError(f"{run / 'release'} not found: run `conceptcaps build --run {run}` first, or pass --dataset.")
@@ -150,7 +171,7 @@ def export_concepts(args: ExportArguments) -> dict:
     ids = dataset["id"]
     listing = {
         "source": args.dataset or "RUN/release", "revision": args.revision, "split": args.split, "seed": args.seed,
-        "arguments": {k: v for k, v in asdict(args).items() if k not in ("run", "out", "force")},
+        "arguments": {k: v for k, v in asdict(args).items() if k not in ("run", "dest", "out", "force")},
         "concepts": {tag: [ids[i] for i in rows] for tag, rows in sets["concepts"].items()},
         "random": {f"{RANDOM_PREFIX}{k}": [ids[i] for i in rows] for k, rows in enumerate(sets["random"])},
         # Random sets hold none of these tags; clips that are positives of two exported concepts are listed.
