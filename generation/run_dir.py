@@ -569,8 +569,36 @@ def _files_of(path: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(path).parts))
 
 
+# Entries of files this process wrote and hashed as their bytes passed (`remember_entry`), keyed by what
+# identifies that very file version: device, inode, size and mtime (ns). Why: the build record would otherwise
+# re-read every shard it just wrote (~1x the audio bytes again, issue 23); a file changed or replaced since
+# has another key, so it is read as before.
+_WRITTEN: dict[tuple, dict] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def remember_entry(path: str | os.PathLike, *, size: int, sha256: str, rows: int | None = None) -> None:
+    """Record the size, sha256 and (Parquet) row count of a file just written and closed, so that `file_entry`
+    (and `file_record`) does not read it again. Renaming the file keeps the entry (same inode and mtime)."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key[2] != size:
+        return  # not the bytes that were hashed: leave it to file_entry to read
+    entry: dict[str, Any] = {"bytes": size, "sha256": sha256 if size <= HASH_LIMIT else None}
+    if path.suffix == ".parquet":
+        entry["rows"] = rows
+    _WRITTEN[key] = entry
+
+
 def file_entry(path: Path) -> dict:
     """Size, sha256 (up to HASH_LIMIT) and, for Parquet, row count of one file."""
+    known = _WRITTEN.get(_stat_key(path))
+    if known is not None and (path.suffix != ".parquet" or known.get("rows") is not None):
+        return dict(known)
     size = path.stat().st_size
     entry: dict[str, Any] = {"bytes": size, "sha256": file_sha256(path) if size <= HASH_LIMIT else None}
     if path.suffix == ".parquet":

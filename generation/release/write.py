@@ -16,11 +16,14 @@ groups); a writer holds at most one row group, so memory is bounded by `rows_per
 per (config, split), not by the dataset. The FLAC header of every clip is checked as it passes.
 Shards are cut like datasets' builder cuts them: a new file once the current one holds more than
 `max_shard_size` bytes (Arrow size, before compression), so a shard exceeds it by at most one group.
+Each shard is hashed as its bytes are written (`_HashingFile`) and its size, sha256 and row count handed to
+`run_dir.remember_entry`, so the build record does not read the shards back (the stage reads the audio once).
 With `evidence` (a scored run), the audio configs carry each row's per-label evidence as a column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,47 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
+class _HashingFile:
+    """A write-only binary file that hashes (sha256) and counts the bytes as they pass on their way to disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), which the Parquet writer calls
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.sha256: str | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self.size += view.nbytes
+        return self._file.write(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            self.sha256 = self._digest.hexdigest()
+
+
 @dataclass
 class _SplitWriter:
     """The Parquet shards of one (config, split): a new file whenever the current one passes max_shard_size."""
@@ -49,6 +93,7 @@ class _SplitWriter:
     num_examples: int = 0
     num_bytes: int = 0
     _writer: object = None
+    _stream: _HashingFile | None = None
 
     def write(self, example: dict) -> None:
         if self._writer is not None and self._writer._num_bytes > self.max_shard_size:
@@ -64,6 +109,7 @@ class _SplitWriter:
         if self._writer is not None:
             self._close_file()
         for index, path in enumerate(self.paths):
+            # A rename keeps the inode and mtime, so the entry remembered at _close_file still names the file.
             path.rename(self.folder / shard_name(self.split, index, len(self.paths)))
 
     def _open_file(self) -> None:
@@ -71,12 +117,18 @@ class _SplitWriter:
 
         path = self.folder / f".{self.split}-{len(self.paths):05d}.parquet"
         self.paths.append(path)
-        self._writer = ParquetWriter(path=str(path), features=self.features, writer_batch_size=self.rows_per_group)
+        self._stream = _HashingFile(path)
+        self._writer = ParquetWriter(stream=self._stream, features=self.features, writer_batch_size=self.rows_per_group)
 
     def _close_file(self) -> None:
-        examples, size = self._writer.finalize()
+        from conceptcaps_pipeline.run_dir import remember_entry
+
+        examples, size = self._writer.finalize()  # closes the stream: the digest is final
         self._writer.close()
         self._writer = None
+        self._stream.close()
+        remember_entry(self._stream.path, size=self._stream.size, sha256=self._stream.sha256, rows=examples)
+        self._stream = None
         self.num_examples += examples
         self.num_bytes += size
 
