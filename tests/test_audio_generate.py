@@ -305,6 +305,15 @@ def test_best_of_two_keeps_the_higher_evidence_and_is_reproducible(audio_run, au
     assert best["mean_evidence_kept"] >= best["mean_evidence_candidate_0"]
     assert best["scorers"] == [str(tiny_clap)]
     assert manifest["sessions"][-1]["per_rank"][0]["score_seconds"] >= 0
+    # The run passes audio verify, and `audio score` with the same CLAP reports the evidence the choice was made on.
+    from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
+
+    assert verify_audio(VerifyArguments(run=str(first)))["failing_ids"] == 0
+    score_audio(ScoreArguments(run=str(first), model=str(tiny_clap), batch_size=4, n_bootstrap=10))
+    for row in pq.read_table(first / "audio_evidence" / "evidence.parquet").to_pylist():
+        record = records[row["id"]]
+        assert row["evidence"] == pytest.approx(record["evidence"][record["kept"]])
+        assert row["mean_evidence"] == pytest.approx(max(record["candidate_means"]))
 
     # The same seed: the same choice and the same bytes, on two processes under `accelerate launch` too (and
     # without --keep_candidates).
