@@ -51,6 +51,16 @@ def test_smoke_run_ends_with_a_loadable_release(smoke_run):
     concepts = json.loads((run / "release" / "concepts.json").read_text())
     assert set(concepts["evidence"]["concepts"]) == {t for tags in concepts["categories"].values() for t in tags}
     assert "figures/evidence_auc.png" in card and (run / "release" / "figures" / "evidence_auc.png").is_file()
+    assert all(set(e) >= {"auc", "auc_interval", "top_k_share"} for e in concepts["evidence"]["concepts"].values())
+    assert any(e["auc"] is not None for e in concepts["evidence"]["concepts"].values())
+    # ... and the per-label evidence in every audio config: a float32 list aligned with `labels`.
+    assert release["train"].features["evidence"] == datasets.List(datasets.Value("float32"))
+    for config in ("audio", "25pct_audio", "10pct_audio"):
+        for split in load_release(run / "release", config).values():
+            for row in split.remove_columns("audio"):
+                assert len(row["evidence"]) == len(row["labels"]) > 0
+                assert all(e is None or 0.0 <= e <= 1.0 for e in row["evidence"])
+    assert "| `evidence` |" in card and "not scored" not in card
 
 
 @pytest.mark.slow
