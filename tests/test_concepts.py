@@ -214,3 +214,60 @@ def test_export_errors_name_the_count(release_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "'oud'" in err and f"has only {available} positive row(s), fewer than n={available + 5}" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+class HashScorer:
+    """A stand-in CLAP: unit vectors drawn from a hash of the clip's bytes or the prompt (evidence is arbitrary but
+    fixed: enough to follow it from `audio score` through the build into concept sets)."""
+
+    name = "hash-scorer"
+
+    @staticmethod
+    def _vector(key: bytes) -> np.ndarray:
+        import hashlib
+
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        vector = rng.standard_normal(16)
+        return vector / np.linalg.norm(vector)
+
+    def embed_audio(self, clips):
+        return np.stack([self._vector(bytes(c)) for c in clips])
+
+    def embed_text(self, texts):
+        return np.stack([self._vector(t.encode()) for t in texts])
+
+
+def test_min_evidence_on_a_built_release(release_run, copy_run, tmp_path):
+    """A scored run, built: the audio config's `evidence` column is what concept_sets(min_evidence=q) reads; the
+    export reads the same column (--format tcav) or RUN/audio_evidence (--format ids, the text config has no
+    column), and all three keep exactly the positives whose evidence is >= q."""
+    from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
+    from conceptcaps_pipeline.release.build import BuildArguments, build_release
+
+    run = copy_run(release_run)
+    score_audio(ScoreArguments(run=str(run), batch_size=4, n_bootstrap=0), scorer=HashScorer())
+    build_release(BuildArguments(run=str(run)))
+    train = load_release(run / "release", "audio", "train")
+    assert "evidence" in train.column_names
+    table = pq.read_table(run / "audio_evidence" / "evidence.parquet").to_pylist()
+    scores = {r["id"]: dict(zip(r["labels"], r["evidence"])) for r in table}
+    counts = Counter(t for tags in train["aspect_list"] for t in set(tags))
+    tag = counts.most_common(1)[0][0]
+    values = sorted(scores[i][tag] for i, tags in zip(train["id"], train["aspect_list"]) if tag in tags)
+    q = float(values[len(values) // 2])  # the median positive: about half remain
+    expected = {i for i, tags in zip(train["id"], train["aspect_list"])
+                if tag in tags and np.float32(scores[i][tag]) >= np.float32(q)}
+    assert 0 < len(expected) <= len(values)
+    sets = concept_sets(train, tag, n=len(expected), n_random=0, min_evidence=q)
+    assert set(sets.positives["id"]) == expected
+    assert sets.evidence["source"] == "the release's evidence column" and sets.evidence["kept"] == len(expected)
+    assert sets.evidence["positives"] == len(values) and sets.evidence["unscored"] == 0
+    for form in ("tcav", "ids"):
+        out = tmp_path / form
+        assert main(["concepts", "export", "--run", str(run), "--out", str(out), "--format", form, "--tags", tag, "--n", str(len(expected)),
+                     "--n_random", "0", "--min_evidence", str(q)]) == 0
+        listing = json.loads((out / "concept_sets.json").read_text())
+        assert set(listing["concepts"][tag]) == expected
+        assert listing["evidence"]["concepts"][tag] == {"positives": len(values), "kept": len(expected), "unscored": 0}
+        assert listing["evidence"]["source"] == ("the release's evidence column" if form == "tcav" else
+                                                 str(run / "audio_evidence" / "evidence.parquet"))
