@@ -264,7 +264,7 @@ def test_min_evidence_on_a_built_release(release_run, copy_run, tmp_path):
     assert sets.evidence["positives"] == len(values) and sets.evidence["unscored"] == 0
     for form in ("tcav", "ids"):
         out = tmp_path / form
-        assert main(["concepts", "export", "--run", str(run), "--out", str(out), "--format", form, "--tags", tag, "--n", str(len(expected)),
+        assert main(["concepts", "export", "--run", str(run), "--dest", str(out), "--format", form, "--tags", tag, "--n", str(len(expected)),
                      "--n_random", "0", "--min_evidence", str(q)]) == 0
         listing = json.loads((out / "concept_sets.json").read_text())
         assert set(listing["concepts"][tag]) == expected

@@ -226,7 +226,7 @@ def test_min_evidence_reads_the_release_column_and_says_when_there_is_none(score
 def test_export_min_evidence_matches_the_api(scored, tmp_path, capsys):
     run, sounded = scored
     train = load_release(run / "release", "default", "train")
-    assert main(["concepts", "export", "--run", str(run), "--out", str(tmp_path / "a"), "--format", "ids",
+    assert main(["concepts", "export", "--run", str(run), "--dest", str(tmp_path / "a"), "--format", "ids",
                  "--tags", "piano", "organ", "--n", "10", "--n_random", "3", "--seed", "2", "--min_evidence", "0.5"]) == 0
     listing = json.loads((tmp_path / "a" / "concept_sets.json").read_text())
     sets = concept_sets(train, ["piano", "organ"], n=10, n_random=3, seed=2, min_evidence=0.5, evidence=run)
@@ -244,7 +244,7 @@ def test_export_min_evidence_matches_the_api(scored, tmp_path, capsys):
     assert sorted(zero["concepts"]["piano"]) == sorted(plain.positives["id"]) and zero["evidence"] is None
     # A release that is not RUN/release, without an evidence column: one line, exit 2, nothing written.
     capsys.readouterr()
-    code = main(["concepts", "export", "--run", str(tmp_path / "probe"), "--dataset", str(run / "release"), "--out",
+    code = main(["concepts", "export", "--run", str(tmp_path / "probe"), "--dataset", str(run / "release"), "--dest",
                  str(tmp_path / "c"), "--format", "ids", "--tags", "piano", "--n", "5", "--min_evidence", "0.5"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("conceptcaps:")]
