@@ -176,9 +176,25 @@ def test_a_moved_run_resumes_captions_and_audio(captioner_run, tiny_musicgen, tm
     generate_captions(CaptionsArguments(run=str(moved), **{**quick, "limit": 4}))  # up to date, resumable
     clips = read_shards(moved / "audio").to_pylist()
     assert {r["model"] for r in clips} == {"RUN/models/musicgen"}
+    # Resume in the copy what a kill left: the last caption shard and the last audio shard, unassembled.
+    captions_before = pq.read_table(moved / "captions.parquet").to_pylist()
+    (moved / "captions.parquet").unlink()
+    (moved / "manifests" / "captions_generate.json").unlink()
+    sorted((moved / "captions").glob("shard-*.parquet"))[-1].unlink()
+    generate_captions(CaptionsArguments(run=str(moved), **{**quick, "limit": 4}))
+    assert pq.read_table(moved / "captions.parquet").column("id").to_pylist() == [r["id"] for r in captions_before]
+    audio_shards = shard_paths(moved / "audio")
+    audio_shards[-1].unlink()
+    (moved / "manifests" / "audio.json").unlink()
+    survivors = {r["id"]: r["audio"] for r in read_shards(moved / "audio").to_pylist()} if audio_shards[:-1] else {}
     manifest = generate_audio(AudioArguments(run=str(moved), **{**audio, "model": str(moved / "models" / "musicgen")}))
     assert manifest["counts"]["clips"] == 4 and manifest["counts"]["missing"] == 0
-    # Nothing stored in the copy names the original's place (adapter config, manifests, plans, shards).
+    after = {r["id"]: r["audio"] for r in read_shards(moved / "audio").to_pylist()}
+    assert len(after) == 4 and all(after[i] == data for i, data in survivors.items())  # kept clips are not redone
+    # The card is rebuilt in the copy and names nothing of the original.
+    build = build_release(BuildArguments(run=str(moved)))
+    assert (moved / "release" / "README.md").is_file() and build["counts"]["rows"]["audio"]["train"] == 4, build["counts"]
+    # Nothing stored in the copy names the original's place (adapter config, manifests, plans, shards, card).
     original = os.fsencode(str(run))
     naming = [p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file() and original in p.read_bytes()]
     assert naming == []
