@@ -221,6 +221,32 @@ def test_run_without_audio_skips_clap_and_fad_and_recomputes_vae_metrics(full_ru
     assert len(re.findall(r"!\[", report)) == 3
 
 
+def test_clap_score_reuses_the_audio_embeddings_of_audio_score(evaluated, tiny_eval, copy_run, tmp_path):
+    """After `audio score` with the same CLAP model, evaluate reuses its audio embeddings: the same CLAP score as
+    when it embeds every clip itself; another CLAP checkpoint's embeddings are not reused."""
+    from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
+
+    full_run, _ = evaluated
+    computed = json.loads((full_run / "eval" / "metrics.json").read_text())["details"]["audio"]
+    assert computed["clap_embeddings_reused"] == 0  # nothing stored: every clip embedded here
+    run = copy_run(full_run)
+    score_audio(ScoreArguments(run=str(run), model=tiny_eval["clap"], batch_size=5, n_bootstrap=0))
+    only_clap = ["vae", "caption_quality", "coverage", "sets"]
+    evaluate_run(_arguments(run, tiny_eval, skip=only_clap, force=True))
+    reused = json.loads((run / "eval" / "metrics.json").read_text())["details"]["audio"]
+    assert reused["clap_embeddings_reused"] == reused["clips_scored"] == computed["clips_scored"] > 0
+    assert reused["clap"]["clap_score"] == pytest.approx(computed["clap"]["clap_score"], abs=1e-6)
+    assert reused["clap"]["clap_scores"] == pytest.approx(computed["clap"]["clap_scores"], abs=1e-5)
+
+    # Scored with another checkpoint (a copy elsewhere counts as another): evaluate embeds every clip itself.
+    other = shutil.copytree(tiny_eval["clap"], tmp_path / "other_clap")
+    score_audio(ScoreArguments(run=str(run), model=str(other), batch_size=5, n_bootstrap=0))
+    evaluate_run(_arguments(run, tiny_eval, skip=only_clap, force=True))
+    again = json.loads((run / "eval" / "metrics.json").read_text())["details"]["audio"]
+    assert again["clap_embeddings_reused"] == 0
+    assert again["clap"]["clap_scores"] == pytest.approx(computed["clap"]["clap_scores"], abs=1e-5)
+
+
 def test_reference_audio_from_a_dataset_folder(tmp_path, reference_folder, tiny_eval):
     import datasets
     import evaluate

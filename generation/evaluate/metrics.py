@@ -318,8 +318,43 @@ def sets_rows(run: Path, name: str = "attributes.parquet") -> tuple[list, dict]:
 
 
 # -- audio --------------------------------------------------------------------------------------
+def _same_model(a: str | None, b: str | None) -> bool:
+    """Two model arguments name the same checkpoint: the same Hub id, or local folders that resolve to one."""
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    left, right = Path(a).expanduser(), Path(b).expanduser()
+    return left.exists() and right.exists() and left.resolve() == right.resolve()
+
+
+def stored_audio_embeddings(run: Path, model: str) -> dict[str, np.ndarray]:
+    """{id: unit CLAP audio embedding} that `conceptcaps audio score` stored for the clips as they are now, when it
+    used the same CLAP model; else {}.
+
+    Why it may stand in: audio score embeds with the CLAP score's own code and windowing
+    (conceptcaps_eval.clap_score.clap_windows), so a stored embedding is the one this stage would
+    compute; the clip key (caption fingerprint, seed, settings) leaves out clips made again since.
+    """
+    from conceptcaps_pipeline.audio.score import STAGE, clip_key, embedding_paths, read_audio_embeddings
+    from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards
+    from conceptcaps_pipeline.run_dir import read_manifest
+
+    scored = (read_manifest(run, STAGE) or {}).get("model")
+    if not embedding_paths(run) or not _same_model(scored, model):
+        return {}
+    index = read_shards(run / "audio", columns=INDEX_COLUMNS)
+    keys: dict[str, str] = {}
+    for i, c, s, st in zip(*(index.column(n).to_pylist() for n in ("id", "caption_sha256", "seed", "settings"))):
+        keys.setdefault(i, clip_key(c, s, st))
+    return read_audio_embeddings(run, scored, keys)
+
+
 def run_audio_embeddings(run: Path, clap, args: EvaluateArguments, model: str) -> dict:
-    """CLAP embeddings and per-clip CLAP scores of RUN/audio/, one shard at a time (memory stays at one shard)."""
+    """CLAP embeddings and per-clip CLAP scores of RUN/audio/, one shard at a time (memory stays at one shard).
+
+    Audio embeddings that `audio score` stored with the same CLAP model are reused, not computed twice
+    (`stored_audio_embeddings`); a shard whose clips all have one is not read past its ids."""
     import pyarrow.parquet as pq
 
     from conceptcaps_pipeline.audio.shards import shard_paths
@@ -328,13 +363,22 @@ def run_audio_embeddings(run: Path, clap, args: EvaluateArguments, model: str) -
         if (run / "captions.parquet").exists() else {}
     ids, scores, embeddings, uncaptioned, seen = [], [], [], 0, set()
     options = {"model": model, "batch_size": args.clap_batch_size, "device": args.device}
+    stored = stored_audio_embeddings(run, model)
+    reused = 0
     for path in shard_paths(run / "audio"):
-        table = pq.read_table(path, columns=["id", "audio"]).to_pylist()
+        shard_ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        columns = ["id"] if all(i in stored for i in shard_ids) else ["id", "audio"]
+        table = pq.read_table(path, columns=columns).to_pylist()
         table = [r for r in table if r["id"] not in seen]  # a resumed run never repeats ids; be safe anyway
         seen.update(r["id"] for r in table)
         if not table:
             continue
-        audio = clap.embed_audio([{"bytes": r["audio"], "path": ""} for r in table], **options)
+        todo = [k for k, r in enumerate(table) if r["id"] not in stored]
+        computed = clap.embed_audio([{"bytes": table[k]["audio"], "path": ""} for k in todo], **options) if todo else None
+        position = {k: j for j, k in enumerate(todo)}
+        audio = np.stack([stored[r["id"]] if r["id"] in stored else computed[position[k]]
+                          for k, r in enumerate(table)]).astype(np.float32)
+        reused += len(table) - len(todo)
         embeddings.append(audio)
         captioned = [i for i, r in enumerate(table) if r["id"] in captions]
         uncaptioned += len(table) - len(captioned)
@@ -344,7 +388,9 @@ def run_audio_embeddings(run: Path, clap, args: EvaluateArguments, model: str) -
             cosines = np.clip(np.sum(text.astype(np.float64) * audio[captioned].astype(np.float64), axis=1), -1, 1)
             ids += [table[i]["id"] for i in captioned]
             scores += cosines.tolist()
-    return {"ids": ids, "scores": scores, "uncaptioned_clips": uncaptioned,
+    if reused:
+        logger.info("evaluate: %d of %d clip embeddings reused from `audio score` (same CLAP model)", reused, len(seen))
+    return {"ids": ids, "scores": scores, "uncaptioned_clips": uncaptioned, "reused_embeddings": reused,
             "missing_clips": len(set(captions) - seen),
             "embeddings": np.concatenate(embeddings) if embeddings else np.zeros((0, 0))}
 
@@ -354,6 +400,7 @@ def audio_metrics(args: EvaluateArguments, run: Path, models: dict, skipped: dic
     clap = load_metric("clap_score")
     embedded = run_audio_embeddings(run, clap, args, models["clap"])
     rows, details = [], {"clips_scored": len(embedded["scores"]), "uncaptioned_clips": embedded["uncaptioned_clips"],
+                         "clap_embeddings_reused": embedded["reused_embeddings"],
                          "captions_without_clip": embedded["missing_clips"]}
     if embedded["scores"]:
         scores = np.asarray(embedded["scores"])

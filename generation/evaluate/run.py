@@ -21,7 +21,8 @@ Every metric that the run's artifacts allow is computed, each with its `evaluate
   captions that still remark on recording quality (also of the validation captions).
 - sampled sets (eval/vae_metrics) of RUN/attributes.parquet: diversity, co-occurrence
   cosine and tags-per-set distance from the distilled training sets.
-- CLAP score (eval/clap_score) of each clip in RUN/audio/ against its caption.
+- CLAP score (eval/clap_score) of each clip in RUN/audio/ against its caption; the audio embeddings
+  that `conceptcaps audio score` stored with the same CLAP model are reused, not computed twice.
 - FAD and FAD∞ (eval/fad) between the CLAP embeddings of the run's clips and of --reference_audio
   (a folder of audio files, a local dataset folder, or a Hub dataset id: --reference_column of
   --reference_split). FAD∞ extrapolates FAD to infinitely many clips, comparable across sample sizes.
