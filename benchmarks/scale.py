@@ -10,7 +10,12 @@ cycled from the distilled pairs (N rows), and music-like FLAC clips at --samplin
 the project's shard writer with caption fingerprints (conceptcaps_pipeline.testing.synthetic_run):
 no model is needed. Stages measured (--stages): `build` (every config, split and subset; the card
 included), `verify` (`audio verify`: decodes every clip), `stream` (the README's streaming example through
-`conceptcaps.stream_release`, filter + take 10, in a fresh process; its exit code is printed).
+`conceptcaps.stream_release`, filter + take 10, in a fresh process; its exit code is printed), `export`
+(`concepts export`: two tags' concept sets and 2 random sets as WAV folders, drawn from the whole train split),
+`tcav` (`conceptcaps tcav` on the release with the tones-world classifier of
+conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 2 concepts, 1 target, 10 CAVs).
+Not measured here: `vae sample`, `explore` and `evaluate` need a trained VAE or metric models that a synthetic
+run has not (docs/performance.md "Scale" says how they scale).
 Each runs as a child process that reports its own /proc/self/io (rchar: bytes through read() calls,
 page cache included; read_bytes: from the block device) and peak RSS (ru_maxrss), so one stage's
 imports and caches do not hide in another's. Prints one line per (N, stage) and a table of ratios.
@@ -79,10 +84,28 @@ def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Pat
     return run, audio_bytes
 
 
+STAGES = ("build", "verify", "stream", "export", "tcav")
+# Tags every synthetic run of the MusicCaps taxonomy holds many times (the captions cycle the distilled pairs).
+CONCEPTS = ("piano", "acoustic drums")
+
+
+def stage_argv(stage: str, run: Path, seconds: float) -> list[str]:
+    """The command line of one measured stage (in the child process)."""
+    return {
+        "build": ["build", "--run", str(run), "--force"],
+        "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
+        "stream": ["stream", str(run / "release")],
+        "export": ["concepts", "export", "--run", str(run), "--tags", *CONCEPTS, "--n", "20", "--n_random", "2",
+                   "--dest", str(run / "concepts"), "--force"],
+        "tcav": ["tcav", "--run", str(run), "--model", "conceptcaps_pipeline.testing.tcav_world:tone_classifier",
+                 "--layers", "conv", "--concepts", *CONCEPTS, "--targets", "jazz", "--n", "20", "--n_cavs", "10",
+                 "--n_random", "5", "--max_duration", str(min(seconds, 2.0)), "--batch_size", "16",
+                 "--num_threads", "1", "--force"],
+    }[stage]
+
+
 def measure(stage: str, run: Path, report: Path, seconds: float) -> dict:
-    argv = {"build": ["build", "--run", str(run), "--force"],
-            "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
-            "stream": ["stream", str(run / "release")]}[stage]
+    argv = stage_argv(stage, run, seconds)
     started = time.time()
     done = subprocess.run([sys.executable, __file__, "--child", str(report), "--", *argv], capture_output=True, text=True, check=False)
     result = json.loads(report.read_text()) if report.is_file() and done.returncode == 0 else {}
@@ -98,7 +121,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[100, 400], help="Run sizes (clips), smallest first.")
     parser.add_argument("--seconds", type=float, default=2.0, help="Clip length (30 = MusicGen's paper clips).")
     parser.add_argument("--sampling_rate", type=int, default=32_000, help="Clip rate (MusicGen: 32 kHz).")
-    parser.add_argument("--stages", nargs="+", default=["build", "verify", "stream"], help="build, verify, stream.")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Stages to measure, in order "
+                        "(build first: the others read its release).")
     parser.add_argument("--out", default="/tmp/conceptcaps-scale", help="Working folder (runs are kept for a look).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
