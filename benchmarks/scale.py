@@ -13,7 +13,7 @@ included), `verify` (`audio verify`: decodes every clip), `stream` (the README's
 `conceptcaps.stream_release`, filter + take 10, in a fresh process; its exit code is printed), `export`
 (`concepts export`: two tags' concept sets and 2 random sets as WAV folders, drawn from the whole train split),
 `tcav` (`conceptcaps tcav` on the release with the tones-world classifier of
-conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 2 concepts, 1 target, 10 CAVs).
+conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 2 concepts, 1 target, 10 clips per set, 10 CAVs, 10 random concepts).
 Not measured here: `vae sample`, `explore` and `evaluate` need a trained VAE or metric models that a synthetic
 run has not (docs/performance.md "Scale" says how they scale).
 Each runs as a child process that reports its own /proc/self/io (rchar: bytes through read() calls,
@@ -95,11 +95,11 @@ def stage_argv(stage: str, run: Path, seconds: float) -> list[str]:
         "build": ["build", "--run", str(run), "--force"],
         "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
         "stream": ["stream", str(run / "release")],
-        "export": ["concepts", "export", "--run", str(run), "--tags", *CONCEPTS, "--n", "20", "--n_random", "2",
+        "export": ["concepts", "export", "--run", str(run), "--tags", *CONCEPTS, "--n", "10", "--n_random", "2",
                    "--dest", str(run / "concepts"), "--force"],
         "tcav": ["tcav", "--run", str(run), "--model", "conceptcaps_pipeline.testing.tcav_world:tone_classifier",
-                 "--layers", "conv", "--concepts", *CONCEPTS, "--targets", "jazz", "--n", "20", "--n_cavs", "10",
-                 "--n_random", "5", "--max_duration", str(min(seconds, 2.0)), "--batch_size", "16",
+                 "--layers", "conv", "--concepts", *CONCEPTS, "--targets", "jazz", "--n", "10", "--n_cavs", "10",
+                 "--n_random", "10", "--max_duration", str(min(seconds, 2.0)), "--batch_size", "16",
                  "--num_threads", "1", "--force"],
     }[stage]
 
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Stages to measure, in order "
                         "(build first: the others read its release).")
     parser.add_argument("--out", default="/tmp/conceptcaps-scale", help="Working folder (runs are kept for a look).")
+    parser.add_argument("--json", help="Also write every figure to this JSON file (list of {n, stage, ...}).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -147,13 +148,24 @@ def main() -> None:
                       f"{r['read_bytes'] / 1e6:.1f} MB from disk)", flush=True)
             else:
                 print(f"  {stage:7s} exit {r['exit']}  {r.get('stderr_tail', '')!r}", flush=True)
-    smallest = min(args.n)
-    print(f"\nratios against N={smallest} (N ratio, wall, peak RSS, bytes read):")
-    for (n, stage), r in sorted(results.items()):
+    print_ratios(results, min(args.n))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"n": n, "stage": stage, **r} for (n, stage), r in results.items()],
+                                              indent=1))
+
+
+def print_ratios(results: dict, smallest: int) -> None:
+    """Each stage against its figures at the smallest N; `marginal read` is the extra bytes read per extra byte of
+    audio (what a stage reads per clip, without its fixed cost: imports, the card's figures and examples)."""
+    print(f"\nratios against N={smallest} (N ratio, wall, peak RSS, bytes read; marginal read per added audio byte):")
+    for (n, stage), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
         base = results.get((smallest, stage), {})
         if "rchar" in r and "rchar" in base:
+            added = r["audio_bytes"] - base["audio_bytes"]
+            marginal = f"{(r['rchar'] - base['rchar']) / added:5.2f}" if added > 0 else "    -"
             print(f"  {stage:7s} N={n:>7d} x{n / smallest:<6.1f} wall x{r['wall_s'] / base['wall_s']:.2f}  "
-                  f"RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}  read x{r['rchar'] / base['rchar']:.2f}")
+                  f"RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}  read x{r['rchar'] / base['rchar']:.2f}  "
+                  f"marginal read {marginal}")
 
 
 if __name__ == "__main__":
