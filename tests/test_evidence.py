@@ -578,7 +578,7 @@ def test_release_audio_configs_carry_the_evidence(tmp_path):
     assert all(found[i] == pytest.approx(rescored[i], abs=1e-6) for i in found)
 
     # Clips made again after scoring: their old evidence is refused, never shipped.
-    shard = sorted((run / "audio").glob("shard-*.parquet"))[0]
+    shard = min((run / "audio").glob("shard-*.parquet"))
     table = pq.read_table(shard)
     pq.write_table(table.set_column(table.schema.get_field_index("seed"), "seed",
                                     pa_int64([7] * table.num_rows)), shard)
