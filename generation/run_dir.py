@@ -532,6 +532,13 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None, fix: s
         return pq.read_table(path, columns=columns)
     except FileNotFoundError:
         raise ConceptCapsError(f"{path} not found: {fix}.") from None
+    except OSError as err:
+        import errno
+
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # the disk, not the file: the CLI says so in one line (rebuilding the file would not help)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConceptCapsError(f"{path} cannot be read as Parquet ({reason}): {fix}.") from err
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConceptCapsError(f"{path} cannot be read as Parquet ({reason}): {fix}.") from err

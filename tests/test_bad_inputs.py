@@ -592,3 +592,58 @@ def test_a_refused_command_creates_nothing(tmp_path, capsys, argv):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("conceptcaps")]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["NEW.yaml"]
+
+
+def everything(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (folders as None, files as their bytes): a temp file or folder left behind shows."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if p.name != "filler"}
+
+
+# Each stage is given a copy of the run on a disk with `room` bytes left: enough to start, too little to finish
+# (each writes far more than that), so the disk fills mid-way through the stage's own writes.
+FULL_DISK = [
+    ("build", ["build", "--run", "RUN", "--force", "--max_shard_size", "5KB", "--rows_per_group", "2"], 96 * 1024),
+    ("vae train", ["vae", "train", "--run", "RUN", "--force", "--epochs", "1"], 32 * 1024),
+    ("concepts export", ["concepts", "export", "--run", "RUN", "--tags", "TAG", "--format", "tcav", "--n", "2",
+                         "--n_random", "1", "--dest", "RUN/sets"], 8 * 1024),
+    ("explore", ["explore", "--run", "RUN", "--force", "--grid_size", "3"], 64 * 1024),
+]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not can_mount(),
+                    reason="needs `mount` (root in a Linux machine or container) to make a full disk")
+@pytest.mark.parametrize("name, command, room", FULL_DISK, ids=[c[0] for c in FULL_DISK])
+def test_a_disk_that_fills_during_a_stage_is_one_line_and_changes_nothing(full, tmp_path, capsys, name, command, room):
+    import json
+    import os
+
+    used = sum(p.stat().st_size for p in full.rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + 8 * 2**20}", "tmpfs", str(disk)], check=True)
+    try:
+        run = disk / "run"
+        shutil.copytree(full, run)
+        tag = max(json.loads((run / "release" / "concepts.json").read_text())["concepts"],
+                  key=lambda c: c["positives"]["audio"]["train"])["tag"]  # the tag with the most clips
+        stats = os.statvfs(disk)
+        with open(disk / "filler", "wb") as filler:  # leaves `room` bytes free
+            filler.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - room))
+        before = everything(run)
+        argv = [str(run) if part == "RUN" else part.replace("RUN/", f"{run}/") for part in command]
+        code = main([tag if part == "TAG" else part for part in argv])
+        err = capsys.readouterr().err
+        errors = re.findall(r"conceptcaps: [^\r\n]*", err)  # a progress bar may share the error's line on stderr
+        assert code == 2, err[-2000:]
+        assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+        assert re.search(r"cannot write .*No space left on device.*free space on that disk", errors[0]), errors[0]
+        after = everything(run)
+        assert sorted(set(after) - set(before)) == [] and sorted(set(before) - set(after)) == []  # nothing left, nothing lost
+        assert after == before  # the earlier outputs byte for byte
+        open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                      if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [f for f in open_files if f.startswith(str(disk))], open_files  # no file left open there
+    finally:
+        if subprocess.run(["umount", str(disk)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(disk)], check=False)  # detach it even so

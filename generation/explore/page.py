@@ -142,6 +142,8 @@ def extract_audio(release: Path, ids: set[str], folder: Path) -> dict[str, str]:
 
     Only the row groups that hold a wanted id are read, so a large release is not loaded whole.
     """
+    import errno
+
     import pyarrow.parquet as pq
 
     paths: dict[str, str] = {}
@@ -167,6 +169,8 @@ def extract_audio(release: Path, ids: set[str], folder: Path) -> dict[str, str]:
         except ConceptCapsError:
             raise
         except Exception as err:  # a truncated or foreign file: one line that names it
+            if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise  # writing the clip failed (full or read-only disk): the CLI says so, the shard is fine
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConceptCapsError(f"{shard} cannot be read as Parquet ({reason}): re-run "
                                    f"`conceptcaps build --run RUN --force`.") from err

@@ -91,6 +91,8 @@ def choose_sets(dataset, args: ExportArguments, evidence=None) -> dict:
 
 def write_wavs(dataset, indices: list[int], folder: Path) -> int:
     """Decode the stored FLAC of each row and write `<id>.wav` (16-bit PCM) into `folder`; returns the count."""
+    import io
+
     import datasets
     import soundfile as sf
     from conceptcaps_pipeline.audio.shards import decode_flac
@@ -101,7 +103,11 @@ def write_wavs(dataset, indices: list[int], folder: Path) -> int:
         if not audio.get("bytes"):
             raise ConceptCapsError(f"clip {clip_id!r} has no stored audio bytes: rebuild the release with audio.")
         samples, rate = decode_flac(audio["bytes"])
-        sf.write(folder / f"{safe_name(clip_id)}.wav", samples.T, rate, subtype="PCM_16")
+        # Encoded in memory, then written by Python: libsndfile reports a full disk as "System error",
+        # which hides ENOSPC; Python's write raises the OSError the CLI turns into one line.
+        wav = io.BytesIO()
+        sf.write(wav, samples.T, rate, subtype="PCM_16", format="WAV")
+        (folder / f"{safe_name(clip_id)}.wav").write_bytes(wav.getbuffer())
     return len(indices)
 
 

@@ -294,12 +294,18 @@ def checkpoint_key(args: VaeTrainArguments, inputs: dict) -> str:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary name, then rename: a kill leaves the previous epoch's checkpoint whole."""
+    import io
+
     import torch
 
     from conceptcaps_pipeline.run_dir import atomic_path
 
+    # Serialised in memory, then written by Python: torch.save's own writer reports a full disk as a RuntimeError
+    # ("unexpected pos"), which hides ENOSPC; Python's write raises the OSError the CLI turns into one line.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, key: str) -> dict | None:
