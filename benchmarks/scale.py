@@ -17,7 +17,7 @@ conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 
 Not measured here: `vae sample`, `explore` and `evaluate` need a trained VAE or metric models that a synthetic
 run has not (docs/performance.md "Scale" says how they scale).
 Each runs as a child process that reports its own /proc/self/io (rchar: bytes through read() calls,
-page cache included; read_bytes: from the block device) and peak RSS (ru_maxrss), so one stage's
+page cache included; read_bytes: from the block device) and peak RSS (VmHWM), so one stage's
 imports and caches do not hide in another's. Prints one line per (N, stage) and a table of ratios.
 """
 
@@ -44,10 +44,15 @@ assert len(rows) == 10 and rows[0]["audio"]["array"].size > 0
 """
 
 
-def child(report: str, argv: list[str]) -> int:
-    """Run one stage in this process, then write its /proc/self/io and ru_maxrss to `report`."""
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Why not ru_maxrss: Linux carries it over an exec from the
+    forked copy of the parent, so a child of a parent holding 1.4 GB would report at least 1.4 GB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
+
+def child(report: str, argv: list[str]) -> int:
+    """Run one stage in this process, then write its /proc/self/io and peak RSS to `report`."""
     started = time.time()
     if argv[0] == "stream":
         sys.argv = ["stream", *argv[1:]]
@@ -61,7 +66,7 @@ def child(report: str, argv: list[str]) -> int:
         io = {k: int(v) for k, v in (line.split(":") for line in f)}
     Path(report).write_text(json.dumps({
         "code": code, "wall_s": time.time() - started, "rchar": io["rchar"], "read_bytes": io["read_bytes"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }))
     return code
 
