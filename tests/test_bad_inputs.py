@@ -647,3 +647,43 @@ def test_a_disk_that_fills_during_a_stage_is_one_line_and_changes_nothing(full, 
     finally:
         if subprocess.run(["umount", str(disk)], check=False).returncode:
             subprocess.run(["umount", "-l", str(disk)], check=False)  # detach it even so
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not can_mount(),
+                    reason="needs `mount` (root in a Linux machine or container) to make a full disk")
+def test_a_disk_that_fills_during_tcav_leaves_no_activation_cache(tmp_path, capsys):
+    """tcav on a tones-world run with 16 KiB free: its activation cache (RUN/tcav/activations) fills the disk."""
+    import os
+
+    from conceptcaps_pipeline.testing.tcav_world import tone_rows, write_release
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
+    try:
+        run = disk / "run"
+        write_release(run / "release", {"train": tone_rows(60, 0), "test": tone_rows(10, 1)})
+        stats = os.statvfs(disk)
+        with open(disk / "filler", "wb") as filler:
+            filler.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - 16 * 1024))
+        before = everything(run)
+        code = main(["tcav", "--run", str(run), "--model", "conceptcaps_pipeline.testing.tcav_world:tone_classifier",
+                     "--layers", "conv", "--concepts", "piano", "--targets", "jazz", "--n", "10", "--n_cavs", "10",
+                     "--n_random", "10", "--batch_size", "32", "--num_threads", "1"])
+        err = capsys.readouterr().err
+        errors = re.findall(r"conceptcaps: [^\r\n]*", err)
+        assert code == 2, err[-2000:]
+        assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+        assert re.search(r"cannot write .*No space left on device.*free space on that disk", errors[0]), errors[0]
+        after = everything(run)
+        assert {k: v for k, v in after.items() if not k.startswith("tcav")} == before  # the release, no lock left
+        # What the cache kept is whole entries only (a resumed tcav reuses them): no temporary or partial file.
+        import numpy as np
+
+        cached = [k for k, v in after.items() if k.startswith("tcav") and v is not None]
+        assert all(k.startswith("tcav/activations/") and k.endswith(".npy") for k in cached), cached
+        assert all(np.load(run / k).size > 0 for k in cached)
+        assert not (run / "tcav" / "scores.json").exists()
+    finally:
+        if subprocess.run(["umount", str(disk)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
