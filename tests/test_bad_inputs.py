@@ -534,6 +534,19 @@ def test_read_only_and_full_disks_are_one_line(full, tmp_path, capsys):
         code = main(["vae", "sample", "--run", str(view), "--n", "4", "--force"])
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and re.search(r"cannot write .*Read-only file system.*writable", err)
+        # A cache folder on the read-only disk is named as such before any work.
+        import os
+
+        os.environ["HF_DATASETS_CACHE"], saved = str(view / "hf-cache"), os.environ.get("HF_DATASETS_CACHE")
+        try:
+            code = main(["build", "--run", str(run), "--force"])
+        finally:
+            os.environ.pop("HF_DATASETS_CACHE")
+            if saved is not None:
+                os.environ["HF_DATASETS_CACHE"] = saved
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert re.search(r"\$HF_DATASETS_CACHE=.*hf-cache' is not writable \(.*ro cannot be written: read-only", err), err
     finally:
         subprocess.run(["umount", str(view)], check=False)
     # Full: a 128 KB disk for the output of distill.
