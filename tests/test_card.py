@@ -28,7 +28,7 @@ from conceptcaps_pipeline.dataset_card.figures import clap_by_tag
 from conceptcaps_pipeline.audio.shards import decode_flac
 from conceptcaps_pipeline.release.build import AUDIO_CONFIGS, TEXT_CONFIGS, BuildArguments, build_release, config_names, release_files
 from conceptcaps_pipeline.cli import main
-from conceptcaps_pipeline.run_dir import read_manifest
+from conceptcaps_pipeline.run_dir import from_run_relative, read_manifest
 
 CONFIGS = config_names(True)
 
@@ -180,7 +180,9 @@ def test_a_tiny_model_release_says_so_and_stays_cc_by_sa(smoke_release):
     assert data["license"] == "cc-by-sa-4.0" and "license_name" not in data and "license_link" not in data
     assert "smoke-test" in data["tags"]
     model = read_manifest(smoke_release, "audio")["arguments"]["model"]
-    assert Path(model).resolve() == (smoke_release / "models" / "musicgen").resolve()  # how `run` records "@tiny/musicgen"
+    # how `run` records "@tiny/musicgen": a path inside the run, stored run-relative so a copied run stays valid
+    assert model == "RUN/models/musicgen"
+    assert Path(from_run_relative(model, smoke_release)) == (smoke_release / "models" / "musicgen").resolve()
     assert read_manifest(smoke_release, "build")["tiny_models"] == [model]
     body = (release / "README.md").read_text()
     assert "**This release is a pipeline check, not data.**" in body and "`RUN/models/musicgen`" in body
