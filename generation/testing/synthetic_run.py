@@ -7,7 +7,7 @@ FLAC clips written through the project's own shard writer (fingerprints included
 
 For benchmarks (benchmarks/scale.py) and tests of the CPU stages at scale (build's bytes read,
 streaming a paper-size layout). The clips are not MusicGen's, but they have its rate, length and
-byte rate order (a few chords with note changes and a noise floor: ~0.5-1 MB per 30-s clip), and
+byte rate order (a few chords with note changes and a noise floor: ~1.4 MB of FLAC per 30-s clip, measured), and
 each carries the fingerprint of its caption, so `build` ships them like generated ones.
 """
 
