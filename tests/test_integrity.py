@@ -4,6 +4,7 @@ clips that do not depend on how the work was spread."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -509,3 +510,186 @@ def test_markup_in_flags_is_text_in_the_rendered_card(release_run, copy_run, tmp
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           html_file.as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
     assert "<title>card</title>" in dom and "pwned</title>" not in dom and '<img src="x"' not in dom
+
+
+# 12. explore, concepts export and tcav survive a kill at every filesystem step ------------------------------
+STAGE_KILLER = r'''
+import os, shutil, signal, sys
+from pathlib import Path
+from conceptcaps_pipeline import run_dir
+from conceptcaps_pipeline.cli import main
+
+k, run, names, argv = int(sys.argv[1]), Path(sys.argv[2]).resolve(), sys.argv[3].split(","), sys.argv[4:]
+steps = 0
+
+def publishes(path) -> bool:  # a step that changes what the command owns: its output folders (and their
+    try:                        # temporary siblings .NAME.*), its manifests
+        parts = Path(os.fsdecode(path)).resolve().relative_to(run).parts
+    except (TypeError, ValueError):
+        return False
+    return bool(parts) and any(parts[0] == name or parts[0].startswith(f".{name}.") for name in names)
+
+def dies_at_step_k(function):
+    def step(*args, **kwargs):
+        global steps
+        if args and publishes(args[0]):
+            steps += 1
+            if steps == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+
+for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
+    setattr(module, name, dies_at_step_k(getattr(module, name)))
+code = main(argv)
+print("finished after", steps, "steps")
+sys.exit(code)
+'''
+
+TEMPORARY = (".tmp", ".old", ".partial", ".journal")
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(run: Path) -> list[str]:
+    """Temporary files or folders anywhere in the run (an interrupted write's traces) and stage locks."""
+    return [p.relative_to(run).as_posix() for p in run.rglob("*")
+            if p.name.startswith(".") and (p.name.endswith(TEMPORARY) or ".tmp" in p.name or ".journal" in p.name)
+            or p.suffix == ".lock"]
+
+
+def kill_at_every_step(tmp_path, base: Path, argv_of, outputs, owned: list[str], new: dict, old: dict | None,
+                       limit: int = 40, cache: str | None = None, canonical=None) -> Counter:
+    """For k = 1, 2, ...: copy `base` (the old state), run argv with a SIGKILL at filesystem step k in the run's
+    folders named `owned` (or their temporary siblings) and its manifests, then check each output folder is the old or the new complete one (after `recover`, which the next
+    command does first), re-run the command to completion and check the new output and no leftovers.
+    `cache`: a sub-folder of the output whose files are checked as whole entries (never partial, never lost).
+    `canonical(name, data)`: what of a file must match (e.g. without the wall times a result records)."""
+    from conceptcaps_pipeline.run_dir import recover
+
+    def files(folder: Path) -> dict:
+        found = files_of(folder) if folder.is_dir() else {}
+        return {name: canonical(name, data) for name, data in found.items()} if canonical else found
+
+    if canonical:
+        new = {key: {name: canonical(name, data) for name, data in value.items()} for key, value in new.items()}
+        old = old and {key: {name: canonical(name, data) for name, data in value.items()} for key, value in old.items()}
+
+    script = tmp_path / "stage_killer.py"
+    script.write_text(STAGE_KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONCEPTCAPS_LOG_LEVEL": "WARNING"}
+    seen = Counter()
+    for k in range(1, limit):
+        work = tmp_path / "trial"
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(base, work)
+        argv = argv_of(work)
+        done = subprocess.run([sys.executable, str(script), str(k), str(work), ",".join([*owned, "manifests"]), *argv],
+                              capture_output=True, text=True, env=env, check=False)
+        assert done.returncode in (0, -signal.SIGKILL), (k, done.stderr[-2000:])
+        state = {}
+        for name, folder in outputs(work).items():
+            recover(folder)
+            found = files(folder)
+            if cache:  # a cache keeps whole entries of the new run and loses none of the old run's
+                entries = {f: b for f, b in found.items() if f.startswith(cache)}
+                assert entries.items() <= {f: b for f, b in new[name].items() if f.startswith(cache)}.items(), k
+                assert old is None or {f for f in old[name] if f.startswith(cache)} <= set(entries), k
+            found, want, before = ({f: b for f, b in files.items() if not (cache and f.startswith(cache))}
+                                   for files in (found, new[name], (old or {}).get(name)))
+            assert found == want or (old is not None and found == before), \
+                (k, name, sorted(set(found) ^ set(want)), [f for f in found if f in want and found[f] != want[f]])
+            state[name] = "new" if found == want else "old"
+        seen[tuple(sorted(state.items()))] += 1
+        assert main(argv) == 0, k  # the next command: the new output, whole, and nothing temporary left
+        for name, folder in outputs(work).items():
+            assert files(folder) == new[name], (k, name)
+        assert leftovers(work) == [], (k, leftovers(work))
+        if done.returncode == 0:
+            seen["steps"] = k
+            return seen
+    pytest.fail(f"{argv[:2]} did not finish within {limit - 1} steps")
+
+
+def test_explore_killed_at_any_step_leaves_the_old_or_the_new_explorer(release_run, vae_run, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(release_run, base)
+    shutil.copytree(vae_run / "vae", base / "vae")
+    old_args = ["--clips_per_tag", "1", "--grid_size", "11", "--nearest", "1"]
+    assert main(["explore", "--run", str(base), *old_args]) == 0
+    old = {"explorer": files_of(base / "explorer")}
+    fresh = tmp_path / "fresh"
+    shutil.copytree(base, fresh)
+    new_args = ["--clips_per_tag", "2", "--grid_size", "11", "--nearest", "1"]
+    assert main(["explore", "--run", str(fresh), *new_args]) == 0
+    new = {"explorer": files_of(fresh / "explorer")}
+    assert new != old
+    shutil.rmtree(fresh)
+    seen = kill_at_every_step(tmp_path, base, lambda run: ["explore", "--run", str(run), *new_args],
+                              lambda run: {"explorer": run / "explorer"},
+                              ["explorer"],
+                              new, old)
+    assert seen[(("explorer", "old"),)] >= 1 and seen[(("explorer", "new"),)] >= 1, seen
+
+
+def test_concepts_export_killed_at_any_step_leaves_the_old_or_the_new_sets(release_run, tmp_path):
+    from conceptcaps import load_release
+
+    train = load_release(release_run / "release", "default", "train")
+    counts = Counter(t for tags in train["aspect_list"] for t in set(tags))
+    tag = next(t for t, c in counts.most_common() if c >= 2 and c <= len(train) - 2)
+    base = tmp_path / "base"
+    shutil.copytree(release_run, base)
+    common = ["--tags", tag, "--n", "2", "--n_random", "2", "--random_size", "1"]
+    assert main(["concepts", "export", "--run", str(base), "--dest", str(base / "sets"), *common,
+                 "--format", "ids"]) == 0
+    old = {"sets": files_of(base / "sets")}
+    fresh = tmp_path / "fresh"
+    shutil.copytree(base, fresh)
+    new_argv = lambda run: ["concepts", "export", "--run", str(run), "--dest", str(run / "sets"), *common,  # noqa: E731
+                            "--seed", "1", "--force"]
+    assert main(new_argv(fresh)) == 0
+    new = {"sets": files_of(fresh / "sets")}
+    assert new != old and any(name.endswith(".wav") for name in new["sets"])
+    shutil.rmtree(fresh)
+    seen = kill_at_every_step(tmp_path, base, new_argv, lambda run: {"sets": run / "sets"},
+                              ["sets"], new, old)
+    assert seen[(("sets", "old"),)] >= 1 and seen[(("sets", "new"),)] >= 1, seen
+
+
+def without_cost(name: str, data: bytes):
+    """scores.json less what a run measures of itself: wall times, and how many clips the cache spared."""
+    if name != "scores.json":
+        return data
+    document = json.loads(data)
+    document.pop("cost_s")
+    document["clips"].pop("forwarded_now")
+    return document
+
+
+def test_tcav_killed_at_any_step_leaves_the_old_or_the_new_scores_and_a_whole_cache(tmp_path):
+    from conceptcaps_pipeline.testing.tcav_world import PLANTED, tone_rows, write_release
+
+    base = tmp_path / "base"
+    write_release(base / "release", {"train": tone_rows(60, 0), "test": tone_rows(12, 1)})
+    factory = "conceptcaps_pipeline.testing.tcav_world:tone_classifier"
+    # The new run asks for another target and other sets (seed): new activations join the cache.
+    argv_of = lambda run, target, seed: [  # noqa: E731
+        "tcav", "--run", str(run), "--model", factory, "--layers", "mix", "--concepts", PLANTED, "--targets", target,
+        "--n", "4", "--n_cavs", "10", "--n_random", "10", "--n_inputs", "4", "--batch_size", "16", "--num_threads",
+        "1", "--seed", seed]
+    assert main(argv_of(base, "jazz", "0")) == 0
+    old = {"tcav": files_of(base / "tcav")}
+    fresh = tmp_path / "fresh"
+    shutil.copytree(base, fresh)
+    assert main(argv_of(fresh, "rock", "1")) == 0
+    new = {"tcav": files_of(fresh / "tcav")}
+    assert new != old
+    shutil.rmtree(fresh)
+    seen = kill_at_every_step(tmp_path, base, lambda run: argv_of(run, "rock", "1"), lambda run: {"tcav": run / "tcav"},
+                              ["tcav"], new, old,
+                              cache="activations/", canonical=without_cost)
+    assert seen[(("tcav", "old"),)] >= 1 and seen[(("tcav", "new"),)] >= 1, seen

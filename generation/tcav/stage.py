@@ -32,6 +32,7 @@ many positives remained.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,10 +262,25 @@ def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     return document
 
 
+def link_tree(source: Path, dest: Path) -> None:
+    """Hard-link every file under `source` to the same place under `dest` (a copy where links are refused)."""
+    import shutil
+
+    for path in sorted(source.rglob("*")) if source.is_dir() else []:
+        if path.is_file() and not path.name.startswith("."):  # a dot-file is a cache write in flight: not an entry
+            target = dest / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+
 @stage(STAGE, check=check_arguments)
 def run_tcav(args: TcavArguments) -> dict:
     """Run the stage: load, check, cache activations, CAVs and scores, statistics, outputs; returns the manifest."""
     from conceptcaps_pipeline.models import run_relative
+    from conceptcaps_pipeline.run_dir import atomic_dir
     from conceptcaps_pipeline.tcav.report import write_report
 
     started = time.time()
@@ -282,8 +298,13 @@ def run_tcav(args: TcavArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     document = experiment(prepared, args, run)
     document["settings"]["model"] = run_relative(args.model, run)
-    write_json(out / "scores.json", document)
-    figure = write_report(out, document)
+    # Why a folder swap: scores.json, report.md and the figure are one result; a kill between two file writes
+    # left new scores beside an old report. The activation cache (written entry by entry, each whole, while the
+    # experiment ran) is hard-linked into the new folder, so the swap costs no copy and keeps every entry.
+    with atomic_dir(out) as tmp:
+        link_tree(out / "activations", tmp / "activations")
+        write_json(tmp / "scores.json", document)
+        figure = write_report(tmp, document)
     logger.info("tcav: %d of %d (concept, target, layer) tests significant after %s correction; %s",
                 document["significant"], document["tests"], args.correction, out / "report.md")
     counts = {"tests": document["tests"], "significant": document["significant"], "cavs": document["cavs"],
