@@ -649,8 +649,9 @@ def test_concepts_export_killed_at_any_step_leaves_the_old_or_the_new_sets(relea
     old = {"sets": files_of(base / "sets")}
     fresh = tmp_path / "fresh"
     shutil.copytree(base, fresh)
-    new_argv = lambda run: ["concepts", "export", "--run", str(run), "--dest", str(run / "sets"), *common,  # noqa: E731
-                            "--seed", "1", "--force"]
+    def new_argv(run: Path) -> list[str]:  # other sets (seed), with audio, over the earlier ids-only export
+        return ["concepts", "export", "--run", str(run), "--dest", str(run / "sets"), *common, "--seed", "1", "--force"]
+
     assert main(new_argv(fresh)) == 0
     new = {"sets": files_of(fresh / "sets")}
     assert new != old and any(name.endswith(".wav") for name in new["sets"])
@@ -676,11 +677,12 @@ def test_tcav_killed_at_any_step_leaves_the_old_or_the_new_scores_and_a_whole_ca
     base = tmp_path / "base"
     write_release(base / "release", {"train": tone_rows(30, 0), "test": tone_rows(6, 1)})
     factory = "conceptcaps_pipeline.testing.tcav_world:tone_classifier"
-    # The new run asks for another target and other sets (seed): new activations join the cache.
-    argv_of = lambda run, target, seed: [  # noqa: E731
-        "tcav", "--run", str(run), "--model", factory, "--layers", "mix", "--concepts", PLANTED, "--targets", target,
-        "--n", "4", "--n_cavs", "10", "--n_random", "10", "--n_inputs", "4", "--batch_size", "16", "--num_threads",
-        "1", "--seed", seed]
+
+    def argv_of(run: Path, target: str, seed: str) -> list[str]:  # the new run: another target, other sets
+        return ["tcav", "--run", str(run), "--model", factory, "--layers", "mix", "--concepts", PLANTED, "--targets",
+                target, "--n", "4", "--n_cavs", "10", "--n_random", "10", "--n_inputs", "4", "--batch_size", "16",
+                "--num_threads", "1", "--seed", seed]
+
     assert main(argv_of(base, "jazz", "0")) == 0
     old = {"tcav": files_of(base / "tcav")}
     fresh = tmp_path / "fresh"
