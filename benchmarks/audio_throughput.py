@@ -34,8 +34,6 @@ PAPER_CLIPS, PAPER_SECONDS = 23_815, 30.0
 def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
     """(model, processor) for `tiny`, `large` (random weights) or a checkpoint, in `dtype` with EnCodec in float32."""
     import torch
-    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
-
     from conceptcaps_pipeline.audio.generate import load_musicgen
     from conceptcaps_pipeline.testing.tiny_musicgen import (
         build_tiny_musicgen,
@@ -44,6 +42,7 @@ def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
         musicgen_large_config,
         train_t5_tokenizer,
     )
+    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
     if name == "tiny":
         return load_musicgen(str(build_tiny_musicgen(workdir / "tiny", captions)), device, dtype)
@@ -98,9 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
     import torch
     from bandwidth_floor import OpCounter, describe_device, device_bandwidth, per_step, synchronize
-
-    from conceptcaps_pipeline.audio.generate import codec_timing, decoding_steps
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
+    from conceptcaps_pipeline.audio.generate import codec_timing, decoding_steps
 
     torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu

@@ -41,10 +41,9 @@ def llama_8b_config(vocab_size: int):
 def build(name: str, captions: list[str], device, dtype, work: Path):
     """(base model, tokenizer) with a random rank-32 LoRA adapter on every linear layer."""
     import torch
+    from conceptcaps_pipeline.testing.tiny_llm import TinyLlmConfig, build_tiny_llm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from conceptcaps_pipeline.testing.tiny_llm import TinyLlmConfig, build_tiny_llm
 
     folder = build_tiny_llm(work / "tiny", captions, TinyLlmConfig(vocab_size=1024))
     tokenizer = AutoTokenizer.from_pretrained(folder)

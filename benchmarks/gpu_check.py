@@ -126,9 +126,8 @@ def musicgen_config(size: str, text_vocab: int):
 def build_musicgen(size: str, tokenizer, device, dtype):
     """(model, processor): random weights on `device`, transformer in `dtype`, EnCodec in float32."""
     import torch
-    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
-
     from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config
+    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
     config = musicgen_config(size, len(tokenizer))
     torch.manual_seed(0)
@@ -172,7 +171,6 @@ def step_environment(ctx) -> dict:
 
 def _static_vs_generate(model, processor, prompts, steps: int) -> dict:
     import numpy as np
-
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
     from conceptcaps_pipeline.audio.generate import synthesize
 
@@ -185,7 +183,6 @@ def _static_vs_generate(model, processor, prompts, steps: int) -> dict:
 
 def _bf16_logits(model, processor, prompts, steps: int) -> float:
     import torch
-
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
     inputs = processor(text=prompts, padding=True, return_tensors="pt").to(model.device)
@@ -254,9 +251,8 @@ def _timed_batch(ctx, model, processor, batch: int, clip_steps: int, timed_steps
     (inductor, CUDA graphs; graphs counted by dynamo's counters, calls not).
     """
     import torch
-    from torch._dynamo.utils import counters
-
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
+    from torch._dynamo.utils import counters
 
     device = ctx["device"]
     torch._dynamo.reset()
@@ -317,7 +313,6 @@ def _sync(device) -> None:
 def memory_batch(ctx, model, clip_steps: int, dtype) -> int:
     """The batch the audio stage takes with --batch_size 0 here (free memory after the loaded weights)."""
     import torch
-
     from conceptcaps_pipeline.audio.generate import batch_size_from_memory
 
     if ctx["device"].type != "cuda":
@@ -348,7 +343,6 @@ def _compiled_vs_eager(compiled, model, processor, prompts, steps: int) -> dict:
     over the scores' std, and how often the best code agrees.
     """
     import torch
-
     from conceptcaps_pipeline.audio.decode import TEXT_TOKENS, StaticMusicgenDecoder
 
     eager = StaticMusicgenDecoder(model, compile_step=False)
@@ -377,7 +371,6 @@ def _compiled_vs_eager(compiled, model, processor, prompts, steps: int) -> dict:
 def step_throughput(ctx) -> dict:
     from audio_throughput import floor_seconds_per_step
     from bandwidth_floor import device_bandwidth
-
     from conceptcaps_pipeline.audio.generate import codec_timing, decoding_steps
 
     size, dtype, model, processor = _large(ctx)
@@ -411,7 +404,6 @@ def step_throughput(ctx) -> dict:
 def _codec_seconds_per_clip(ctx, model, clip_steps: int) -> float:
     """EnCodec decoding of a clip's codes, 4 clips at a time (the stage's GPU default), per clip."""
     import torch
-
     from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
     frames = clip_steps - model.decoder.config.num_codebooks + 1
@@ -442,10 +434,9 @@ def llama_config(ctx):
 def step_captioner(ctx) -> dict:
     """QLoRA steps on the Llama-shaped model, the adapter's three inference forms compared, merged generation speed."""
     import torch
+    from conceptcaps_pipeline.captions.adapter_merge import adapter_forms_difference, merged_model
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-
-    from conceptcaps_pipeline.captions.adapter_merge import adapter_forms_difference, merged_model
 
     device, config = ctx["device"], llama_config(ctx)
     cuda = device.type == "cuda"
@@ -544,7 +535,6 @@ def build_clap(ctx, out: Path) -> Path:
 
 def step_clap_fad(ctx) -> dict:
     import numpy as np
-
     from conceptcaps_eval.fad.clap_windows import embed_audio_items, embed_texts, load_clap
     from conceptcaps_eval.fad.fad import frechet_distance, gaussian_stats
 
@@ -581,7 +571,6 @@ def step_multi_gpu(ctx) -> dict:
                            f"processes instead)"}
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import read_shards
     from conceptcaps_pipeline.testing.tiny_musicgen import build_tiny_musicgen
 

@@ -45,9 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import pandas as pd
-
-    from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill
     from conceptcaps_pipeline.taxonomy import Taxonomy
+    from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill
     from conceptcaps_pipeline.vae.model import multi_hot
 
     with tempfile.TemporaryDirectory() as run:

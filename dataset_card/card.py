@@ -27,11 +27,10 @@ import re
 import shlex
 from pathlib import Path
 
-from huggingface_hub import DatasetCard, DatasetCardData
-
 from conceptcaps_pipeline.dataset_card.figures import FigureData, clap_by_tag, frequency_correlation, write_figures
 from conceptcaps_pipeline.dataset_card.licence import LICENSE_FILE, release_licence, write_license_file
-from conceptcaps_pipeline.dataset_card.manifests import read_manifests  # noqa: F401 - also the card's public helper
+from conceptcaps_pipeline.dataset_card.manifests import read_manifests
+from huggingface_hub import DatasetCard, DatasetCardData
 
 logger = logging.getLogger(__name__)
 
@@ -418,9 +417,8 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
     """
     import shutil
 
-    from conceptcaps_pipeline.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
-
     from conceptcaps_pipeline.dataset_card.examples import write_examples
+    from conceptcaps_pipeline.run_dir import atomic_dir, atomic_path, from_run_relative, read_table
 
     run, release = Path(run), Path(release)
     manifests = read_manifests(run)

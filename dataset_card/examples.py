@@ -58,7 +58,6 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
     """Write up to n clips of `config` to RELEASE/examples/<id>.wav; returns their rows for the card (HTML-escaped)."""
     import pyarrow.parquet as pq
     import soundfile as sf
-
     from conceptcaps_pipeline.run_dir import atomic_dir
 
     release = Path(release)

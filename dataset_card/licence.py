@@ -167,7 +167,6 @@ def release_licence(run: str | Path, configs: list[str], manifests: dict[str, di
 def write_license_file(path: str | Path, licence: ReleaseLicence, context: dict) -> Path:
     """Render dataset_card/license_template.md into `path` (RELEASE/LICENSE.md)."""
     import jinja2
-
     from conceptcaps_pipeline.run_dir import atomic_path
 
     template = jinja2.Template(TEMPLATE.read_text(encoding="utf-8"), keep_trailing_newline=True)

@@ -65,9 +65,8 @@ def _ffmpeg() -> str:
 
 
 def _paths() -> dict:
-    from huggingface_hub import constants
-
     from conceptcaps_pipeline.taxonomy import DEFAULT_TAXONOMY
+    from huggingface_hub import constants
 
     package = Path(__file__).resolve().parent
     return {"package": str(package), "presets": str(package / "presets"), "taxonomy": str(DEFAULT_TAXONOMY),

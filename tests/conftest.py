@@ -92,7 +92,6 @@ def copy_run(tmp_path):
 def tiny_musicgen(tmp_path_factory, distilled_run) -> Path:
     """A tiny random MusicGen checkpoint + processor (T5 tokenizer trained on the distilled captions)."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.testing.tiny_musicgen import build_tiny_musicgen
 
     captions = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()

@@ -188,7 +188,6 @@ def test_every_stage_entry_is_importable_and_decorated():
 def test_the_stage_skeleton_checks_then_takes_the_stages_own_lock(tmp_path):
     """`@stage`: a bad option fails before the lock is asked for; the lock is the stage's (a baseline's own)."""
     import pytest
-
     from conceptcaps_pipeline.errors import ConceptCapsError
     from conceptcaps_pipeline.run_dir import stage_lock
     from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes

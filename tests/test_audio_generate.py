@@ -16,8 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from conftest import launch_audio_generate
-
 from conceptcaps_pipeline.audio.generate import (
     AudioArguments,
     batch_seed,
@@ -31,6 +29,7 @@ from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards, shard_
 from conceptcaps_pipeline.audio.verify import VerifyArguments, verify_audio
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest
+from conftest import launch_audio_generate
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +44,8 @@ def caption_ids(run: Path) -> list[str]:
 
 
 def test_tiny_musicgen_has_musicgens_layout(tiny_musicgen, tiny):
-    from transformers import AutoProcessor, MusicgenConfig
-
     from conceptcaps_pipeline.testing.tiny_musicgen import musicgen_large_config
+    from transformers import AutoProcessor, MusicgenConfig
 
     config = MusicgenConfig.from_pretrained(tiny_musicgen)
     decoder, codec = config.decoder, config.audio_encoder
@@ -70,9 +68,8 @@ def test_tiny_musicgen_has_musicgens_layout(tiny_musicgen, tiny):
 
 def test_clip_length_seeding_and_stereo(tiny, distilled_run):
     import torch
-    from transformers import MusicgenForConditionalGeneration
-
     from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, tiny_musicgen_config
+    from transformers import MusicgenForConditionalGeneration
 
     model, processor = tiny
     prompts = pq.read_table(distilled_run / "distilled.parquet", columns=["caption"]).column("caption").to_pylist()[:3]
@@ -196,9 +193,8 @@ def test_processes_with_different_free_memory_share_one_batch_plan(tmp_path, aud
     import json
 
     import torch
-    from transformers import MusicgenConfig
-
     from conceptcaps_pipeline.audio.generate import FREE_MEMORY_ENV, batch_size_from_memory, kv_bytes_per_clip
+    from transformers import MusicgenConfig
 
     run = shutil.copytree(audio_captions_run, tmp_path / "run")
     config = MusicgenConfig.from_pretrained(tiny_musicgen)
@@ -385,7 +381,6 @@ def test_prune_candidates_drops_the_other_candidates_of_batches_made_again(tmp_p
     """A kill after a batch's other candidates are written and before its kept clips: the resume drops those
     candidates (their batch is made again and writes them again), so each stays once."""
     import pyarrow as pa
-
     from conceptcaps_pipeline.audio.generate import prune_candidates
     from conceptcaps_pipeline.audio.shards import shard_schema
 

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conceptcaps_pipeline.audio.shards import Batch, ShardWriter, encode_flac, read_shards, shard_paths
 from conceptcaps_pipeline.audio.verify import VerifyArguments, check_clip, verify_audio
 from conceptcaps_pipeline.cli import main

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conceptcaps_pipeline.cli import main
 
 TINY = {}  # filled by the `full` fixture: name -> path of a tiny model

@@ -9,7 +9,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.evaluate.run import EvaluateArguments, evaluate_run
 from conceptcaps_pipeline.run_dir import read_manifest

@@ -9,10 +9,9 @@ from conceptcaps_eval.attribute_coverage.recording_quality import (
     mentions_recording_quality,
     recording_quality_mentions,
 )
-
-from conceptcaps_pipeline.taxonomy.cleaning import clean_caption
 from conceptcaps_pipeline.run_dir import read_manifest
 from conceptcaps_pipeline.taxonomy import Taxonomy
+from conceptcaps_pipeline.taxonomy.cleaning import clean_caption
 
 
 @pytest.mark.parametrize(

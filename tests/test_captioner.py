@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_captioner_configs
-
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conftest import ROOT, tiny_captioner_configs
 
 PRESET = ROOT / "generation" / "configs" / "captioner.yaml"
 
@@ -129,9 +128,8 @@ def test_missing_inputs_are_clear_errors(tmp_path, tiny_llm):
 
 
 def test_tiny_llm_warm_up_and_command_line(distilled_run, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from conceptcaps_pipeline.testing.tiny_llm import main
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = distilled_run / "distilled.parquet"
     small = ["--vocab_size", "512", "--train_batch_size", "8", "--train_max_tokens", "48"]

@@ -11,10 +11,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
-
 from conceptcaps_pipeline.captions.generate import CaptionsArguments, clean_caption, degeneracy, generate_captions
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conftest import ROOT
 
 # A tiny model trained for 4 steps never learns to end its turn: accept unfinished outputs,
 # keep them short. The other degeneracy checks stay on.
@@ -199,7 +198,6 @@ def test_two_processes_write_the_captions_of_one(captioner_run, tmp_path):
 def test_merged_adapter_writes_the_captions_of_the_unmerged_one(captioner_run, tiny_llm):
     """merge_and_unload folds LoRA into the weights: the same logits (float32) and the same greedy captions."""
     import torch
-
     from conceptcaps_pipeline.captions.generate import generate_batch, load_captioner
 
     adapter = str(captioner_run / "captioner")
@@ -257,10 +255,9 @@ def test_a_qlora_adapter_is_applied_to_the_dequantised_base(captioner_run, tiny_
     import shutil
 
     import torch
-    from peft import PeftModel
-
     from conceptcaps_pipeline.captions.adapter_merge import fake_nf4, load_base, trained_on_4bit
     from conceptcaps_pipeline.captions.generate import load_captioner
+    from peft import PeftModel
 
     assert trained_on_4bit(captioner_run / "captioner") is False  # trained on float32 weights
     run = tmp_path / "run"

@@ -19,16 +19,29 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from conceptcaps_pipeline.audio.shards import decode_flac
+from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.dataset_card.card import (
+    model_license,
+    read_manifests,
+    size_category,
+    source_datasets,
+    stage_command,
+)
+from conceptcaps_pipeline.dataset_card.figures import clap_by_tag
+from conceptcaps_pipeline.release.build import (
+    AUDIO_CONFIGS,
+    TEXT_CONFIGS,
+    BuildArguments,
+    build_release,
+    config_names,
+    release_files,
+)
+from conceptcaps_pipeline.run_dir import from_run_relative, read_manifest
 from conftest import write_captions_parquet
 from huggingface_hub import DatasetCard
 
 from conceptcaps import SPLITS, ConceptCaps
-from conceptcaps_pipeline.dataset_card.card import model_license, read_manifests, size_category, source_datasets, stage_command
-from conceptcaps_pipeline.dataset_card.figures import clap_by_tag
-from conceptcaps_pipeline.audio.shards import decode_flac
-from conceptcaps_pipeline.release.build import AUDIO_CONFIGS, TEXT_CONFIGS, BuildArguments, build_release, config_names, release_files
-from conceptcaps_pipeline.cli import main
-from conceptcaps_pipeline.run_dir import from_run_relative, read_manifest
 
 CONFIGS = config_names(True)
 

@@ -12,16 +12,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
-from conceptcaps import SPLITS, SUBSETS, assign_splits, concept_sets, load_release, nested_subsets, subset_min_positives
 from conceptcaps_pipeline.audio.shards import decode_flac, read_shards
 from conceptcaps_pipeline.cli import main
+from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.release.concepts import concept_counts
 from conceptcaps_pipeline.release.export import ExportArguments, export_concepts, safe_name
-from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest
 from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
 from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
+
+from conceptcaps import SPLITS, SUBSETS, assign_splits, concept_sets, load_release, nested_subsets, subset_min_positives
 
 
 @pytest.fixture(scope="module")

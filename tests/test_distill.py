@@ -4,11 +4,10 @@ import json
 
 import pandas as pd
 import pytest
-
-from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill, split_of
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest
 from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy
+from conceptcaps_pipeline.taxonomy.distill import DistillArguments, distill, split_of
 
 HEADER = "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval\n"
 GOOD = '"abc",30,40,"","[\'rock\', \'happy\', \'piano\', \'fast tempo\']","A happy rock song with a piano at a fast tempo and more words.",1,False,False\n'

@@ -29,7 +29,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from conceptcaps_pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,9 +327,10 @@ def test_readme_smoke_release_size(smoke_run):
 
 def test_readme_taxonomy_presets_and_version_figures():
     """Tags per category, the dataset version, and the smoke and paper presets' figures the README quotes."""
-    from conceptcaps import ConceptCaps
     from conceptcaps_pipeline.run_all import load_preset
     from conceptcaps_pipeline.taxonomy import Taxonomy
+
+    from conceptcaps import ConceptCaps
 
     readme = " ".join(DOCS[0].read_text(encoding="utf-8").split())  # line breaks fall anywhere in a paragraph
     taxonomy = Taxonomy.load(ROOT / "generation" / "data" / "taxonomy.yaml")

@@ -17,13 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from conftest import ROOT
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.evaluate.metrics import PAPER
 from conceptcaps_pipeline.evaluate.references import reference_clips
 from conceptcaps_pipeline.evaluate.report import metrics_table
 from conceptcaps_pipeline.evaluate.run import EvaluateArguments, evaluate_run
+from conftest import ROOT
 
 JACCARD_PAPER = "Jaccard, paper definition: 0.5 threshold, pooled (validation)"
 JACCARD_RULE = "Jaccard, decoding rule, mean per set (validation)"
@@ -57,7 +56,6 @@ def tiny_eval(tmp_path_factory, distilled_run):
 def full_run(tmp_path_factory, captioner_run, tiny_musicgen):
     """captioner_run (distilled, VAE, attributes, captioner) plus captions and audio from the real stages."""
     from accelerate import PartialState
-
     from conceptcaps_pipeline.audio.generate import AudioArguments, generate_audio
     from conceptcaps_pipeline.captions.generate import CaptionsArguments, generate_captions
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 RATE = 8000  # Hz: the planted world's clips
@@ -79,7 +78,6 @@ def write_world(run: Path, n: int = 60, seed: int = 0) -> list[dict]:
     """A run directory: taxonomy.json, captions.parquet (labels), audio/ (one shard per 10 clips)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import caption_sha256, encode_flac, shard_schema
 
     rng = np.random.default_rng(seed)
@@ -198,7 +196,6 @@ def test_roc_auc_matches_pairs():
 
 def test_positives_with_evidence(planted):
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.release.evidence import evidence_by_label, positives_with_evidence
 
     run, rows, _ = planted
@@ -333,7 +330,6 @@ def test_rerun_is_up_to_date_and_force_redoes(planted, copy_run):
 
 def _embedded_ids(run: Path) -> list[str]:
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.score import embedding_paths
 
     return [i for p in embedding_paths(run) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
@@ -342,7 +338,6 @@ def _embedded_ids(run: Path) -> list[str]:
 def test_kill_and_resume_scores_each_id_once(tmp_path):
     """`kill -9` in the middle of `audio score`, then a resumed run: every clip embedded and scored exactly once."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
 
     run = tmp_path / "run"
@@ -389,7 +384,6 @@ def test_bad_input(tmp_path):
 # -- the real path: the tiny CLAP checkpoint on clips of the tiny MusicGen --------------------------
 def test_tiny_clap_end_to_end(audio_run, copy_run, tmp_path_factory, captions):
     import pyarrow.parquet as pq
-
     from conceptcaps_eval.clap_score.clap_windows import embed_audio_items, load_clap
     from conceptcaps_pipeline.audio.score import ScoreArguments, read_audio_embeddings, score_audio
     from conceptcaps_pipeline.dataset_card.evidence_figure import plot_agreement
@@ -454,8 +448,12 @@ def test_best_of_records_travel_with_the_shard(tmp_path):
     """The best-of-K record is the kept clip's shard metadata: written with the rows, read back only for the rows
     the shard holds; a candidate with NaN samples is never kept, whatever it would have scored."""
     import pyarrow.parquet as pq
-
-    from conceptcaps_pipeline.audio.best_of import best_of_batch, candidate_seeds, read_candidate_records, shard_metadata
+    from conceptcaps_pipeline.audio.best_of import (
+        best_of_batch,
+        candidate_seeds,
+        read_candidate_records,
+        shard_metadata,
+    )
     from conceptcaps_pipeline.audio.score import tag_embeddings
     from conceptcaps_pipeline.audio.shards import Batch, ShardWriter, move_rows_aside, read_shards
 
@@ -528,11 +526,11 @@ def _release_evidence(release: Path, config: str = "audio") -> dict[str, dict[st
 def test_release_audio_configs_carry_the_evidence(tmp_path):
     import datasets
     import pyarrow.parquet as pq
-
-    from conceptcaps import ConceptCaps, load_release
     from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
     from conceptcaps_pipeline.release.build import BuildArguments, build_release
     from conceptcaps_pipeline.run_dir import read_manifest
+
+    from conceptcaps import ConceptCaps, load_release
 
     run = tmp_path / "run"
     rows = _release_world(run)

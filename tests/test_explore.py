@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.explore.page import DATA_GLOBAL, ExploreArguments, explore
 
@@ -173,7 +172,6 @@ def test_pad_decodes_with_the_runs_set_sizes(explorer_run, copy_run):
     import statistics
 
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.vae.sample import VaeSampleArguments, sample_attributes
 
     pad = page_data(explorer_run)["pad"]
@@ -198,7 +196,6 @@ def test_pad_decodes_with_the_runs_set_sizes(explorer_run, copy_run):
 def test_clap_scores_per_concept_after_evaluate(browser, explorer_run, copy_run, distilled_run):
     """After `conceptcaps evaluate` (tiny CLAP), each concept shows the mean CLAP score of its clips."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.evaluate.run import EvaluateArguments, evaluate_run
     from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap
 
@@ -230,7 +227,6 @@ def test_concept_evidence_after_audio_score(browser, explorer_run, copy_run, dis
     """After `audio score` (tiny CLAP) and `build`, each concept shows its AUC with its interval and the positives of
     highest and lowest evidence, with players."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.score import ScoreArguments, score_audio
     from conceptcaps_pipeline.release.build import BuildArguments, build_release
     from conceptcaps_pipeline.testing.tiny_eval_models import build_tiny_clap

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import metadata
 import importlib.util
 import json
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest

@@ -18,16 +18,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, launch_audio_generate
-
 from conceptcaps_pipeline.audio.generate import AudioArguments, generate_audio
 from conceptcaps_pipeline.audio.shards import read_shards, shard_paths
 from conceptcaps_pipeline.audio.verify import VerifyArguments, verify_audio
-from conceptcaps_pipeline.release.build import BuildArguments, build_release
 from conceptcaps_pipeline.captions.generate import CaptionsArguments, generate_captions
 from conceptcaps_pipeline.cli import main
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.build import BuildArguments, build_release
 from conceptcaps_pipeline.run_dir import read_manifest, stage_lock
+from conftest import ROOT, launch_audio_generate
 
 
 def rewrite_captions(run: Path, change) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 from conceptcaps_pipeline.audio.generate import (
     AudioArguments,
     batch_size_from_memory,
@@ -17,7 +17,6 @@ from conceptcaps_pipeline.audio.generate import (
     synthesize,
 )
 from conceptcaps_pipeline.audio.shards import read_shards
-from conceptcaps_pipeline.audio.decode import StaticMusicgenDecoder
 
 PROMPTS = ["A calm jazz piano with soft brushes and a walking double bass",
            "Loud rock guitar riff", "a slow ambient pad with strings, reverb and a distant choir humming"]
@@ -31,9 +30,12 @@ def tiny(tiny_musicgen):
 
 @pytest.fixture(scope="module")
 def stereo(tiny):
+    from conceptcaps_pipeline.testing.tiny_musicgen import (
+        make_audible,
+        musicgen_generation_config,
+        tiny_musicgen_config,
+    )
     from transformers import MusicgenForConditionalGeneration
-
-    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
 
     _, processor = tiny
     torch.manual_seed(1)
@@ -113,9 +115,12 @@ def test_the_compiled_step_gives_the_same_clips(tiny):
 @pytest.fixture(scope="module")
 def wide_text(tiny):
     """A tiny MusicGen whose text encoder (48 wide) is wider than its decoder (32): the enc_to_dec_proj branch."""
+    from conceptcaps_pipeline.testing.tiny_musicgen import (
+        make_audible,
+        musicgen_generation_config,
+        tiny_musicgen_config,
+    )
     from transformers import MusicgenForConditionalGeneration
-
-    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config, tiny_musicgen_config
 
     _, processor = tiny
     torch.manual_seed(2)
@@ -143,10 +148,9 @@ def test_the_step_compiles_once_per_length_bucket(tiny):
     made while warming up; then no recompile and no graph break, whatever the prompt, its length or the batch.
     """
     import torch._dynamo
+    from conceptcaps_pipeline.audio.decode import BUCKET
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
-
-    from conceptcaps_pipeline.audio.decode import BUCKET
 
     model, processor = tiny
     torch._dynamo.reset()

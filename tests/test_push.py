@@ -11,9 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from conceptcaps_pipeline.release.build import BUILD_RECORD, release_files
 from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.release.build import BUILD_RECORD, release_files
 from conceptcaps_pipeline.release.push import PushArguments, push_release
 from conceptcaps_pipeline.run_dir import file_sha256, manifest_path, read_manifest
 
@@ -138,7 +137,6 @@ def test_label_indices_outside_their_names_are_refused(release_run, copy_run):
     re-recorded) is refused by name, before any upload."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.release.push import check_labels
 
     run = copy_run(release_run)

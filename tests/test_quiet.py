@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conceptcaps_pipeline.quiet import _not_musicgen_special_token
 
 STAGES = ["vae_sample", "captioner_train", "captions_generate", "audio_generate"]  # a consistent chain: each reads the last

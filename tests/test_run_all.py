@@ -6,10 +6,10 @@ takes about a minute or two on 2 cores; CI runs it."""
 import json
 
 import pytest
-
-from conceptcaps import load_release
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_all import RunArguments, load_preset, run_pipeline
+
+from conceptcaps import load_release
 
 
 @pytest.mark.slow

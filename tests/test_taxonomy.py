@@ -1,7 +1,6 @@
 """Taxonomy invariants and the tag/caption matcher, on the repository's taxonomy file."""
 
 import pytest
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy, normalize
 

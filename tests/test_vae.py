@@ -7,7 +7,6 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest
 from conceptcaps_pipeline.taxonomy import CATEGORIES, Taxonomy

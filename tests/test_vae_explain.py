@@ -4,7 +4,6 @@ what the explanations say, certainty and withholding, resume, --force, determini
 import json
 
 import pytest
-
 from conceptcaps_pipeline.cli import main
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest

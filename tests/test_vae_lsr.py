@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conceptcaps_pipeline.cli import main
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.taxonomy import Taxonomy

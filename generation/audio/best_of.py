@@ -24,7 +24,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 
@@ -195,7 +194,6 @@ def read_candidate_records(audio_dir) -> dict[str, dict]:
     import json
 
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import shard_paths
 
     records: dict[str, dict] = {}

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, Batch, ShardWriter, read_shards, shard_paths
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model
@@ -499,7 +498,6 @@ def generate_audio(args: AudioArguments, *, prompts, settings, processor, launch
     """Generate the missing clips of RUN on this process's share; returns the stage manifest."""
     import torch
     from accelerate.utils import gather_object, tqdm
-
     from conceptcaps_pipeline.audio.shards import caption_sha256
     from conceptcaps_pipeline.run_dir import drop_set_aside
 
@@ -648,7 +646,6 @@ def prune_candidates(folder: Path, done: set[str]) -> int:
     shard is rewritten in place atomically (or removed when nothing of it stays).
     """
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.run_dir import atomic_path
 
     dropped = 0
@@ -674,7 +671,6 @@ def _write_other_candidates(folder: Path, token: str, rank: int, batch: int, ids
     """--keep_candidates: the candidates not kept, one shard per batch in RUN/audio/candidates/ (written at once)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import encode_flac, shard_schema
     from conceptcaps_pipeline.run_dir import atomic_path
 

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import require, stage
 
@@ -202,7 +201,6 @@ def read_audio_embeddings(run: str | Path, model: str | None = None, keys: dict[
 def _write_embeddings(folder: Path, ids: list[str], keys: list[str], model: str, embeddings: np.ndarray,
                       token: str, number: int) -> Path:
     import pyarrow as pa
-
     from conceptcaps_pipeline.run_dir import write_parquet
 
     table = pa.table({"id": pa.array(ids, pa.string()), "clip_key": pa.array(keys, pa.string()),
@@ -292,14 +290,17 @@ def score_audio(args: ScoreArguments, scorer=None, state=None) -> dict:
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
     from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, read_shards, shard_paths
     from conceptcaps_pipeline.release.evidence import write_agreement
     from conceptcaps_pipeline.run_dir import (
-        drop_set_aside, finished, set_aside, write_manifest, write_parquet,
+        drop_set_aside,
+        finished,
+        set_aside,
+        write_manifest,
+        write_parquet,
     )
     from conceptcaps_pipeline.taxonomy import Taxonomy
+    from tqdm.auto import tqdm
 
     started = time.time()
     run = Path(args.run)

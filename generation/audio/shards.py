@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import atomic_path
 
@@ -111,7 +110,6 @@ def move_rows_aside(run: str | Path, drop: dict[str, set[str]], stage: str = "au
     the set-aside copy only, so they are made again: never two copies of a clip.
     """
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.run_dir import set_aside
 
     audio_dir = Path(run) / "audio"

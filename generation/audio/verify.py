@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.audio.shards import INDEX_COLUMNS, decode_flac, read_shards, shard_paths
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import read_manifest, require, stage, write_manifest
@@ -129,10 +128,9 @@ def check_run(args: VerifyArguments) -> None:
 def verify_audio(args: VerifyArguments) -> dict:
     """Check every clip; print the summary; raise ConceptCapsError naming what fails."""
     import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
     from conceptcaps_pipeline.audio.shards import caption_sha256
     from conceptcaps_pipeline.run_dir import drop_set_aside, read_table
+    from tqdm.auto import tqdm
 
     started = time.time()
     run = Path(args.run)

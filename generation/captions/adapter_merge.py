@@ -111,9 +111,8 @@ def load_base(base: str, dtype, device, *, quantized: bool, real_4bit: bool | No
 
 def _load(base: str, dtype, device, *, quantized: bool, real_4bit: bool):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from conceptcaps_pipeline.captions.train import from_pretrained
+    from transformers import AutoModelForCausalLM
 
     if quantized and real_4bit:
         from transformers import BitsAndBytesConfig
@@ -148,9 +147,8 @@ def adapter_forms_difference(base: str, adapter: str, *, device, prompt, real_4b
     prompt = prompt.to(device)
     with torch.inference_mode():
         if real_4bit:  # the real thing: 4-bit weights, bf16 compute, LoRA unmerged
-            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
             from conceptcaps_pipeline.captions.train import from_pretrained
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.bfloat16)

@@ -38,9 +38,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.captions.prompts import prompt_messages
-from conceptcaps_pipeline.run_dir import file_sha256, finished, read_json, read_manifest, require, stage, write_json, write_manifest, write_parquet
+from conceptcaps_pipeline.errors import ConceptCapsError
+from conceptcaps_pipeline.run_dir import (
+    file_sha256,
+    finished,
+    read_json,
+    read_manifest,
+    require,
+    stage,
+    write_json,
+    write_manifest,
+    write_parquet,
+)
 from conceptcaps_pipeline.taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -216,10 +226,9 @@ def load_captioner(base: str, adapter: str | None, dtype: str, merge: bool = Fal
     The tokenizer is the adapter's where it has one (its chat template and special tokens).
     """
     import torch
-    from transformers import AutoModelForCausalLM
-
     from conceptcaps_pipeline.captions.adapter_merge import load_base, trained_on_4bit
     from conceptcaps_pipeline.captions.train import from_pretrained, load_tokenizer
+    from transformers import AutoModelForCausalLM
 
     has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(adapter if has_tokenizer else base)
@@ -388,7 +397,6 @@ def partial_state():
 def generate_captions(args: CaptionsArguments, state) -> dict:
     """Run the stage (on this process's share of the batches, under `accelerate launch`) and return its manifest."""
     from accelerate.utils import tqdm
-
     from conceptcaps_pipeline.run_dir import drop_set_aside, read_table, set_aside
 
     started = time.time()

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trl
-
+from conceptcaps_pipeline.captions.prompts import training_example
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model
-from conceptcaps_pipeline.captions.prompts import training_example
 from conceptcaps_pipeline.run_dir import atomic_dir, finished, require, stage, write_json, write_manifest
 
 logger = logging.getLogger(__name__)

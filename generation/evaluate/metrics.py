@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.models import load_pretrained, resolve_model
 from conceptcaps_pipeline.run_dir import read_json, read_manifest
@@ -143,7 +142,6 @@ def vae_rows(scores: dict) -> list[dict]:
 def latent_means(run: Path, sets: list[list[str]]) -> np.ndarray:
     """Posterior means mu(x) of the VAE for the given tag sets."""
     import torch
-
     from conceptcaps_pipeline.vae.model import BetaVAE, multi_hot
 
     model = BetaVAE.from_pretrained(str(run / "vae")).eval()
@@ -196,8 +194,6 @@ def captioner_missing(args: EvaluateArguments, run: Path) -> str | None:
 def generate_validation_captions(rows: list[dict], settings) -> tuple[list[dict], dict]:
     """One caption per attribute set with the run's captioner, retried like the captions stage (each
     result has caption, failure (None when usable) and attempts), and the models that wrote them."""
-    from tqdm.auto import tqdm
-
     from conceptcaps_pipeline.captions.generate import (
         clean_caption,
         degeneracy,
@@ -207,6 +203,7 @@ def generate_validation_captions(rows: list[dict], settings) -> tuple[list[dict]
         resolve_models,
     )
     from conceptcaps_pipeline.captions.prompts import user_message
+    from tqdm.auto import tqdm
 
     base, adapter = resolve_models(settings, Path(settings.run))
     model, tokenizer, stop_ids = load_captioner(base, adapter, settings.dtype, settings.merge_adapter)
@@ -356,7 +353,6 @@ def run_audio_embeddings(run: Path, clap, args: EvaluateArguments, model: str) -
     Audio embeddings that `audio score` stored with the same CLAP model are reused, not computed twice
     (`stored_audio_embeddings`); a shard whose clips all have one is not read past its ids."""
     import pyarrow.parquet as pq
-
     from conceptcaps_pipeline.audio.shards import shard_paths
 
     captions = {r["id"]: r["caption"] for r in read_rows(run / "captions.parquet", ["id", "caption"])} \

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import finished, read_json, require, stage, write_manifest
 
@@ -339,7 +338,6 @@ def decode_pad(run: Path, model, taxonomy, axes: list[dict], size: int, rule: di
     each point): row-major, the first row at the top of the pad (the highest value of the second axis).
     """
     import torch
-
     from conceptcaps_pipeline.vae.model import decode_sets
     from conceptcaps_pipeline.vae.sizes import SetSizes
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 logger = logging.getLogger(__name__)

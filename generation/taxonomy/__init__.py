@@ -18,7 +18,6 @@ from functools import cached_property
 from pathlib import Path
 
 from conceptcaps_eval.attribute_coverage.tag_mentions import CATEGORIES, TagMentions, normalize
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 DEFAULT_TAXONOMY = Path(__file__).parent.parent / "data" / "taxonomy.yaml"

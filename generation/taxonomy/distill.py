@@ -28,8 +28,8 @@ from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import finished, stage, write_json, write_manifest, write_parquet
-from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT, read_source
 from conceptcaps_pipeline.taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
+from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT, read_source
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT, read_source
 from conceptcaps_pipeline.taxonomy import CATEGORIES, DEFAULT_TAXONOMY, Taxonomy
+from conceptcaps_pipeline.taxonomy.source import HUB_DEFAULT, read_source
 
 
 @dataclass

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 from conceptcaps_pipeline.run_dir import finished, require, stage, write_manifest
 
@@ -152,7 +151,6 @@ def explain_dim(model, taxonomy, means: np.ndarray, dim: int, kl: np.ndarray, re
                 record: dict | None, args: VaeExplainArguments) -> dict:
     """Traverse one dimension around anchors for every seed; the tags it raises and lowers, and how surely."""
     import torch
-
     from conceptcaps_pipeline.vae.lsr import decode_latents, latent_to_attribute
 
     low = min(-args.span, float(np.percentile(means[:, dim], 2)))

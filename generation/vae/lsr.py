@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from conceptcaps_pipeline.errors import ConceptCapsError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +197,6 @@ class LatentRegulariser:
 # -- scores and maps ----------------------------------------------------------------------------
 def posterior_means(model, sets: list[list[str]]) -> np.ndarray:
     import torch
-
     from conceptcaps_pipeline.vae.model import multi_hot
 
     model.eval()
@@ -442,7 +440,6 @@ def decode_grid(run: str | Path, dim_x: int, dim_y: int, values_x: list[float], 
 def decode_latents(model, taxonomy, z, **rule) -> list[list[str]]:
     """Tag sets of latent points, under the decoding rule of generation/vae/model.py."""
     import torch
-
     from conceptcaps_pipeline.vae.model import decode_sets
 
     model.eval()

@@ -172,9 +172,8 @@ def top_up(draw, taxonomy, sets: list[list[str]], args: VaeSampleArguments) -> l
     """
     from collections import Counter
 
-    from tqdm.auto import tqdm
-
     from conceptcaps_pipeline.run_dir import stable_hash
+    from tqdm.auto import tqdm
 
     counts = Counter(t for tags in sets for t in set(tags))
     position = taxonomy.index

@@ -132,7 +132,6 @@ def random_sets(taxonomy, n: int, seed: int, sizes: SetSizes, *, require: list[s
     VAE's, filled with tags drawn uniformly at random under the same rules (no contradictory
     pair, required tags kept, excluded tags never). What a model adds is what it beats this by."""
     import torch
-
     from conceptcaps_pipeline.vae.model import decode_sets
 
     generator = torch.Generator().manual_seed(seed)

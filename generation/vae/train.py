@@ -96,7 +96,6 @@ def score_vae(model, taxonomy, splits: dict[str, list[list[str]]], train_sets, a
     """Reconstruction metrics per split (both Jaccard definitions), then diversity, co-occurrence
     and size distances of prior samples (sizes drawn from the data) and of a random control."""
     import torch
-
     from conceptcaps_pipeline.vae.model import multi_hot, reconstruct, sample_sets
     from conceptcaps_pipeline.vae.sizes import SetSizes, random_sets
 
@@ -164,11 +163,10 @@ def check_arguments(args: VaeTrainArguments) -> None:
 def train_vae(args: VaeTrainArguments) -> dict:
     """Train, save to RUN/vae, score; returns the stage manifest."""
     import torch
-    from tqdm.auto import tqdm
-
     from conceptcaps_pipeline.taxonomy import Taxonomy
     from conceptcaps_pipeline.vae.model import BetaVAE, multi_hot
     from conceptcaps_pipeline.vae.sizes import SetSizes
+    from tqdm.auto import tqdm
 
     started = time.time()
     run = Path(args.run)
@@ -297,7 +295,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     import io
 
     import torch
-
     from conceptcaps_pipeline.run_dir import atomic_path
 
     # Serialised in memory, then written by Python: torch.save's own writer reports a full disk as a RuntimeError
@@ -311,7 +308,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, key: str) -> dict | None:
     """The checkpoint at `path` if it belongs to this training (`key`), else None (it is then overwritten)."""
     import torch
-
     from conceptcaps_pipeline.run_dir import remove_leftovers
 
     remove_leftovers(path.parent, [path.name])  # a checkpoint whose write was interrupted
