@@ -578,7 +578,7 @@ def _files_of(path: Path) -> list[Path]:
 
 # Entries of files this process wrote and hashed as their bytes passed (`remember_entry`), keyed by what
 # identifies that very file version: device, inode, size and mtime (ns). Why: the build record would otherwise
-# re-read every shard it just wrote (~1x the audio bytes again, issue 23); a file changed or replaced since
+# re-read every shard it just wrote (~1x the audio bytes again); a file changed or replaced since
 # has another key, so it is read as before.
 _WRITTEN: dict[tuple, dict] = {}
 
