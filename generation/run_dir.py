@@ -760,21 +760,11 @@ def make_manifest(
     return manifest
 
 
-def write_manifest(
-    run: str | os.PathLike,
-    stage: str,
-    args: Any,
-    *,
-    inputs: dict[str, str | os.PathLike] | None = None,
-    counts: dict[str, Any] | None = None,
-    started: float,
-    extra: dict[str, Any] | None = None,
-    outputs: list[str | os.PathLike] | None = None,
-) -> dict:
+def write_manifest(run: str | os.PathLike, stage: str, args: Any, **fields: Any) -> dict:
     """Record what a stage did: arguments, versions, input hashes, counts, wall time, and each output file's
-    size, sha256 and row count (`outputs`, default: those the stage named to `finished`)."""
-    manifest = make_manifest(run, stage, args, inputs=inputs, counts=counts, started=started, extra=extra,
-                             outputs=outputs)
+    size, sha256 and row count (`outputs`, default: those the stage named to `finished`). `fields` are
+    `make_manifest`'s keyword arguments (inputs, counts, started, extra, outputs)."""
+    manifest = make_manifest(run, stage, args, **fields)
     write_json(manifest_path(run, stage), manifest)
     return manifest
 
