@@ -235,7 +235,7 @@ def release_as_link(run: Path):
 
 def first_shard(config: str):
     def find(run: Path) -> Path:
-        return sorted((run / "release" / "data" / config).glob("train-*.parquet"))[0]
+        return min((run / "release" / "data" / config).glob("train-*.parquet"))
     return find
 
 

@@ -141,7 +141,7 @@ def test_label_indices_outside_their_names_are_refused(release_run, copy_run):
 
     run = copy_run(release_run)
     check_labels(run / "release")  # the built release passes
-    shard = sorted((run / "release" / "data" / "default").glob("train-*.parquet"))[0]
+    shard = min((run / "release" / "data" / "default").glob("train-*.parquet"))
     table = pq.read_table(shard)
     labels = table.column("labels").to_pylist()
     labels[0] = [999, -5]
