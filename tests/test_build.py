@@ -214,3 +214,45 @@ def test_build_reads_the_audio_once(distilled_run, tmp_path):
         path = tmp_path / "run-72" / "release" / key
         assert entry["bytes"] == path.stat().st_size and entry["sha256"] == file_sha256(path), key
     assert not verify_release(tmp_path / "run-72" / "release", sorted(CONFIGS))
+
+
+
+def test_row_groups_are_cut_by_rows_or_audio_bytes(distilled_run, tmp_path, monkeypatch):
+    """A row group is written at rows_per_group rows or once its encoded audio reaches the byte budget, whichever
+    comes first: with 4-s clips and a budget of about three clips, the audio configs' groups hold a few clips each
+    (never more than one clip past the budget), the text configs keep their row-count groups, and load_release
+    still reads every row. Synthetic clips through the shard writer (conceptcaps_pipeline.testing.synthetic_run)."""
+    import shutil
+
+    from conceptcaps_pipeline.release import write
+    from conceptcaps_pipeline.release.concepts import load_release
+    from conceptcaps_pipeline.testing.synthetic_run import write_audio, write_captions
+
+    run = tmp_path / "run"
+    shutil.copytree(distilled_run, run)
+    write_captions(run, 24)
+    audio_bytes = write_audio(run, seconds=4.0, batch=8)
+    budget = 3 * audio_bytes // 24  # about three clips of encoded audio
+    monkeypatch.setattr(write, "MAX_GROUP_BYTES", budget)
+    build_release(BuildArguments(run=str(run), rows_per_group=100))
+    release = run / "release"
+    ids, groups = [], []
+    for path in sorted((release / "data" / "audio").glob("*.parquet")):
+        file = pq.ParquetFile(path)
+        for i in range(file.metadata.num_row_groups):
+            table = file.read_row_group(i, columns=["id", "audio"])
+            clips = [len(a["bytes"]) for a in table.column("audio").to_pylist()]
+            groups.append(clips)
+            ids += table.column("id").to_pylist()
+    assert len(groups) > 3 and max(len(g) for g in groups) < 24
+    for clips in groups:
+        # Flushed as soon as the buffered audio reaches the budget: all but the last clip are under it.
+        assert sum(clips[:-1]) < budget, (clips, budget)
+    # Every group but each split's last was cut by bytes, not by the 100-row count.
+    assert sum(1 for g in groups if sum(g) >= budget) >= len(groups) - 3
+    # The text configs have no audio: their groups are cut by rows alone (one group per file here).
+    for path in (release / "data" / "default").glob("*.parquet"):
+        assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    ds = load_release(release, "audio", cache_dir=str(tmp_path / "cache"))
+    assert sum(ds.num_rows.values()) == 24
+    assert sorted(i for split in ds.values() for i in split["id"]) == sorted(ids) and len(set(ids)) == 24

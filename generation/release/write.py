@@ -4,7 +4,7 @@
     from conceptcaps_pipeline.release.write import write_configs
     plan = plan_run(run, load_taxonomy(run).tags, with_audio=True)
     infos = write_configs(plan, ["default", "audio", ...], load_taxonomy(run), "release/data",
-                          max_shard_size="500MB", rows_per_group=100, run=run,
+                          max_shard_size="500MB", rows_per_group=100, max_group_bytes=64 << 20, run=run,
                           evidence=label_evidence(run))        # release/rows.py; None: not scored
 
 Subsets and splits are row selections of the same clips, so each source shard of RUN/audio is
@@ -12,8 +12,10 @@ read once and each of its clips goes to every (config, split) that holds it: the
 the audio bytes once (issue: the builder-per-config build read them about ten times). Each
 (config, split) has its own Parquet writer (datasets' `ParquetWriter`, so the files are what
 `download_and_prepare(file_format="parquet")` writes: same schema, features metadata and row
-groups); a writer holds at most one row group, so memory is bounded by `rows_per_group` clips
-per (config, split), not by the dataset. The FLAC header of every clip is checked as it passes.
+groups); a writer holds at most one row group, cut at `rows_per_group` rows or once its encoded
+audio passes `max_group_bytes` (default 64 MB), whichever comes first: memory is bounded by
+(writers x budget) whatever the clip length, not by the dataset. Short clips keep datasets' 100-row
+groups; 30-s clips (~1 MB of FLAC each) make groups of ~64 rows (docs/release.md, "Row groups"). The FLAC header of every clip is checked as it passes.
 Shards are cut like datasets' builder cuts them: a new file once the current one holds more than
 `max_shard_size` bytes (Arrow size, before compression), so a shard exceeds it by at most one group.
 Each shard is hashed as its bytes are written (`_HashingFile`) and its size, sha256 and row count handed to
@@ -33,6 +35,11 @@ from conceptcaps_pipeline.release.plan import RunPlan, clip_opens, refuse_unopen
 from conceptcaps_pipeline.release.splits import SPLITS
 
 logger = logging.getLogger(__name__)
+
+# Why 64 MB: datasets' own audio row groups are 100 rows (config.DEFAULT_MAX_BATCH_SIZE for Audio); with 30-s
+# FLAC clips that is ~100 MB per group and ~2.2 GB of buffers over a release's 18 writers. 64 MB keeps a group
+# well under what the Hub's viewer and `streaming=True` read at once and still holds dozens of clips.
+MAX_GROUP_BYTES = 64 << 20
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -89,18 +96,30 @@ class _SplitWriter:
     features: object
     max_shard_size: int
     rows_per_group: int
+    max_group_bytes: int = MAX_GROUP_BYTES
     paths: list[Path] = field(default_factory=list)
     num_examples: int = 0
     num_bytes: int = 0
     _writer: object = None
     _stream: _HashingFile | None = None
+    _group_bytes: int = 0
 
     def write(self, example: dict) -> None:
         if self._writer is not None and self._writer._num_bytes > self.max_shard_size:
             self._close_file()
         if self._writer is None:
             self._open_file()
-        self._writer.write(self.features.encode_example(example))
+        encoded = self.features.encode_example(example)
+        # The writer itself flushes at rows_per_group rows; flush earlier once the buffered audio passes the
+        # byte budget, so a group of long clips does not hold rows_per_group of them in memory.
+        self._writer.write(encoded)
+        if not self._writer.current_examples:  # flushed at the row count
+            self._group_bytes = 0
+            return
+        self._group_bytes += _audio_bytes(encoded)
+        if self._group_bytes >= self.max_group_bytes:
+            self._writer.write_examples_on_file()
+            self._group_bytes = 0
 
     def close(self) -> None:
         """Finish the last file (an empty split gets one file with the schema) and give the files their final names."""
@@ -113,6 +132,7 @@ class _SplitWriter:
             path.rename(self.folder / shard_name(self.split, index, len(self.paths)))
 
     def _open_file(self) -> None:
+        self._group_bytes = 0
         from datasets.arrow_writer import ParquetWriter
 
         path = self.folder / f".{self.split}-{len(self.paths):05d}.parquet"
@@ -133,12 +153,26 @@ class _SplitWriter:
         self.num_bytes += size
 
 
+def _audio_bytes(encoded: dict) -> int:
+    """The encoded audio bytes of one example (0 for a text row): what dominates a row group's memory."""
+    audio = encoded.get("audio")
+    if isinstance(audio, dict) and audio.get("bytes") is not None:
+        return len(audio["bytes"])
+    return 0
+
+
 def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | Path, *, max_shard_size: str | int,
-                  rows_per_group: int, run: str | Path, progress: bool = True,
+                  rows_per_group: int, run: str | Path, progress: bool = True, max_group_bytes: int | None = None,
                   evidence: dict[str, dict[str, float | None]] | None = None) -> dict:
     """Write data_dir/<config>/<split>-NNNNN-of-NNNNN.parquet for every config; returns {config: DatasetInfo}
     (features, splits and sizes: what the card's `dataset_info` holds). `evidence`: {id: {label: evidence}}
-    (`rows.label_evidence(run)`) puts the `evidence` column into the audio configs; None leaves it out."""
+    (`rows.label_evidence(run)`) puts the `evidence` column into the audio configs; None leaves it out.
+    `max_group_bytes`: a row group is written once its encoded audio reaches this many bytes, even before
+    `rows_per_group` rows; None: MAX_GROUP_BYTES (read at call time, so a caller may lower it for a whole build)."""
+    if max_group_bytes is None:
+        max_group_bytes = MAX_GROUP_BYTES
+    if max_group_bytes < 1:
+        raise ConceptCapsError(f"max_group_bytes {max_group_bytes}: give at least 1 byte of audio per Parquet row group.")
     import datasets
     import pyarrow.parquet as pq
     from conceptcaps_pipeline.release.rows import CONFIGS, features, make_example, tag_categories
@@ -158,7 +192,8 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
         infos[name] = info
         (data_dir / name).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            writers[name, split] = _SplitWriter(data_dir / name, split, info.features, limit, rows_per_group)
+            writers[name, split] = _SplitWriter(data_dir / name, split, info.features, limit, rows_per_group,
+                                                max_group_bytes)
             members[name, split] = set(plan.split_ids(split, fraction))
     text = [n for n in configs if not CONFIGS[n][0]]
     audio = [n for n in configs if CONFIGS[n][0]]
