@@ -36,7 +36,7 @@ from conceptcaps_pipeline.release.splits import SPLITS
 
 logger = logging.getLogger(__name__)
 
-# Why 64 MB: datasets' own audio row groups are 100 rows (config.DEFAULT_MAX_BATCH_SIZE for Audio); with 30-s
+# Why 64 MB: datasets' own audio row groups are 100 rows (config.ARROW_RECORD_BATCH_SIZE_FOR_AUDIO_DATASETS); with 30-s
 # FLAC clips that is ~100 MB per group and ~2.2 GB of buffers over a release's 18 writers. 64 MB keeps a group
 # well under what the Hub's viewer and `streaming=True` read at once and still holds dozens of clips.
 MAX_GROUP_BYTES = 64 << 20
