@@ -80,6 +80,84 @@ def load_release(source: str | Path, config: str = "default", split: str | None 
     return datasets.load_dataset(str(source), config, split=split, revision=revision, **kwargs)
 
 
+class SplitAudio:
+    """The stored (undecoded) `audio` of a split, read from its Parquet files a row group at a time.
+
+    Rows are numbered as `load_dataset` numbers them (files in the config's order, row groups in
+    file order), so the indices of a split loaded without its audio column address the same clips.
+    Why not the loaded split's own column: `load_dataset` first copies every clip of the split into
+    an Arrow cache, which costs a read and memory that grow with the split; here memory holds one
+    row group (the last one read is kept, so walking a split in order reads each group once).
+    """
+
+    def __init__(self, files: list[str]):
+        import pyarrow.parquet as pq
+
+        self.files, firsts, self.groups, start = list(files), [], [], 0
+        for file in self.files:
+            meta = pq.ParquetFile(file).metadata
+            for group in range(meta.num_row_groups):
+                self.groups.append((file, group, start))
+                firsts.append(start)
+                start += meta.row_group(group).num_rows
+        self.firsts, self.total, self._last = np.array(firsts, dtype=np.int64), start, (None, None)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _group(self, g: int):
+        import pyarrow.parquet as pq
+
+        if self._last[0] != g:
+            file, group, _ = self.groups[g]
+            self._last = (None, None)  # drop the previous group before reading the next
+            self._last = (g, pq.ParquetFile(file).read_row_group(group, columns=["audio"]).column("audio"))
+        return self._last[1]
+
+    def rows(self, indices) -> list[dict]:
+        """[{"bytes", "path"}] of `indices`, in their order; one clear error for an index outside the split."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.total]
+        if bad:
+            raise ConceptCapsError(f"rows {bad[:3]} are outside the split's {self.total} rows ({self.files[:1]}...).")
+        where = np.searchsorted(self.firsts, indices, side="right") - 1
+        out: dict = {}
+        for g in sorted(set(where.tolist())):  # each group once per call, in file order
+            column, first = self._group(g), self.groups[g][2]
+            for i, w in zip(indices, where):
+                if w == g:
+                    out[i] = column[i - first].as_py()
+        return [out[i] for i in indices]
+
+
+def load_release_lean(source: str | Path, config: str, split: str, revision: str | None = None):
+    """(split without its `audio` column, `SplitAudio` of its clips) for a local release folder.
+
+    Labels, ids and durations load as usual (`load_release`, a few bytes a row); the audio stays in
+    the Parquet files and is read a row group at a time. A Hub id has no local files: (the full
+    split, None), and callers read its audio column.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return load_release(source, config, split, revision), None
+    check_built_release(path)
+    builder = datasets.load_dataset_builder(str(path), config)
+    files = (builder.config.data_files or {}).get(split)
+    if not files:
+        raise ValueError(f"Unknown split {split!r}: config {config!r} of {path} has splits "
+                         f"{sorted(builder.config.data_files or {})}")
+    columns = [name for name in pq.read_schema(files[0]).names if name != "audio"]
+    dataset = load_release(path, config, split, columns=columns)
+    audio = SplitAudio(list(files))
+    if len(audio) != len(dataset):
+        raise ConceptCapsError(f"{path}: split {split!r} has {len(dataset)} rows but its Parquet files hold "
+                               f"{len(audio)}: rebuild it with `conceptcaps build --force`.")
+    return dataset, audio
+
+
 @dataclass(frozen=True)
 class ConceptSets:
     """One positive set of a concept and `n_random` random sets that never hold it."""

@@ -402,19 +402,46 @@ class DatasetClips:
     def __len__(self):
         return len(self.raw)
 
-    def batches(self, indices, batch_size: int, rate: int):
-        import soundfile as sf
+    def stored(self, batch: list[int]) -> list[dict]:
+        return self.raw[batch]["audio"]
 
+    def batches(self, indices, batch_size: int, rate: int):
         indices = list(indices)
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             digests, arrays = [], []
-            for audio in self.raw[batch]["audio"]:
-                data = audio["bytes"] if audio.get("bytes") else Path(audio["path"]).read_bytes()
-                digests.append(hashlib.sha256(data).hexdigest()[:24])
-                samples, clip_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-                arrays.append(resample(samples.mean(axis=1), clip_rate, rate))  # the classifier hears the mix
+            for audio in self.stored(batch):
+                digest, array = decode_stored(audio, rate)
+                digests.append(digest)
+                arrays.append(array)
             yield batch, digests, arrays
+
+
+class ReleaseClips(DatasetClips):
+    """A local release split's clips read from its Parquet files a row group at a time (`SplitAudio`).
+
+    Used with a split loaded without its audio column (`load_release_lean`): the split's clips are
+    never copied into an Arrow cache, so memory holds one row group and reading is one pass.
+    """
+
+    def __init__(self, audio):
+        self.audio = audio
+
+    def __len__(self):
+        return len(self.audio)
+
+    def stored(self, batch: list[int]) -> list[dict]:
+        return self.audio.rows(batch)
+
+
+def decode_stored(audio: dict, rate: int) -> tuple[str, np.ndarray]:
+    """(digest of the stored bytes, mono float32 clip at `rate`) of one stored clip ({"bytes", "path"})."""
+    import soundfile as sf
+
+    data = audio["bytes"] if audio.get("bytes") else Path(audio["path"]).read_bytes()
+    samples, clip_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    # the classifier hears the mix
+    return hashlib.sha256(data).hexdigest()[:24], resample(samples.mean(axis=1), clip_rate, rate)
 
 
 # -- the activation cache ----------------------------------------------------------------------

@@ -105,8 +105,15 @@ def settings_of(args: TcavArguments) -> TcavSettings:
 
 # -- the data ----------------------------------------------------------------------------------
 def load_splits(args: TcavArguments, run: Path) -> dict:
-    """{split: Dataset} of the audio config for the concept and input splits."""
-    from conceptcaps_pipeline.release.concepts import load_release
+    """{split: (Dataset, clip source)} of the audio config for the concept and input splits.
+
+    A local release loads without its audio column and its clips are read from the Parquet files a
+    row group at a time (`ReleaseClips`): loading the audio column would first copy every clip of
+    the split into an Arrow cache, a read and a peak memory that grow with the split. A Hub
+    dataset loads whole and its clips are read from its audio column (`DatasetClips`).
+    """
+    from conceptcaps_pipeline.release.concepts import load_release_lean
+    from conceptcaps_pipeline.tcav.model import DatasetClips, ReleaseClips
 
     source = args.dataset or str(run / "release")
     if not args.dataset and not (run / "release").is_dir():
@@ -115,7 +122,8 @@ def load_splits(args: TcavArguments, run: Path) -> dict:
     splits = {}
     for split in dict.fromkeys([args.concept_split, args.input_split]):
         try:
-            splits[split] = load_release(source, "audio", split, args.revision)
+            dataset, audio = load_release_lean(source, "audio", split, args.revision)
+            splits[split] = (dataset, ReleaseClips(audio) if audio is not None else DatasetClips(dataset))
         except ValueError as err:
             raise ConceptCapsError(f"cannot read split {split!r} of the audio config of {source}: {err}. "
                                    f"tcav needs a release built with audio (the `audio` config).") from err
@@ -168,6 +176,8 @@ class Prepared:
     forwarded: int  # input clips forwarded for --inputs top (the rest came from the cache)
     labelled: dict | None = None  # with --min_evidence: concept -> its labelled rows (never in its random sets)
     evidence: dict | None = None  # with --min_evidence: threshold, source, per concept positives / kept / unscored
+    concept_clips: object = None  # clip sources of the two splits (model.ReleaseClips / DatasetClips)
+    input_clips: object = None
 
 
 def prepare(args: TcavArguments, run: Path) -> Prepared:
@@ -177,7 +187,6 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
     from conceptcaps_pipeline.tcav.api import check_concepts, family_of
     from conceptcaps_pipeline.tcav.model import (
         ActivationCache,
-        DatasetClips,
         Probes,
         activations,
         check_layers,
@@ -196,7 +205,7 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
     targets = check_targets(classifier, args.targets)
     check_layers(classifier.module, [classifier.layer_prefix + layer for layer in args.layers], args.model)
     splits = load_splits(args, run)
-    concept_ds, input_ds = splits[args.concept_split], splits[args.input_split]
+    (concept_ds, concept_clips), (input_ds, input_clips) = splits[args.concept_split], splits[args.input_split]
     masks = {concept: tag_mask(concept_ds, concept) for concept in args.concepts}  # unknown tags: an error now
     labelled, evidence = None, None
     if args.min_evidence > 0:  # positives with evidence: the release's column, else RUN/audio_evidence
@@ -226,26 +235,24 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
         cache = ActivationCache(run / "tcav" / "activations", model_key(classifier, seconds, {}))
         try:
             _, logits, forwarded, _ = activations(
-                scorer, probes, classifier.preprocess, DatasetClips(input_ds), range(len(input_ds)),
+                scorer, probes, classifier.preprocess, input_clips, range(len(input_ds)),
                 rate=classifier.sampling_rate, length=round(seconds * classifier.sampling_rate),
                 batch_size=args.batch_size, cache=cache, device=device, what="tcav input ratings")
         finally:
             probes.remove()
     inputs = target_inputs(input_ds, logits, targets, args)
     return Prepared(classifier, device, concept_ds, input_ds, masks, targets, seconds, inputs, forwarded, labelled,
-                    evidence)
+                    evidence, concept_clips, input_clips)
 
 
 def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     """The scores.json document: the engine (tcav/api.py) on the prepared model and data."""
     from conceptcaps_pipeline.tcav.api import run_classifier
-    from conceptcaps_pipeline.tcav.model import DatasetClips
-
     from conceptcaps import tag_categories
 
     p = prepared
-    source = DatasetClips(p.input_ds)
-    document = run_classifier(p.classifier, args.layers, p.masks, DatasetClips(p.concept_ds),
+    source = p.input_clips
+    document = run_classifier(p.classifier, args.layers, p.masks, p.concept_clips,
                               {t: (source, rows) for t, rows in p.inputs.items()}, p.targets, settings_of(args),
                               cache_dir=run / "tcav" / "activations", device=p.device, seconds=p.seconds,
                               categories=tag_categories(p.concept_ds), exclude=p.labelled)
