@@ -8,6 +8,12 @@ so that together they show as many different tags as possible: each pick is the 
 most tags not shown yet (ties: the smallest hash of the id, so the choice is deterministic).
 They are written as 16-bit WAV, which every browser plays in an HTML `<audio>` element (the
 Hub renders those in a card); the card's table gives each its caption and labels.
+
+Reading the chosen clips costs (almost) nothing: `build` picks the same rows from its plan before
+the audio passes and keeps their FLAC bytes as they go by (release/write.py), in a hidden
+RELEASE/.example_clips.parquet that this module reads and removes. Without it (a card re-rendered
+over reused shards) each chosen clip is read from the one row group that holds it, audio column
+only, never a whole shard (the filter on id read every row group of a 500 MB shard: ~0.85 GB).
 """
 
 from __future__ import annotations
@@ -18,6 +24,44 @@ from pathlib import Path
 
 EXAMPLES_DIR = "examples"
 DEFAULT_COUNT = 6
+CLIPS_STASH = ".example_clips.parquet"  # hidden: not part of the release (build.release_files), removed once read
+
+
+def stash_clips(release: str | Path, clips: dict[str, bytes]) -> None:
+    """Keep the FLAC bytes of the clips `choose_examples` will pick, for write_examples (build's pass over the audio)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": pa.array(list(clips), pa.string()), "audio": pa.array(list(clips.values()), pa.binary())})
+    pq.write_table(table, Path(release) / CLIPS_STASH)
+
+
+def _read_stash(release: Path) -> dict[str, bytes]:
+    import pyarrow.parquet as pq
+
+    path = release / CLIPS_STASH
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    return dict(zip(table.column("id").to_pylist(), table.column("audio").to_pylist()))
+
+
+def _read_clips(shard: Path, row_index: dict[str, int]) -> dict[str, bytes]:
+    """The audio bytes of the given rows ({id: row number in the shard}): only the row group holding each, and only
+    its audio column."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(shard)
+    starts, start = [], 0
+    for i in range(file.metadata.num_row_groups):
+        starts.append(start)
+        start += file.metadata.row_group(i).num_rows
+    clips = {}
+    for clip_id, index in row_index.items():
+        group = max(i for i, s in enumerate(starts) if s <= index)
+        column = file.read_row_group(group, columns=["audio"]).column("audio")
+        clips[clip_id] = column[index - starts[group]].as_py()["bytes"]
+    return clips
 
 
 def printable(text: str) -> str:
@@ -67,14 +111,14 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
     rows = []
     for shard in shards:
         split = shard.name.split("-", 1)[0]
-        for row in pq.read_table(shard, columns=["id", "caption", "aspect_list"]).to_pylist():
-            rows.append({**row, "split": split, "shard": shard})
+        for index, row in enumerate(pq.read_table(shard, columns=["id", "caption", "aspect_list"]).to_pylist()):
+            rows.append({**row, "split": split, "shard": shard, "index": index})
     chosen = choose_examples(rows, n)
-    clips = {}
-    for shard in sorted({row["shard"] for row in chosen}):  # each shard's audio is read once, for its chosen rows
-        wanted = [row["id"] for row in chosen if row["shard"] == shard]
-        table = pq.read_table(shard, columns=["id", "audio"], filters=[("id", "in", wanted)])
-        clips.update(zip(table.column("id").to_pylist(), (a["bytes"] for a in table.column("audio").to_pylist())))
+    clips = _read_stash(release)
+    for shard in sorted({row["shard"] for row in chosen}):  # clips the build did not keep: their row groups only
+        wanted = {row["id"]: row["index"] for row in chosen if row["shard"] == shard and row["id"] not in clips}
+        if wanted:
+            clips.update(_read_clips(shard, wanted))
     examples = []
     with atomic_dir(release / EXAMPLES_DIR) as folder:
         for row in chosen:
@@ -92,4 +136,5 @@ def write_examples(release: str | Path, category_of: dict[str, str], n: int = DE
                                       for c, tags in by_category.items()),
                 "seconds": round(len(audio) / rate, 2),
             })
+    (release / CLIPS_STASH).unlink(missing_ok=True)
     return examples

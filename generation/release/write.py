@@ -37,7 +37,7 @@ from conceptcaps_pipeline.release.splits import SPLITS
 logger = logging.getLogger(__name__)
 
 # Why 64 MB: datasets' own audio row groups are 100 rows (config.ARROW_RECORD_BATCH_SIZE_FOR_AUDIO_DATASETS); with 30-s
-# FLAC clips that is ~100 MB per group and ~2.2 GB of buffers over a release's 18 writers. 64 MB keeps a group
+# FLAC clips that is ~100 MB per group and ~2.2 GB of buffers over a release's 9 audio writers (measured at N = 960). 64 MB keeps a group
 # well under what the Hub's viewer and `streaming=True` read at once and still holds dozens of clips.
 MAX_GROUP_BYTES = 64 << 20
 
@@ -153,6 +153,15 @@ class _SplitWriter:
         self.num_bytes += size
 
 
+def _example_ids(plan: RunPlan, members: dict) -> set[str]:
+    """The ids dataset_card.examples.choose_examples will pick from the `audio` config (rows with a clip)."""
+    from conceptcaps_pipeline.dataset_card.examples import DEFAULT_COUNT, choose_examples
+
+    with_clip = {i for _, stored in plan.audio.shards for i in stored}
+    rows = [plan.rows[i] for split in SPLITS for i in members["audio", split] if i in with_clip]
+    return {row["id"] for row in choose_examples(rows, DEFAULT_COUNT)}
+
+
 def _audio_bytes(encoded: dict) -> int:
     """The encoded audio bytes of one example (0 for a text row): what dominates a row group's memory."""
     audio = encoded.get("audio")
@@ -201,6 +210,10 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
     audio_features = infos[audio[0]].features if audio else None
     category_of = tag_categories(text_features or audio_features)
     split_of = plan.assignment.split_of
+    # The card's example clips (dataset_card/examples.py) are chosen from the audio config's rows, which the plan
+    # already knows: pick them now and keep their bytes as they pass, so the card reads no shard again.
+    examples = _example_ids(plan, members) if "audio" in audio else set()
+    example_clips = {}
 
     def emit(clip_id: str, clip: dict | None) -> None:
         split = split_of[clip_id]
@@ -238,6 +251,8 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
                     bad.append(f"{clip_id} ({shard.name})")
                     continue
                 emit(clip_id, {"audio": data, "duration_s": duration})
+                if clip_id in examples:
+                    example_clips[clip_id] = data
         done.update(mine)
         bar.update(len(mine))
     refuse_unopenable(run, bad)  # before any file is final: the caller's staged folder is dropped
@@ -250,6 +265,10 @@ def write_configs(plan: RunPlan, configs: list[str], taxonomy, data_dir: str | P
     bar.close()
     for writer in writers.values():
         writer.close()
+    if example_clips:
+        from conceptcaps_pipeline.dataset_card.examples import stash_clips
+
+        stash_clips(data_dir.parent, example_clips)
     out = {}
     for name, info in infos.items():
         splits = datasets.SplitDict(dataset_name="conceptcaps")
