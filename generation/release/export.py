@@ -89,8 +89,12 @@ def choose_sets(dataset, args: ExportArguments, evidence=None) -> dict:
     return {**sets, "evidence": report}
 
 
-def write_wavs(dataset, indices: list[int], folder: Path) -> int:
-    """Decode the stored FLAC of each row and write `<id>.wav` (16-bit PCM) into `folder`; returns the count."""
+def write_wavs(dataset, indices: list[int], folder: Path, audio=None) -> int:
+    """Decode the stored FLAC of each row and write `<id>.wav` (16-bit PCM) into `folder`; returns the count.
+
+    `audio` (a `release.concepts.SplitAudio`) reads the clips from the release's Parquet files, one
+    at a time as they are written (memory holds one row group); without it they come from the
+    split's own audio column (a Hub dataset)."""
     import io
 
     import datasets
@@ -98,8 +102,14 @@ def write_wavs(dataset, indices: list[int], folder: Path) -> int:
     from conceptcaps_pipeline.audio.shards import decode_flac
 
     folder.mkdir(parents=True, exist_ok=True)
-    raw = dataset.cast_column("audio", datasets.Audio(decode=False)).select(indices)
-    for clip_id, audio in zip(raw["id"], raw["audio"]):
+    ids = dataset.select(indices)["id"]
+    if audio is not None:
+        split_audio = audio  # the loop below rebinds `audio` to each clip
+        stored = (split_audio.rows([i])[0] for i in indices)
+    else:
+        raw = dataset.select_columns(["audio"]).cast_column("audio", datasets.Audio(decode=False))
+        stored = (raw[int(i)]["audio"] for i in indices)
+    for clip_id, audio in zip(ids, stored):
         if not audio.get("bytes"):
             raise ConceptCapsError(f"clip {clip_id!r} has no stored audio bytes: rebuild the release with audio.")
         samples, rate = decode_flac(audio["bytes"])
@@ -151,7 +161,7 @@ def check_arguments(args: ExportArguments) -> None:
 @stage("concepts_export", check=check_arguments)
 def export_concepts(args: ExportArguments) -> dict:
     """Run the command: choose the sets, write them atomically; returns what was written."""
-    from conceptcaps_pipeline.release.concepts import load_release
+    from conceptcaps_pipeline.release.concepts import load_release, load_release_lean
     from conceptcaps_pipeline.run_dir import atomic_dir, write_json
 
     started = time.time()
@@ -161,8 +171,12 @@ def export_concepts(args: ExportArguments) -> dict:
     if not args.dataset and not (run / "release").is_dir():
         raise ConceptCapsError(f"{run / 'release'} not found: run `conceptcaps build --run {run}` first, or pass --dataset.")
     config = "audio" if args.format == "tcav" else "default"
+    audio = None  # a local release's clips stay in its Parquet files until written (no Arrow copy of the split)
     try:
-        dataset = load_release(source, config, args.split, args.revision)
+        if config == "audio":
+            dataset, audio = load_release_lean(source, config, args.split, args.revision)
+        else:
+            dataset = load_release(source, config, args.split, args.revision)
     except (ValueError, FileNotFoundError) as err:
         raise ConceptCapsError(f"cannot read split {args.split!r} of the {config!r} config of {source}: "
                                f"{str(err).splitlines()[0]}") from err
@@ -192,9 +206,9 @@ def export_concepts(args: ExportArguments) -> dict:
     with atomic_dir(out, marker=MARKER) as tmp:
         if args.format == "tcav":
             for tag, rows in sets["concepts"].items():
-                clips += write_wavs(dataset, rows, tmp / safe_name(tag))
+                clips += write_wavs(dataset, rows, tmp / safe_name(tag), audio)
             for k, rows in enumerate(sets["random"]):
-                clips += write_wavs(dataset, rows, tmp / f"{RANDOM_PREFIX}{k}")
+                clips += write_wavs(dataset, rows, tmp / f"{RANDOM_PREFIX}{k}", audio)
             listing["folders"] = {tag: safe_name(tag) for tag in sets["concepts"]}
         write_json(tmp / MARKER, listing)
     logger.info("concepts export: %d concept set(s) and %d random set(s) of split %s written to %s (%d wav files)",
