@@ -236,6 +236,8 @@ def test_row_groups_are_cut_by_rows_or_audio_bytes(distilled_run, tmp_path, monk
     monkeypatch.setattr(write, "MAX_GROUP_BYTES", budget)
     build_release(BuildArguments(run=str(run), rows_per_group=100))
     release = run / "release"
+    assert not (release / ".example_clips.parquet").exists()  # the card's clips kept by the pass, removed once used
+    assert len(list((release / "examples").glob("*.wav"))) == 6
     ids, groups = [], []
     for path in sorted((release / "data" / "audio").glob("*.parquet")):
         file = pq.ParquetFile(path)
