@@ -248,6 +248,7 @@ def prepare(args: TcavArguments, run: Path) -> Prepared:
 def experiment(prepared: Prepared, args: TcavArguments, run: Path) -> dict:
     """The scores.json document: the engine (tcav/api.py) on the prepared model and data."""
     from conceptcaps_pipeline.tcav.api import run_classifier
+
     from conceptcaps import tag_categories
 
     p = prepared
