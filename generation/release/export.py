@@ -104,15 +104,14 @@ def write_wavs(dataset, indices: list[int], folder: Path, audio=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     ids = dataset.select(indices)["id"]
     if audio is not None:
-        split_audio = audio  # the loop below rebinds `audio` to each clip
-        stored = (split_audio.rows([i])[0] for i in indices)
+        stored = (audio.rows([i])[0] for i in indices)
     else:
         raw = dataset.select_columns(["audio"]).cast_column("audio", datasets.Audio(decode=False))
         stored = (raw[int(i)]["audio"] for i in indices)
-    for clip_id, audio in zip(ids, stored):
-        if not audio.get("bytes"):
+    for clip_id, clip in zip(ids, stored):
+        if not clip.get("bytes"):
             raise ConceptCapsError(f"clip {clip_id!r} has no stored audio bytes: rebuild the release with audio.")
-        samples, rate = decode_flac(audio["bytes"])
+        samples, rate = decode_flac(clip["bytes"])
         # Encoded in memory, then written by Python: libsndfile reports a full disk as "System error",
         # which hides ENOSPC; Python's write raises the OSError the CLI turns into one line.
         wav = io.BytesIO()
