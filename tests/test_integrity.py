@@ -350,6 +350,22 @@ def test_a_folder_that_is_not_the_commands_own_output_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (folder / "keep.txt").read_text() == "a user's file"
 
 
+# Both killer scripts below: SIGKILL at the k-th filesystem step for which `publishes(path)` holds.
+DIES_AT_STEP_K = r'''
+def dies_at_step_k(function):
+    def step(*args, **kwargs):
+        global steps
+        if args and publishes(args[0]):
+            steps += 1
+            if steps == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+
+for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
+    setattr(module, name, dies_at_step_k(getattr(module, name)))
+'''
+
 BUILD_KILLER = r'''
 import os, shutil, signal, sys
 from pathlib import Path
@@ -365,19 +381,7 @@ def publishes(path) -> bool:  # a step that changes what the run holds: its rele
     except TypeError:
         return False
 
-def dies_at_step_k(function):
-    def step(*args, **kwargs):
-        global steps
-        if args and publishes(args[0]):
-            steps += 1
-            if steps == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return function(*args, **kwargs)
-    return step
-
-for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
-    setattr(module, name, dies_at_step_k(getattr(module, name)))
-# Text configs only: the same publication steps as with audio, in a fifth of the time.
+''' + DIES_AT_STEP_K + r'''# Text configs only: the same publication steps as with audio, in a fifth of the time.
 build_release(BuildArguments(run=str(run), max_shard_size="1MB", rows_per_group=2, audio=False))
 print("built after", steps, "steps")
 '''
@@ -528,19 +532,7 @@ def publishes(path) -> bool:  # a step that changes what the command owns: its o
         return False
     return bool(parts) and any(parts[0] == name or parts[0].startswith(f".{name}.") for name in names)
 
-def dies_at_step_k(function):
-    def step(*args, **kwargs):
-        global steps
-        if args and publishes(args[0]):
-            steps += 1
-            if steps == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return function(*args, **kwargs)
-    return step
-
-for module, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (run_dir, "exchange")):
-    setattr(module, name, dies_at_step_k(getattr(module, name)))
-code = main(argv)
+''' + DIES_AT_STEP_K + r'''code = main(argv)
 print("finished after", steps, "steps")
 sys.exit(code)
 '''
