@@ -33,16 +33,14 @@ PAPER_CLIPS, PAPER_SECONDS = 23_815, 30.0
 
 def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
     """(model, processor) for `tiny`, `large` (random weights) or a checkpoint, in `dtype` with EnCodec in float32."""
-    import torch
     from conceptcaps_pipeline.audio.generate import load_musicgen
     from conceptcaps_pipeline.testing.tiny_musicgen import (
         build_tiny_musicgen,
-        make_audible,
-        musicgen_generation_config,
         musicgen_large_config,
+        random_musicgen,
         train_t5_tokenizer,
     )
-    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
+    from transformers import EncodecFeatureExtractor, MusicgenProcessor
 
     if name == "tiny":
         return load_musicgen(str(build_tiny_musicgen(workdir / "tiny", captions)), device, dtype)
@@ -61,14 +59,7 @@ def build_model(name: str, captions: list[str], device, dtype, workdir: Path):
     processor = processor or MusicgenProcessor(
         EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate),
         train_t5_tokenizer(captions, vocab_size=2000))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MusicgenForConditionalGeneration(config)
-    make_audible(model)
-    model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
-    model.to(dtype)
-    model.audio_encoder.to(torch.float32)
-    return model.eval(), processor
+    return random_musicgen(config, device, dtype).eval(), processor
 
 
 def floor_seconds_per_step(model, batch: int, steps: int, bandwidth: float, dtype_bytes: int) -> float:

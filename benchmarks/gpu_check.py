@@ -125,18 +125,11 @@ def musicgen_config(size: str, text_vocab: int):
 
 def build_musicgen(size: str, tokenizer, device, dtype):
     """(model, processor): random weights on `device`, transformer in `dtype`, EnCodec in float32."""
-    import torch
-    from conceptcaps_pipeline.testing.tiny_musicgen import make_audible, musicgen_generation_config
-    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
+    from conceptcaps_pipeline.testing.tiny_musicgen import random_musicgen
+    from transformers import EncodecFeatureExtractor, MusicgenProcessor
 
     config = musicgen_config(size, len(tokenizer))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MusicgenForConditionalGeneration(config)
-    make_audible(model)
-    model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
-    model.to(dtype)
-    model.audio_encoder.to(torch.float32)
+    model = random_musicgen(config, device, dtype)
     processor = MusicgenProcessor(
         EncodecFeatureExtractor(feature_size=1, sampling_rate=config.audio_encoder.sampling_rate), tokenizer)
     return model.eval(), processor

@@ -174,6 +174,22 @@ def make_audible(model, target_rms: float = 0.1, seed: int = 0) -> None:
         last.bias.mul_(scale)
 
 
+def random_musicgen(config, device="cpu", dtype=None):
+    """A MusicGen of `config` with random weights (seed 0) built on `device`: an audible codec (`make_audible`),
+    MusicGen's generation config, the transformer in `dtype` and EnCodec in float32 (the benchmarks' models)."""
+    import torch
+    from transformers import MusicgenForConditionalGeneration
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MusicgenForConditionalGeneration(config)
+    make_audible(model)
+    model.generation_config = musicgen_generation_config(config.decoder.vocab_size)
+    model.to(dtype or torch.float32)
+    model.audio_encoder.to(torch.float32)
+    return model
+
+
 def build_tiny_musicgen(out: str | Path, captions: Iterable[str], *, stereo: bool = False, seed: int = 0,
                         vocab_size: int = 512, text_hidden_size: int | None = None) -> Path:
     """Write a tiny MusicGen checkpoint and processor to `out`; returns the folder.
