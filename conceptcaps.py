@@ -41,6 +41,7 @@ from conceptcaps_pipeline.release.plan import (  # noqa: F401 - public helpers, 
 )
 from conceptcaps_pipeline.release.rows import CONFIGS, VERSION, features, label_evidence, make_example, tag_categories
 from conceptcaps_pipeline.release.splits import SPLITS, SUBSETS, assign_splits, nested_subsets, subset_min_positives  # noqa: F401
+from conceptcaps_pipeline.release.stream import stream_release  # noqa: F401 - streaming a row group at a time
 from conceptcaps_pipeline.taxonomy import Taxonomy
 from conceptcaps_pipeline.tcav import run as tcav_run  # noqa: F401 - TCAV on any torch model (docs/tcav.md)
 
@@ -170,29 +171,6 @@ def _fingerprint(run: str | Path) -> str:
         return run_fingerprint(run)
     return hashlib.sha256(f"{run_fingerprint(run)}:{evidence.stat().st_size}:{evidence.stat().st_mtime_ns}"
                           .encode()).hexdigest()[:16]
-
-
-def stream_release(source: str | Path, config: str = "audio", split: str = "train", **kwargs) -> datasets.IterableDataset:
-    """`load_dataset(source, config, split=split, streaming=True)` that also exits cleanly when left part-way.
-
-    Why: a stream stopped part-way (`take`, `break`) leaves pyarrow's Parquet scanner
-    (`ParquetFileFragment.to_batches`, which datasets streams with) in a reference cycle. If that
-    cycle is first collected during interpreter shutdown, the scanner's threads abort the process
-    ("terminate called without an active exception", exit 134) or hang it: apache/arrow#45214.
-    datasets collects it itself only for pyarrow <= 24 (huggingface/datasets#8176); this registers
-    one `gc.collect()` at exit, which runs while pyarrow is still whole. See docs/release.md.
-    """
-    global _COLLECT_AT_EXIT
-    if not _COLLECT_AT_EXIT:
-        import atexit
-        import gc
-
-        atexit.register(gc.collect)
-        _COLLECT_AT_EXIT = True
-    return datasets.load_dataset(str(source), config, split=split, streaming=True, **kwargs)
-
-
-_COLLECT_AT_EXIT = False
 
 
 def label_names(dataset) -> list[str]:

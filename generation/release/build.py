@@ -67,7 +67,7 @@ class BuildArguments:
         default=True, metadata={"help": "Write the audio configs (audio, 25pct_audio, 10pct_audio); false: text configs only."}
     )
     max_shard_size: str = field(
-        default="500MB", metadata={"help": "Largest Parquet shard, before compression (e.g. 500MB, 1GB)."}
+        default="128MB", metadata={"help": "Largest Parquet shard, before compression (e.g. 128MB, 500MB). Streaming reads a whole shard ahead of a slow loop, so this bounds a streaming reader's memory (docs/release.md)."}
     )
     rows_per_group: int = field(
         default=100, metadata={"help": "Rows per Parquet row group; a shard exceeds max_shard_size by at most one group."}
