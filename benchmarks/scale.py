@@ -44,6 +44,21 @@ assert len(rows) == 10 and rows[0]["audio"]["array"].size > 0
 """
 
 
+# audio generate's planning without a model: its captions read, every caption tokenised (in chunks) and the
+# batches planned by length, with the tiny MusicGen's tokenizer (RUN/models/musicgen).
+PLAN = """
+import sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from conceptcaps_pipeline.audio.generate import _read_captions, plan_all_batches
+run = Path(sys.argv[1])
+prompts = _read_captions(run / "captions.parquet")
+batches = plan_all_batches(prompts, AutoTokenizer.from_pretrained(run / "models" / "musicgen"), 48)
+assert sum(map(len, batches)) == len(prompts)
+"""
+SCRIPTS = {"stream": STREAM, "plan": PLAN}
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS since its exec (VmHWM). Why not ru_maxrss: Linux carries it over an exec from the
     forked copy of the parent, so a child of a parent holding 1.4 GB would report at least 1.4 GB."""
@@ -54,9 +69,9 @@ def peak_rss_mb() -> float:
 def child(report: str, argv: list[str]) -> int:
     """Run one stage in this process, then write its /proc/self/io and peak RSS to `report`."""
     started = time.time()
-    if argv[0] == "stream":
-        sys.argv = ["stream", *argv[1:]]
-        exec(compile(STREAM, "stream", "exec"), {"__name__": "__stream__"})  # noqa: S102 - our own constant script
+    if argv[0] in SCRIPTS:
+        sys.argv = list(argv)
+        exec(compile(SCRIPTS[argv[0]], argv[0], "exec"), {"__name__": f"__{argv[0]}__"})  # noqa: S102 - our own script
         code = 0
     else:
         from conceptcaps_pipeline.cli import main
@@ -76,10 +91,8 @@ def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Pat
     from conceptcaps_pipeline.testing.synthetic_run import write_audio, write_captions
 
     base = out / "distilled"
-    if not (base / "taxonomy.json").is_file():
-        csv = os.environ.get("MUSICCAPS_CSV", str(ROOT.parent / "shared/data/musiccaps/musiccaps-public.csv"))
-        subprocess.run([sys.executable, "-m", "conceptcaps_pipeline.cli", "distill", "--run", str(base), "--source", csv],
-                       check=True)
+    if not ((base / "vae" / "model.safetensors").is_file() and (base / "models" / "musicgen" / "config.json").is_file()):
+        make_base(base)
     run = out / f"run-{n}-{seconds:g}s"
     if run.exists():
         shutil.rmtree(run)
@@ -89,12 +102,26 @@ def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Pat
     return run, audio_bytes
 
 
-STAGES = ("build", "verify", "stream", "export", "tcav")
+def make_base(base: Path) -> None:
+    """OUT/distilled: `distill` on the real CSV, a small VAE (`vae train`, 3 epochs) and the smoke preset's tiny
+    models (clap, bert, musicgen) that vae sample, explore, evaluate and the planning need; copied into each run."""
+    from conceptcaps_pipeline.run_all import build_tiny_model
+
+    cli = [sys.executable, "-m", "conceptcaps_pipeline.cli"]
+    if not (base / "taxonomy.json").is_file():
+        csv = os.environ.get("MUSICCAPS_CSV", str(ROOT.parent / "shared/data/musiccaps/musiccaps-public.csv"))
+        subprocess.run([*cli, "distill", "--run", str(base), "--source", csv], check=True)
+    subprocess.run([*cli, "vae", "train", "--run", str(base), "--epochs", "3", "--num_threads", "1"], check=True)
+    for name in ("clap", "bert", "musicgen"):
+        build_tiny_model(name, base)
+
+
+STAGES = ("build", "verify", "stream", "export", "tcav", "vae", "plan", "explore", "evaluate")
 # Tags every synthetic run of the MusicCaps taxonomy holds many times (the captions cycle the distilled pairs).
 CONCEPTS = ("piano", "acoustic drums")
 
 
-def stage_argv(stage: str, run: Path, seconds: float) -> list[str]:
+def stage_argv(stage: str, run: Path, seconds: float, n: int) -> list[str]:
     """The command line of one measured stage (in the child process)."""
     return {
         "build": ["build", "--run", str(run), "--force"],
@@ -106,11 +133,18 @@ def stage_argv(stage: str, run: Path, seconds: float) -> list[str]:
                  "--layers", "conv", "--concepts", *CONCEPTS, "--targets", "jazz", "--n", "10", "--n_cavs", "10",
                  "--n_random", "10", "--max_duration", str(min(seconds, 2.0)), "--batch_size", "16",
                  "--num_threads", "1", "--force"],
+        "vae": ["vae", "sample", "--run", str(run), "--n", str(n), "--output", "scale_sample.parquet", "--force"],
+        "plan": ["plan", str(run)],
+        "explore": ["explore", "--run", str(run), "--force"],
+        # the smoke preset's tiny metric models; CLAP embeds every clip (2 windows of 10 s per 30-s clip at most)
+        "evaluate": ["evaluate", "--run", str(run), "--clap_model", str(run / "models" / "clap"),
+                     "--bertscore_model", str(run / "models" / "bert"), "--mauve_model", str(run / "models" / "bert"),
+                     "--max_reference_captions", "32", "--device", "cpu", "--force"],
     }[stage]
 
 
-def measure(stage: str, run: Path, report: Path, seconds: float) -> dict:
-    argv = stage_argv(stage, run, seconds)
+def measure(stage: str, run: Path, report: Path, seconds: float, n: int) -> dict:
+    argv = stage_argv(stage, run, seconds, n)
     started = time.time()
     done = subprocess.run([sys.executable, __file__, "--child", str(report), "--", *argv], capture_output=True, text=True, check=False)
     result = json.loads(report.read_text()) if report.is_file() and done.returncode == 0 else {}
@@ -144,19 +178,31 @@ def main() -> None:
         print(f"N={n}: synthetic run {run} ({audio_bytes / 1e6:.1f} MB of audio shards, "
               f"{time.time() - started:.0f} s to make)", flush=True)
         for stage in args.stages:
-            r = measure(stage, run, out / "report.json", args.seconds)
+            r = measure(stage, run, out / "report.json", args.seconds, n)
+            if stage == "tcav" and r.get("exit") == 0:  # clips through the model: every input-split clip is rated
+                scores = json.loads((run / "tcav" / "scores.json").read_text())
+                r["clips_forwarded"] = scores["clips"]["forwarded_now"]
+                r["forward_s"] = scores["cost_s"]["forward"]
             r["audio_bytes"] = audio_bytes
             results[n, stage] = r
             if "rchar" in r:
                 print(f"  {stage:7s} exit {r['exit']}  wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                       f"read {r['rchar'] / 1e6:8.1f} MB ({r['rchar'] / audio_bytes:5.2f}x audio; "
-                      f"{r['read_bytes'] / 1e6:.1f} MB from disk)", flush=True)
+                      f"{r['read_bytes'] / 1e6:.1f} MB from disk)" + per_clip(r), flush=True)
             else:
                 print(f"  {stage:7s} exit {r['exit']}  {r.get('stderr_tail', '')!r}", flush=True)
     print_ratios(results, min(args.n))
     if args.json:
         Path(args.json).write_text(json.dumps([{"n": n, "stage": stage, **r} for (n, stage), r in results.items()],
                                               indent=1))
+
+
+def per_clip(r: dict) -> str:
+    """tcav's time per clip through the model: its whole wall time, and its own forward-pass time, per clip."""
+    if not r.get("clips_forwarded"):
+        return ""
+    return (f"  {r['clips_forwarded']} clips forwarded: {1000 * r['wall_s'] / r['clips_forwarded']:.1f} ms/clip "
+            f"whole stage, {1000 * r['forward_s'] / r['clips_forwarded']:.1f} ms/clip forward")
 
 
 def print_ratios(results: dict, smallest: int) -> None:
