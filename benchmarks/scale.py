@@ -2,20 +2,23 @@
 peak RSS and bytes read, with ratios against the smallest N.
 
     python benchmarks/scale.py --n 100 400 --seconds 2 --out /tmp/scale            # a few minutes on 2 cores
-    python benchmarks/scale.py --n 2400 --seconds 30 --out /tmp/scale_real         # realistic clips (~0.6 GB)
-    python benchmarks/scale.py --n 2400 24000 --seconds 2 --stages build --out /tmp/scale_short
+    python benchmarks/scale.py --n 240 2400 --seconds 30 --out /tmp/scale_real     # realistic clips (~3.7 GB)
+    python benchmarks/scale.py --n 2400 24000 --seconds 2 --out /tmp/scale_short
 
 The run: `conceptcaps distill` on the real MusicCaps CSV ($MUSICCAPS_CSV, once per --out), captions
 cycled from the distilled pairs (N rows), and music-like FLAC clips at --sampling_rate written through
 the project's shard writer with caption fingerprints (conceptcaps_pipeline.testing.synthetic_run):
-no model is needed. Stages measured (--stages): `build` (every config, split and subset; the card
+no model is needed. Stages measured (--stages): `text` (`build --audio false`: the text configs only, the baseline
+that separates build's audio reads from its fixed costs), `build` (every config, split and subset; the card
 included), `verify` (`audio verify`: decodes every clip), `stream` (the README's streaming example through
 `conceptcaps.stream_release`, filter + take 10, in a fresh process; its exit code is printed), `export`
 (`concepts export`: two tags' concept sets and 2 random sets as WAV folders, drawn from the whole train split),
 `tcav` (`conceptcaps tcav` on the release with the tones-world classifier of
-conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 2 concepts, 1 target, 10 clips per set, 10 CAVs, 10 random concepts).
-Not measured here: `vae sample`, `explore` and `evaluate` need a trained VAE or metric models that a synthetic
-run has not (docs/performance.md "Scale" says how they scale).
+conceptcaps_pipeline.testing.tcav_world: a torch model, no weights to download; 2 concepts, 1 target, 10 clips
+per set, 10 CAVs, 10 random concepts; its time per clip through the model is printed), `vae` (`vae sample --n N`),
+`plan` (audio generate's planning: read and tokenise N captions, plan batches), `explore`, `evaluate` (the smoke
+preset's tiny CLAP and BERT; CLAP embeds every clip). The last four use a small VAE and tiny models made once
+in OUT/distilled.
 Each runs as a child process that reports its own /proc/self/io (rchar: bytes through read() calls,
 page cache included; read_bytes: from the block device) and peak RSS (VmHWM), so one stage's
 imports and caches do not hide in another's. Prints one line per (N, stage) and a table of ratios.
@@ -86,13 +89,12 @@ def child(report: str, argv: list[str]) -> int:
     return code
 
 
-def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Path, int]:
+def make_run(out: Path, n: int, seconds: float, sampling_rate: int, stages) -> tuple[Path, int]:
     """OUT/run-N: the distilled base (made once) plus N captions and clips; returns (run, audio bytes)."""
     from conceptcaps_pipeline.testing.synthetic_run import write_audio, write_captions
 
     base = out / "distilled"
-    if not ((base / "vae" / "model.safetensors").is_file() and (base / "models" / "musicgen" / "config.json").is_file()):
-        make_base(base)
+    make_base(base, models=bool(NEEDS_MODELS & set(stages)))
     run = out / f"run-{n}-{seconds:g}s"
     if run.exists():
         shutil.rmtree(run)
@@ -102,21 +104,24 @@ def make_run(out: Path, n: int, seconds: float, sampling_rate: int) -> tuple[Pat
     return run, audio_bytes
 
 
-def make_base(base: Path) -> None:
-    """OUT/distilled: `distill` on the real CSV, a small VAE (`vae train`, 3 epochs) and the smoke preset's tiny
-    models (clap, bert, musicgen) that vae sample, explore, evaluate and the planning need; copied into each run."""
-    from conceptcaps_pipeline.run_all import build_tiny_model
-
+def make_base(base: Path, models: bool) -> None:
+    """OUT/distilled: `distill` on the real CSV; with `models`, also a small VAE (`vae train`, 3 epochs) and the
+    smoke preset's tiny models (clap, bert, musicgen) that vae sample, the planning, explore and evaluate need.
+    Each is made once per --out and copied into every run."""
     cli = [sys.executable, "-m", "conceptcaps_pipeline.cli"]
     if not (base / "taxonomy.json").is_file():
         csv = os.environ.get("MUSICCAPS_CSV", str(ROOT.parent / "shared/data/musiccaps/musiccaps-public.csv"))
         subprocess.run([*cli, "distill", "--run", str(base), "--source", csv], check=True)
-    subprocess.run([*cli, "vae", "train", "--run", str(base), "--epochs", "3", "--num_threads", "1"], check=True)
-    for name in ("clap", "bert", "musicgen"):
-        build_tiny_model(name, base)
+    if models:
+        from conceptcaps_pipeline.run_all import build_tiny_model
+
+        subprocess.run([*cli, "vae", "train", "--run", str(base), "--epochs", "3", "--num_threads", "1"], check=True)
+        for name in ("clap", "bert", "musicgen"):
+            build_tiny_model(name, base)
 
 
-STAGES = ("build", "verify", "stream", "export", "tcav", "vae", "plan", "explore", "evaluate")
+STAGES = ("text", "build", "verify", "stream", "export", "tcav", "vae", "plan", "explore", "evaluate")
+NEEDS_MODELS = {"vae", "plan", "explore", "evaluate"}
 # Tags every synthetic run of the MusicCaps taxonomy holds many times (the captions cycle the distilled pairs).
 CONCEPTS = ("piano", "acoustic drums")
 
@@ -125,6 +130,8 @@ def stage_argv(stage: str, run: Path, seconds: float, n: int) -> list[str]:
     """The command line of one measured stage (in the child process)."""
     return {
         "build": ["build", "--run", str(run), "--force"],
+        # the same build without the audio configs: the baseline that tells build's audio reads from the rest
+        "text": ["build", "--run", str(run), "--audio", "false", "--force"],
         "verify": ["audio", "verify", "--run", str(run), "--duration", str(seconds)],
         "stream": ["stream", str(run / "release")],
         "export": ["concepts", "export", "--run", str(run), "--tags", *CONCEPTS, "--n", "10", "--n_random", "2",
@@ -174,13 +181,18 @@ def main() -> None:
     results = {}
     for n in sorted(args.n):
         started = time.time()
-        run, audio_bytes = make_run(out, n, args.seconds, args.sampling_rate)
+        run, audio_bytes = make_run(out, n, args.seconds, args.sampling_rate, args.stages)
         print(f"N={n}: synthetic run {run} ({audio_bytes / 1e6:.1f} MB of audio shards, "
               f"{time.time() - started:.0f} s to make)", flush=True)
         for stage in args.stages:
             r = measure(stage, run, out / "report.json", args.seconds, n)
-            if stage == "tcav" and r.get("exit") == 0:  # clips through the model: every input-split clip is rated
+            if stage == "build" and "rchar" in results.get((n, "text"), {}):
+                r["audio_read"] = r["rchar"] - results[n, "text"]["rchar"]
+            if stage == "tcav" and r.get("exit") == 0:
+                # Every clip of the concept split (the pool the sets are drawn from) and of the input split (rated
+                # for --inputs top) is read and digested; those not in the activation cache go through the model.
                 scores = json.loads((run / "tcav" / "scores.json").read_text())
+                r["clips"] = scores["clips"]["concept_split"] + scores["clips"]["input_split"]
                 r["clips_forwarded"] = scores["clips"]["forwarded_now"]
                 r["forward_s"] = scores["cost_s"]["forward"]
             r["audio_bytes"] = audio_bytes
@@ -188,7 +200,7 @@ def main() -> None:
             if "rchar" in r:
                 print(f"  {stage:7s} exit {r['exit']}  wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                       f"read {r['rchar'] / 1e6:8.1f} MB ({r['rchar'] / audio_bytes:5.2f}x audio; "
-                      f"{r['read_bytes'] / 1e6:.1f} MB from disk)" + per_clip(r), flush=True)
+                      f"{r['read_bytes'] / 1e6:.1f} MB from disk)" + per_clip(r) + audio_read(r), flush=True)
             else:
                 print(f"  {stage:7s} exit {r['exit']}  {r.get('stderr_tail', '')!r}", flush=True)
     print_ratios(results, min(args.n))
@@ -197,12 +209,21 @@ def main() -> None:
                                               indent=1))
 
 
-def per_clip(r: dict) -> str:
-    """tcav's time per clip through the model: its whole wall time, and its own forward-pass time, per clip."""
-    if not r.get("clips_forwarded"):
+def audio_read(r: dict) -> str:
+    """build's reads beyond the text-only build of the same run, per byte of source audio."""
+    if "audio_read" not in r:
         return ""
-    return (f"  {r['clips_forwarded']} clips forwarded: {1000 * r['wall_s'] / r['clips_forwarded']:.1f} ms/clip "
-            f"whole stage, {1000 * r['forward_s'] / r['clips_forwarded']:.1f} ms/clip forward")
+    return f"  audio configs read {r['audio_read'] / 1e6:.1f} MB more than text only ({r['audio_read'] / r['audio_bytes']:.2f}x audio)"
+
+
+def per_clip(r: dict) -> str:
+    """tcav's time per clip it reads: its whole wall time, and its activation pass (read, digest, forward what the
+    cache lacks), per clip of the concept and input splits."""
+    if not r.get("clips"):
+        return ""
+    return (f"  {r['clips']} clips read ({r['clips_forwarded']} forwarded, the rest cached): "
+            f"{1000 * r['wall_s'] / r['clips']:.2f} ms/clip whole stage, {1000 * r['forward_s'] / r['clips']:.2f} "
+            f"ms/clip activation pass")
 
 
 def print_ratios(results: dict, smallest: int) -> None:

@@ -188,7 +188,7 @@ def sample_sets(
     temperature: float = 1.0,
     fixed: dict[int, float] | None = None,
     sizes=None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     **rule,
 ) -> list[list[str]]:
     """Draw n tag sets. With `require`, z comes from q(z | x_seed), x_seed = the required

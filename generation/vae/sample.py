@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptcaps_pipeline.errors import ConceptCapsError
-from conceptcaps_pipeline.run_dir import finished, require, stage, write_manifest, write_parquet
+from conceptcaps_pipeline.run_dir import finished, require, stage, write_manifest
 from conceptcaps_pipeline.taxonomy import CATEGORIES
 
 logger = logging.getLogger(__name__)
@@ -260,10 +260,16 @@ def sample_attributes(args: VaeSampleArguments) -> dict:
     return _write(args, run, out, stage, taxonomy, draw, inputs, started, "prior")
 
 
+# Rows go to the Parquet file this many at a time: memory holds one chunk of rows, not --n of them.
+WRITE_CHUNK = 4096
+
+
 def _write(args: VaeSampleArguments, run: Path, out: Path, stage: str, taxonomy, draw, inputs: dict, started: float,
            source: str) -> dict:
     """Draw --n sets (and the quota's top-ups), check each against the rules, write the file and the manifest."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conceptcaps_pipeline.run_dir import atomic_path
 
     sets = draw(args.n, args.seed, list(args.require))
     sources = [source] * len(sets)
@@ -271,39 +277,41 @@ def _write(args: VaeSampleArguments, run: Path, out: Path, stage: str, taxonomy,
         for tag, tags in top_up(draw, taxonomy, sets, args):
             sets.append(tags)
             sources.append(f"conditional:{tag}")
-    rows = []
-    for i, (tags, origin) in enumerate(zip(sets, sources)):
-        by_category = taxonomy.split_by_category(tags)
-        covered = sum(1 for c in CATEGORIES if by_category[c])
-        if covered < args.min_categories:
-            raise ConceptCapsError(
-                f"sample {i} covers only {covered} categories ({tags}): the --exclude list leaves too few tags; "
-                f"exclude fewer tags or lower --min_categories."
-            )
-        rows.append({"id": f"{args.id_prefix}-{i:06d}", "aspect_list": tags, **by_category, "seed": args.seed,
-                     "source": origin})
     string_list = pa.list_(pa.string())
     schema = pa.schema([("id", pa.string()), ("aspect_list", string_list), *[(c, string_list) for c in CATEGORIES],
                         ("seed", pa.int64()), ("source", pa.string())])
-    write_parquet(pa.Table.from_pylist(rows, schema=schema), out)
-    counts = sample_counts(rows, quota_tags(taxonomy, args) if args.min_per_tag else [])
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(sets), WRITE_CHUNK):
+            rows = []
+            for i in range(start, min(len(sets), start + WRITE_CHUNK)):
+                by_category = taxonomy.split_by_category(sets[i])
+                covered = sum(1 for c in CATEGORIES if by_category[c])
+                if covered < args.min_categories:
+                    raise ConceptCapsError(
+                        f"sample {i} covers only {covered} categories ({sets[i]}): the --exclude list leaves too few "
+                        f"tags; exclude fewer tags or lower --min_categories."
+                    )
+                rows.append({"id": f"{args.id_prefix}-{i:06d}", "aspect_list": sets[i], **by_category,
+                             "seed": args.seed, "source": sources[i]})
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    counts = sample_counts(sets, sources, quota_tags(taxonomy, args) if args.min_per_tag else [])
     logger.info("vae sample: wrote %d sets (%d %s, %d conditional; %d unique; %.2f tags each) to %s", counts["n"],
                 counts["prior"], source, counts["conditional"], counts["unique_sets"], counts["mean_tags"], out)
     return write_manifest(run, stage, args, inputs=inputs, counts=counts, started=started)
 
 
-def sample_counts(rows: list[dict], quota: list[str]) -> dict:
+def sample_counts(sets: list[list[str]], sources: list[str], quota: list[str]) -> dict:
     """Manifest counts: sizes, sources, and the per-tag counts of the quota tags."""
     from collections import Counter
 
-    per_tag = Counter(t for r in rows for t in set(r["aspect_list"]))
-    conditional = Counter(r["source"].split(":", 1)[1] for r in rows if r["source"].startswith("conditional:"))
+    per_tag = Counter(t for tags in sets for t in set(tags))
+    conditional = Counter(origin.split(":", 1)[1] for origin in sources if origin.startswith("conditional:"))
     counts = {
-        "n": len(rows),
-        "prior": sum(not r["source"].startswith("conditional:") for r in rows),
+        "n": len(sets),
+        "prior": sum(not origin.startswith("conditional:") for origin in sources),
         "conditional": sum(conditional.values()),
-        "unique_sets": len({frozenset(r["aspect_list"]) for r in rows}),
-        "mean_tags": sum(len(r["aspect_list"]) for r in rows) / len(rows),
+        "unique_sets": len({hash(frozenset(tags)) for tags in sets}),  # ints, not N frozensets
+        "mean_tags": sum(map(len, sets)) / len(sets),
         "tags_present": len(per_tag),
     }
     if quota:
