@@ -75,8 +75,9 @@ def read_shards(audio_dir: str | Path, columns: list[str] | None = None):
     tables = []
     for path in shard_paths(audio_dir):
         try:
-            present = set(pq.read_schema(path).names)
-            table = pq.read_table(path, columns=[c for c in wanted if c in present])
+            shard = pq.ParquetFile(path)  # the footer once (each read costs up to 64 KB: a small shard's size)
+            present = set(shard.schema_arrow.names)
+            table = shard.read(columns=[c for c in wanted if c in present])
         except Exception as err:
             raise ConceptCapsError(
                 f"audio shard {path} cannot be read ({str(err).splitlines()[0] if str(err) else err}). Shards are "
