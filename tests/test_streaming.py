@@ -137,6 +137,23 @@ def test_same_rows_as_load_dataset(paper_layout_release):
     assert sorted(row["id"] for row in shuffled) == sorted(ours)
 
 
+def test_stream_pickles_with_its_reader(paper_layout_release):
+    """DataLoader workers started with spawn get the stream pickled: the row-group reader must come with it."""
+    import pickle
+
+    from conceptcaps_pipeline.release.stream import RowGroupsInTurn
+
+    from conceptcaps import stream_release
+
+    stream = stream_release(paper_layout_release, "default", split="train")
+    copy = pickle.loads(pickle.dumps(stream))
+    source = copy._ex_iterable
+    while hasattr(source, "ex_iterable"):
+        source = source.ex_iterable
+    assert isinstance(source.generate_tables_fn, RowGroupsInTurn)
+    assert [row["id"] for row in copy.take(300)] == [row["id"] for row in stream.take(300)]
+
+
 def run_all(commands: list[list[str]]) -> list[tuple[int, str, str]]:
     """Start every command at once; (exit code, stdout, stderr tail) of each, a hang at exit killed after 120 s."""
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import MethodType
 
 import datasets
 import pyarrow as pa
@@ -41,23 +40,36 @@ def stream_release(source: str | Path, config: str = "audio", split: str = "trai
     exiting cleanly when left part-way (module docstring). `kwargs` are `load_dataset_builder`'s (revision, token,
     data_files, features, columns, ...); with `filters` or `on_bad_files` datasets' own Parquet reader is kept."""
     # What load_dataset(..., streaming=True) does, with the Parquet reader swapped on this one builder.
+    kwargs.pop("streaming", None)  # it is what this does
     builder = datasets.load_dataset_builder(str(source), config, **kwargs)
     if isinstance(builder, Parquet) and builder.config.filters is None and builder.config.on_bad_files == "error":
-        builder._generate_tables = MethodType(_row_groups_in_turn, builder)
+        builder._generate_tables = RowGroupsInTurn(builder)
     return builder.as_streaming_dataset(split=split)
 
 
-def _row_groups_in_turn(builder: Parquet, files, row_groups_list) -> Iterator[tuple[Key, pa.Table]]:
+class RowGroupsInTurn:
     """datasets' `Parquet._generate_tables` (same keys, same casting), reading with `ParquetFile.iter_batches`:
     each row group is read when the loop asks for it, on the caller's thread, so nothing is read ahead (memory: one
-    row group) and nothing is in flight when the interpreter exits."""
-    open_file = vars(sys.modules[type(builder).__module__]).get("open", open)  # datasets' streaming open: hf://, URLs
-    for file_idx, (file, row_groups) in enumerate(zip(files, row_groups_list)):
+    row group) and nothing is in flight when the interpreter exits. A class, not a bound function, so that the
+    stream pickles (DataLoader workers started with spawn) with the reader still swapped."""
+
+    def __init__(self, builder: Parquet):
+        self.builder = builder
+
+    def __call__(self, files, row_groups_list) -> Iterator[tuple[Key, pa.Table]]:
+        builder = self.builder
+        # datasets' streaming `open` (xopen: hf://, URLs), which it patches into its Parquet module
+        open_file = vars(sys.modules[type(builder).__module__]).get("open", open)
+        for file_idx, (file, row_groups) in enumerate(zip(files, row_groups_list)):
+            yield from self._tables(open_file, file_idx, file, row_groups)
+
+    def _tables(self, open_file, file_idx: int, file: str, row_groups) -> Iterator[tuple[Key, pa.Table]]:
+        builder = self.builder
         with open_file(file, "rb") as f:
             parquet_file = pq.ParquetFile(f)
             groups = list(range(parquet_file.num_row_groups)) if row_groups is None else list(row_groups)
             if not groups:
-                continue
+                return
             batch_size = builder.config.batch_size or parquet_file.metadata.row_group(groups[0]).num_rows
             batches = parquet_file.iter_batches(batch_size=batch_size, row_groups=groups, columns=builder.config.columns)
             for batch_idx, record_batch in enumerate(batches):
