@@ -27,7 +27,13 @@ import re
 import shlex
 from pathlib import Path
 
-from conceptcaps_pipeline.dataset_card.figures import FigureData, clap_by_tag, frequency_correlation, write_figures
+from conceptcaps_pipeline.dataset_card.figures import (
+    FigureData,
+    clap_by_tag,
+    fonts_read_once,
+    frequency_correlation,
+    write_figures,
+)
 from conceptcaps_pipeline.dataset_card.licence import LICENSE_FILE, release_licence, write_license_file
 from conceptcaps_pipeline.dataset_card.manifests import read_manifests
 from huggingface_hub import DatasetCard, DatasetCardData
@@ -441,7 +447,8 @@ def write_card(run: str | Path, release: str | Path, *, infos: dict, stats: dict
         categories={c: list(tags) for c, tags in taxonomy["categories"].items()},
         split_counts=stats["tag_counts"], clap_by_tag=clap_by_tag(scores, tags_of),
         clap_mean=sum(scores.values()) / len(scores) if scores else None, vae_history=_vae_history(run))
-    with atomic_dir(release / "figures") as folder:  # atomic: no figure of an older build stays behind
+    # atomic: no figure of an older build stays behind; fonts read once (fonts_read_once says why)
+    with atomic_dir(release / "figures") as folder, fonts_read_once():
         figures = write_figures(folder, figure_data)
         from conceptcaps_pipeline.dataset_card.evidence_figure import add_evidence_figure  # audio score's, if run
 

@@ -19,7 +19,9 @@ to the release folder.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -92,6 +94,44 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextmanager
+def fonts_read_once():
+    """Draw PNG figures with each font file read once.
+
+    Why: matplotlib's FT2Font reads glyphs from the font file through Python read() calls, again as each text
+    is drawn: 280-340 MB of reads of the 0.76 MB DejaVuSans.ttf for one card's figures, more than the audio of a
+    release of short clips (docs/performance.md, "Scale"). Inside this block fonts are opened from their bytes
+    in memory. FT2Font cannot be subclassed, so font_manager's reference to the ft2font module is swapped for the
+    block and its font cache cleared on the way in and out. Only for raster output: a font opened from bytes
+    has no file name, which PDF and PS embedding read.
+    """
+    import io
+    import types
+
+    from matplotlib import font_manager, ft2font
+
+    real, data = ft2font.FT2Font, {}
+
+    def from_bytes(path, *args, **kwargs):
+        if isinstance(path, (str, bytes, os.PathLike)):
+            key = os.fsdecode(path)
+            if key not in data:
+                with open(key, "rb") as f:
+                    data[key] = f.read()
+            path = io.BytesIO(data[key])
+        return real(path, *args, **kwargs)
+
+    shim = types.SimpleNamespace(**{name: getattr(ft2font, name) for name in dir(ft2font) if not name.startswith("__")})
+    shim.FT2Font = from_bytes
+    font_manager._get_font.cache_clear()
+    font_manager.ft2font = shim
+    try:
+        yield
+    finally:
+        font_manager.ft2font = ft2font
+        font_manager._get_font.cache_clear()
 
 
 def _save(fig, path: Path) -> None:

@@ -344,3 +344,47 @@ def test_example_captions_are_printable():
 
     assert printable("a\x00b\x11c\nd\te") == "a\ufffdb\ufffdc\nd\te"
     assert printable("plain caption, déjà vu") == "plain caption, déjà vu"
+
+
+FONT_PROBE = """
+import sys
+from pathlib import Path
+from conceptcaps_pipeline.dataset_card.figures import fonts_read_once, plot_cooccurrence
+
+def read_mb():
+    with open("/proc/self/io") as io:
+        return int(io.readline().split()[1]) / 1e6
+
+tags = [f"tag {i}" for i in range(10)]
+sets = [[tags[i], tags[(i * 7 + k) % 10]] for i in range(10) for k in range(1, 8)]
+plot_cooccurrence(Path(sys.argv[1]) / "warm.png", "genre", tags, sets)  # imports and font lookup out of the way
+before = read_mb()
+plot_cooccurrence(Path(sys.argv[1]) / "file.png", "genre", tags, sets)
+middle = read_mb()
+with fonts_read_once():
+    plot_cooccurrence(Path(sys.argv[1]) / "memory.png", "genre", tags, sets)
+print(middle - before, read_mb() - middle)
+"""
+
+
+def test_card_figures_read_each_font_once(tmp_path):
+    """The same pixels with the fonts opened from memory, and far fewer bytes read (matplotlib reads glyphs from the
+    font file again for each text drawn); afterwards matplotlib opens fonts from files again."""
+    from matplotlib import font_manager, ft2font
+
+    done = subprocess.run([sys.executable, "-c", FONT_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          check=True, timeout=120)
+    from_file, from_memory = map(float, done.stdout.split())
+    assert from_file > 5 * from_memory + 1, (from_file, from_memory)
+    assert np.array_equal(_pixels(tmp_path / "file.png"), _pixels(tmp_path / "memory.png"))
+    from conceptcaps_pipeline.dataset_card.figures import fonts_read_once
+
+    with fonts_read_once():
+        assert font_manager.ft2font is not ft2font
+    assert font_manager.ft2font is ft2font
+
+
+def _pixels(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
