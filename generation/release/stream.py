@@ -61,16 +61,13 @@ class RowGroupsInTurn:
         # datasets' streaming `open` (xopen: hf://, URLs), which it patches into its Parquet module
         open_file = vars(sys.modules[type(builder).__module__]).get("open", open)
         for file_idx, (file, row_groups) in enumerate(zip(files, row_groups_list)):
-            yield from self._tables(open_file, file_idx, file, row_groups)
-
-    def _tables(self, open_file, file_idx: int, file: str, row_groups) -> Iterator[tuple[Key, pa.Table]]:
-        builder = self.builder
-        with open_file(file, "rb") as f:
-            parquet_file = pq.ParquetFile(f)
-            groups = list(range(parquet_file.num_row_groups)) if row_groups is None else list(row_groups)
-            if not groups:
-                return
-            batch_size = builder.config.batch_size or parquet_file.metadata.row_group(groups[0]).num_rows
-            batches = parquet_file.iter_batches(batch_size=batch_size, row_groups=groups, columns=builder.config.columns)
-            for batch_idx, record_batch in enumerate(batches):
-                yield Key(file_idx, batch_idx), builder._cast_table(pa.Table.from_batches([record_batch]))
+            with open_file(file, "rb") as f:
+                parquet_file = pq.ParquetFile(f)
+                groups = list(range(parquet_file.num_row_groups)) if row_groups is None else list(row_groups)
+                if not groups:
+                    continue
+                batch_size = builder.config.batch_size or parquet_file.metadata.row_group(groups[0]).num_rows
+                batches = parquet_file.iter_batches(batch_size=batch_size, row_groups=groups,
+                                                    columns=builder.config.columns)
+                for batch_idx, record_batch in enumerate(batches):
+                    yield Key(file_idx, batch_idx), builder._cast_table(pa.Table.from_batches([record_batch]))

@@ -282,22 +282,24 @@ def _write(args: VaeSampleArguments, run: Path, out: Path, stage: str, taxonomy,
                         ("seed", pa.int64()), ("source", pa.string())])
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(sets), WRITE_CHUNK):
-            rows = []
-            for i in range(start, min(len(sets), start + WRITE_CHUNK)):
-                by_category = taxonomy.split_by_category(sets[i])
-                covered = sum(1 for c in CATEGORIES if by_category[c])
-                if covered < args.min_categories:
-                    raise ConceptCapsError(
-                        f"sample {i} covers only {covered} categories ({sets[i]}): the --exclude list leaves too few "
-                        f"tags; exclude fewer tags or lower --min_categories."
-                    )
-                rows.append({"id": f"{args.id_prefix}-{i:06d}", "aspect_list": sets[i], **by_category,
-                             "seed": args.seed, "source": sources[i]})
+            rows = [_row(args, taxonomy, i, sets[i], sources[i]) for i in range(start, min(len(sets), start + WRITE_CHUNK))]
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     counts = sample_counts(sets, sources, quota_tags(taxonomy, args) if args.min_per_tag else [])
     logger.info("vae sample: wrote %d sets (%d %s, %d conditional; %d unique; %.2f tags each) to %s", counts["n"],
                 counts["prior"], source, counts["conditional"], counts["unique_sets"], counts["mean_tags"], out)
     return write_manifest(run, stage, args, inputs=inputs, counts=counts, started=started)
+
+
+def _row(args: VaeSampleArguments, taxonomy, i: int, tags: list[str], origin: str) -> dict:
+    """Row i of the output file; one clear error for a set that covers too few categories."""
+    by_category = taxonomy.split_by_category(tags)
+    covered = sum(1 for c in CATEGORIES if by_category[c])
+    if covered < args.min_categories:
+        raise ConceptCapsError(
+            f"sample {i} covers only {covered} categories ({tags}): the --exclude list leaves too few tags; "
+            f"exclude fewer tags or lower --min_categories."
+        )
+    return {"id": f"{args.id_prefix}-{i:06d}", "aspect_list": tags, **by_category, "seed": args.seed, "source": origin}
 
 
 def sample_counts(sets: list[list[str]], sources: list[str], quota: list[str]) -> dict:
